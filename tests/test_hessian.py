@@ -1,0 +1,113 @@
+"""Token-weighted Hessian statistics: float64 references, exact token removal, shard reduction, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlq_farm.quant import finalize_hessian, hessian_partial, reduce_partials
+
+torch.set_num_threads(1)
+
+
+def activations(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_all_ones_weights_give_gptq_hessian():
+    x = activations((3, 7, 16), seed=1)
+    H, D, Hfp = finalize_hessian(hessian_partial(x, torch.ones(3, 7)))
+    X = x.reshape(-1, 16).double()
+    assert torch.allclose(H, 2 * X.T @ X / X.shape[0], rtol=1e-13, atol=1e-14)
+    assert H.dtype == torch.float64 and torch.equal(H, H.T)
+    assert D is None and Hfp is None
+
+
+def test_weighted_sums_match_explicit_float64_loops():
+    x_q = activations((2, 5, 6), seed=2)
+    x_fp = x_q + 0.1 * activations((2, 5, 6), seed=3)
+    w = torch.rand(2, 5, generator=torch.Generator().manual_seed(4))
+    w[0, 1] = 0
+    stats = hessian_partial(x_q, w, x_fp=x_fp, need_fp_gram=True)
+    H_ref = torch.zeros(6, 6, dtype=torch.float64)
+    D_ref = torch.zeros(6, 6, dtype=torch.float64)
+    Hfp_ref = torch.zeros(6, 6, dtype=torch.float64)
+    for wt, xq, xf in zip(w.reshape(-1).double(), x_q.reshape(-1, 6).double(), x_fp.reshape(-1, 6).double()):
+        H_ref += wt * torch.outer(xq, xq)
+        D_ref += wt * torch.outer(xf - xq, xq)
+        Hfp_ref += wt * torch.outer(xf, xf)
+    assert torch.allclose(stats["H"], H_ref, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(stats["D"], D_ref, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(stats["Hfp"], Hfp_ref, rtol=1e-12, atol=1e-14)
+    assert float(stats["w_sum"]) == pytest.approx(float(w.double().sum()), rel=1e-15)
+    assert stats["tokens"].dtype == torch.int64 and int(stats["tokens"]) == 9
+    H, D, Hfp = finalize_hessian(stats)
+    total = float(w.double().sum())
+    assert torch.allclose(H, 2 * H_ref / total, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(D, 2 * D_ref / total, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(Hfp, 2 * Hfp_ref / total, rtol=1e-12, atol=1e-14)
+    # H + D is the cross Gram 2 sum w x x~^T / sum w that the asymmetric objective needs.
+    cross = sum(wt * torch.outer(xf, xq) for wt, xq, xf in
+                zip(w.reshape(-1).double(), x_q.reshape(-1, 6).double(), x_fp.reshape(-1, 6).double()))
+    assert torch.allclose(H + D, 2 * cross / total, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_weight_removes_a_token_exactly():
+    x = activations((9, 8), seed=5)
+    x_fp = activations((9, 8), seed=6)
+    w = torch.rand(9, generator=torch.Generator().manual_seed(7)) + 0.1
+    w_zeroed = w.clone()
+    w_zeroed[4] = 0
+    x_with_huge_masked_token = x.clone()
+    x_with_huge_masked_token[4] = 1e30  # a padding token's garbage must not leak in through rounding
+    kept = torch.tensor([i for i in range(9) if i != 4])
+    masked = hessian_partial(x_with_huge_masked_token, w_zeroed, x_fp=x_fp, need_fp_gram=True)
+    removed = hessian_partial(x[kept], w[kept], x_fp=x_fp[kept], need_fp_gram=True)
+    for key in ("H", "D", "Hfp"):
+        rel = (masked[key] - removed[key]).abs().max() / removed[key].abs().max()
+        assert rel <= 1e-12, key
+    assert float(masked["w_sum"]) == pytest.approx(float(removed["w_sum"]), rel=1e-15)
+    assert int(masked["tokens"]) == 8 == int(removed["tokens"])
+
+
+def test_shards_reduce_to_the_whole_in_list_order():
+    x_q = activations((12, 10), seed=8)
+    x_fp = activations((12, 10), seed=9)
+    w = torch.rand(12, generator=torch.Generator().manual_seed(10))
+    whole = hessian_partial(x_q, w, x_fp=x_fp, need_fp_gram=True)
+    shards = [hessian_partial(x_q[s], w[s], x_fp=x_fp[s], need_fp_gram=True)
+              for s in (slice(0, 5), slice(5, 6), slice(6, 12))]
+    total = reduce_partials(shards)
+    for key in ("H", "D", "Hfp", "w_sum"):
+        assert torch.allclose(total[key], whole[key], rtol=1e-12, atol=1e-13), key
+        assert total[key].dtype == torch.float64
+    assert int(total["tokens"]) == 12 and total["tokens"].dtype == torch.int64
+    again = reduce_partials(shards)
+    for key in total:
+        assert torch.equal(total[key], again[key])
+    # In-order summation: ((a + b) + c), exactly.
+    assert torch.equal(total["H"], (shards[0]["H"] + shards[1]["H"]) + shards[2]["H"])
+    # The inputs are not modified by the reduction.
+    assert not torch.equal(shards[0]["H"], total["H"])
+
+
+def test_errors_say_what_is_wrong():
+    x = activations((4, 3), seed=11)
+    with pytest.raises(ValueError, match="negative"):
+        hessian_partial(x, torch.tensor([1.0, -0.5, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        hessian_partial(x, torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        hessian_partial(x, torch.tensor([1.0, float("inf"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"token_weights has shape \(3,\)"):
+        hessian_partial(x, torch.ones(3))
+    with pytest.raises(ValueError, match="x_fp has shape"):
+        hessian_partial(x, torch.ones(4), x_fp=x[:2])
+    with pytest.raises(ValueError, match="need_fp_gram=True needs x_fp"):
+        hessian_partial(x, torch.ones(4), need_fp_gram=True)
+    with pytest.raises(ValueError, match="no calibration token reached this layer with nonzero weight"):
+        finalize_hessian(hessian_partial(x, torch.zeros(4)))
+    with pytest.raises(ValueError, match="same options"):
+        reduce_partials([hessian_partial(x, torch.ones(4)), hessian_partial(x, torch.ones(4), x_fp=x)])
+    with pytest.raises(ValueError, match="no partial statistics"):
+        reduce_partials([])

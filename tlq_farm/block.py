@@ -1,0 +1,313 @@
+"""The per-block steps of a job, as functions over tensors: capture, accumulate stats, solve, propagate.
+
+Every step takes and returns plain tensors (hidden states, kwargs flattened to name -> tensor, statistics,
+quantized weights), so that the same step runs in-process or as a farm task that reads and writes a store.
+
+Vocabulary: a *sample input* of a block is (hidden, kwargs) where hidden is [1, T, d] (or [T, d] in a vision
+tower) and kwargs are the tensors the model passes to every block (rotary position embeddings, masks, ...).
+The *q_chain* carries inputs through already-quantized blocks, the *fp_chain* through full-precision ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models.adapter import Layout, block_output
+from .quant import QuantResult, fake_quant_per_token, finalize_hessian, gptq_quantize, hessian_partial, reduce_partials, rtn_quantize
+from .spec import QuantSpec
+
+SampleInput = tuple[torch.Tensor, dict]
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- kwargs
+
+def clean_kwargs(kwargs: dict) -> dict:
+    """Keep what a block needs and a store can hold: tensors and tuples of tensors; drop caches and flags."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach()
+        elif isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
+            out[k] = tuple(x.detach() for x in v)
+    return out
+
+
+def flatten_kwargs(kwargs: dict) -> dict[str, torch.Tensor]:
+    flat = {}
+    for k, v in kwargs.items():
+        if isinstance(v, tuple):
+            for i, x in enumerate(v):
+                flat[f"{k}.{i}"] = x
+        else:
+            flat[k] = v
+    return flat
+
+
+def unflatten_kwargs(flat: dict[str, torch.Tensor]) -> dict:
+    out: dict = {}
+    tuples: dict[str, dict[int, torch.Tensor]] = {}
+    for k, v in flat.items():
+        head, _, tail = k.rpartition(".")
+        if head and tail.isdigit():
+            tuples.setdefault(head, {})[int(tail)] = v
+        else:
+            out[k] = v
+    for k, parts in tuples.items():
+        out[k] = tuple(parts[i] for i in range(len(parts)))
+    return out
+
+
+def _same_kwargs(a: dict, b: dict) -> bool:
+    fa, fb = flatten_kwargs(a), flatten_kwargs(b)
+    return fa.keys() == fb.keys() and all(fa[k].shape == fb[k].shape and torch.equal(fa[k], fb[k]) for k in fa)
+
+
+# ----------------------------------------------------------------------------------------------- capture
+
+@dataclass
+class Captured:
+    """One sample at the entry of a block list: hidden states and the kwargs each block receives.
+
+    kwargs_sets holds the distinct kwargs seen across blocks (models with sliding-window layers pass different
+    masks to different blocks); kw_index[b] says which set block b receives.
+    """
+
+    hidden: torch.Tensor
+    kwargs_sets: list[dict]
+    kw_index: list[int]
+
+    def kwargs(self, b: int) -> dict:
+        return self.kwargs_sets[self.kw_index[b]]
+
+
+@torch.no_grad()
+def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict) -> Captured:
+    """Run the model's own prefix (vision tower, projector, embeddings, rotary/mrope) and record what enters
+    the block list. The forward stops after the last block's inputs are seen, so the head never runs."""
+    seen: dict[int, dict] = {}
+    first_hidden: list[torch.Tensor] = []
+
+    def make_hook(i):
+        def hook(_mod, args, kwargs):
+            kw = dict(kwargs)
+            if args:
+                hidden = args[0]
+            else:
+                hidden = kw.pop("hidden_states")
+            kw.pop("hidden_states", None)
+            if i == 0:
+                first_hidden.append(hidden.detach().clone())
+            seen[i] = clean_kwargs(kw)
+            if i == len(blocks) - 1:
+                raise _StopForward
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+    try:
+        model(**model_inputs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != len(blocks):
+        raise RuntimeError(f"the forward reached {len(seen)} of {len(blocks)} blocks: the model skipped blocks")
+    sets: list[dict] = []
+    index: list[int] = []
+    for i in range(len(blocks)):
+        for j, s in enumerate(sets):
+            if _same_kwargs(s, seen[i]):
+                index.append(j)
+                break
+        else:
+            sets.append(seen[i])
+            index.append(len(sets) - 1)
+    return Captured(first_hidden[0], sets, index)
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return block_output(block(hidden, **kwargs))
+
+
+@contextlib.contextmanager
+def act_fake_quant(block: nn.Module, names: list[str], bits: int | None):
+    """Dynamic per-token fake quantization of the inputs of the named linears, as inference will compute."""
+    if bits is None:
+        yield
+        return
+    def hook(_m, args):
+        x = args[0]
+        q = fake_quant_per_token(x, bits)
+        # Rounding has no gradient: gradient-based importance passes see a straight-through estimator.
+        if torch.is_grad_enabled() and x.requires_grad:
+            q = x + (q - x).detach()
+        return (q,) + args[1:]
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, inputs: list[SampleInput], *, act_bits: int | None = None,
+              act_names: list[str] | None = None) -> list[torch.Tensor]:
+    """Outputs of a block for each sample input (the next block's hidden states)."""
+    with act_fake_quant(block, act_names or [], act_bits):
+        return [run_block(block, h, kw) for h, kw in inputs]
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, sample: SampleInput, names: list[str]) -> list[list[str]]:
+    """True-sequential groups found from the data flow: linears fed the very same input tensor form one group
+    (q/k/v, gate/up), in the order the forward first reaches them (qkv -> o -> gate/up -> down)."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: calls.append((n, args[0]))) for n in names]
+    try:
+        run_block(block, *sample)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    done: set[str] = set()
+    for n, x in calls:
+        if n in done:
+            continue
+        done.add(n)
+        for g, gx in zip(groups, inputs):
+            if gx is x:
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+            inputs.append(x)
+    missing = [n for n in names if n not in done]
+    if missing:
+        groups.append(missing)  # linears the forward never used: quantize them last, on no data (RTN)
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------- stats
+
+def _weights_for(token_weights, name: str, i: int) -> torch.Tensor:
+    w = token_weights.get(name, token_weights.get("*")) if isinstance(token_weights, dict) else token_weights
+    return w[i]
+
+
+@torch.no_grad()
+def accumulate_stats(block: nn.Module, q_inputs: list[SampleInput], token_weights, names: list[str], *,
+                     act_bits: int | None = None, act_names: list[str] | None = None,
+                     fp_block: nn.Module | None = None, fp_inputs: list[SampleInput] | None = None,
+                     need_fp_gram: bool = False) -> dict[str, dict]:
+    """Partial statistics of the named linears over the given samples, summed in sample order.
+
+    token_weights: a list with one [T] tensor per sample, or a dict module name ('*' for the rest) -> list.
+    With fp_block / fp_inputs the GPTAQ cross term D is accumulated from the full-precision block's inputs.
+    """
+    current_w: dict[str, torch.Tensor] = {}
+    fp_x: dict[str, torch.Tensor] = {}
+    partials: dict[str, list[dict]] = {n: [] for n in names}
+
+    def q_hook(name):
+        def hook(_m, args):
+            x = args[0]
+            partials[name].append(hessian_partial(x, current_w[name], fp_x.get(name), need_fp_gram=need_fp_gram))
+        return hook
+
+    def fp_hook(name):
+        def hook(_m, args):
+            fp_x[name] = args[0]
+        return hook
+
+    all_act = act_names or []
+    with act_fake_quant(block, all_act, act_bits):
+        handles = [block.get_submodule(n).register_forward_pre_hook(q_hook(n)) for n in names]
+        if fp_block is not None:
+            handles += [fp_block.get_submodule(n).register_forward_pre_hook(fp_hook(n)) for n in names]
+        try:
+            for i, (h, kw) in enumerate(q_inputs):
+                for n in names:
+                    current_w[n] = _weights_for(token_weights, n, i).reshape(h.shape[:-1])
+                if fp_block is not None:
+                    fh, fkw = fp_inputs[i]
+                    run_block(fp_block, fh, fkw)
+                run_block(block, h, kw)
+                fp_x.clear()
+        finally:
+            for hd in handles:
+                hd.remove()
+    return {n: reduce_partials(p) for n, p in partials.items()}
+
+
+# ----------------------------------------------------------------------------------------------- solve
+
+def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec) -> QuantResult:
+    """Quantize one linear's weight from its reduced statistics (None: no data reached it -> RTN)."""
+    if spec.method == "rtn" or stats is None or float(stats["w_sum"]) == 0.0:
+        H = finalize_hessian(stats)[0] if stats is not None and float(stats["w_sum"]) > 0 else None
+        return rtn_quantize(weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, H=H)
+    H, D, Hfp = finalize_hessian(stats)
+    return gptq_quantize(weight, H, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, damp=spec.damp,
+                         blocksize=spec.blocksize, act_order=spec.act_order, static_groups=spec.static_groups,
+                         D=D if spec.method == "gptaq" else None, Hfp=Hfp if spec.method == "gptaq" else None)
+
+
+@torch.no_grad()
+def apply_qweight(block: nn.Module, name: str, result: QuantResult) -> None:
+    lin = block.get_submodule(name)
+    lin.weight.copy_(result.weight.to(lin.weight.dtype).reshape(lin.weight.shape))
+
+
+def rtn_proxy(block: nn.Module, names: list[str], spec: QuantSpec) -> nn.Module:
+    """A copy of the block with RTN weights: the cheap stand-in for 'this block, quantized' that gradient
+    importance strategies need before the real solve."""
+    import copy
+
+    proxy = copy.deepcopy(block)
+    for n in names:
+        w = proxy.get_submodule(n).weight
+        apply_qweight(proxy, n, rtn_quantize(w.detach().float(), bits=spec.bits, group_size=spec.group_size, sym=spec.sym))
+    return proxy
+
+
+# ----------------------------------------------------------------------------------------------- gradients
+
+def head_loss(norm: nn.Module | None, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the next-token prediction on labelled (answer) tokens."""
+    h = norm(hidden) if norm is not None else hidden
+    logits = head(h).float()
+    shift_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    shift_labels = labels[..., 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="mean")
+
+
+def head_grad(norm, head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    h = hidden.detach().requires_grad_(True)
+    loss = head_loss(norm, head, h, labels)
+    (g,) = torch.autograd.grad(loss, h)
+    return g.detach(), float(loss.detach())
+
+
+def block_vjp(block: nn.Module, hidden: torch.Tensor, kwargs: dict, grad_out: torch.Tensor) -> torch.Tensor:
+    """dL/d(block input) from dL/d(block output), recomputing the block forward with autograd."""
+    h = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = run_block(block, h, kwargs)
+        (g,) = torch.autograd.grad(out, h, grad_outputs=grad_out)
+    return g.detach()

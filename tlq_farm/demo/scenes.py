@@ -1,0 +1,282 @@
+"""Procedurally drawn scenes and questions for the demo VLM.
+
+Each sample is a small picture of coloured shapes (or a seven-segment digit) on a plain background,
+with a question whose one- or two-word answer can only be read from the picture. Drawing uses PIL
+primitives only (no fonts), so the pixels are the same on every machine for a given seed.
+
+CLI: python -m tlq_farm.demo.scenes --n 500 --seed 7 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 128
+BACKGROUND = (236, 236, 236)
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("square", "circle", "triangle", "diamond")
+PLURALS = {shape: shape + "s" for shape in SHAPES}
+SIZES = {"small": (14, 18), "big": (28, 34)}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MAX_COUNT = 4
+
+# Seven-segment layout: which of the segments a..g are lit for each digit.
+SEGMENTS_OF_DIGIT = {
+    0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc",
+    5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg",
+}
+
+QUESTION_KINDS = ("color", "shape", "count", "digit", "position", "size", "leftmost")
+
+TEMPLATE_WORDS = (
+    "what color is the shape object how many are there digit shown left or right of big small "
+    "which on the"
+).split()
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt or answer can contain (the demo tokenizer's word list), in a fixed order."""
+    words: list[str] = []
+    for group in (TEMPLATE_WORDS, list(COLORS), list(SHAPES), list(PLURALS.values()), list(NUMBER_WORDS), ["?"]):
+        for word in group:
+            if word not in words:
+                words.append(word)
+    return words
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, size: float) -> list[tuple[float, float]] | None:
+    """Vertices of a polygonal shape centred at (cx, cy) with bounding size `size`; None for a circle."""
+    h = size / 2
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    return None
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, size: float) -> None:
+    """Draw one filled shape."""
+    fill = COLORS[color]
+    polygon = _shape_polygon(shape, cx, cy, size)
+    if polygon is None:
+        h = size / 2
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    else:
+        draw.polygon(polygon, fill=fill)
+
+
+def draw_digit(draw: ImageDraw.ImageDraw, digit: int, color: str, x0: int, y0: int, width: int, height: int) -> None:
+    """Draw `digit` as a seven-segment figure in the box (x0, y0, width, height)."""
+    t = max(3, width // 5)  # stroke thickness
+    mid = y0 + height // 2
+    x1, y1 = x0 + width, y0 + height
+    boxes = {
+        "a": (x0, y0, x1, y0 + t),
+        "g": (x0, mid - t // 2, x1, mid - t // 2 + t),
+        "d": (x0, y1 - t, x1, y1),
+        "f": (x0, y0, x0 + t, mid),
+        "b": (x1 - t, y0, x1, mid),
+        "e": (x0, mid, x0 + t, y1),
+        "c": (x1 - t, mid, x1, y1),
+    }
+    for segment in SEGMENTS_OF_DIGIT[digit]:
+        draw.rectangle(boxes[segment], fill=COLORS[color])
+
+
+def _place(rng: random.Random, sizes: list[int], min_dx: int = 0, tries: int = 200) -> list[tuple[int, int]] | None:
+    """Centres for objects of the given sizes inside the canvas, without overlap.
+
+    `min_dx` also keeps the centres that far apart horizontally (so that left/right is unambiguous).
+    Returns None when no placement was found (the caller draws a new scene).
+    """
+    margin = 3
+    centres: list[tuple[int, int]] = []
+    for size in sizes:
+        h = size // 2 + 1
+        for _ in range(tries):
+            cx = rng.randint(h + margin, IMAGE_SIZE - h - margin)
+            cy = rng.randint(h + margin, IMAGE_SIZE - h - margin)
+            ok = True
+            for (ox, oy), osize in zip(centres, sizes):
+                gap = (size + osize) // 2 + 4
+                if abs(cx - ox) < gap and abs(cy - oy) < gap:
+                    ok = False
+                    break
+                if min_dx and abs(cx - ox) < min_dx:
+                    ok = False
+                    break
+            if ok:
+                centres.append((cx, cy))
+                break
+        else:
+            return None
+    return centres
+
+
+def _random_size(rng: random.Random, label: str | None = None) -> tuple[str, int]:
+    label = label or rng.choice(list(SIZES))
+    lo, hi = SIZES[label]
+    return label, rng.randint(lo, hi)
+
+
+def _scene_of_objects(rng: random.Random, objects: list[dict], min_dx: int = 0) -> Image.Image | None:
+    """Draw objects (dicts with shape, color, px); sets their cx, cy. None if they did not fit."""
+    centres = _place(rng, [o["px"] for o in objects], min_dx=min_dx)
+    if centres is None:
+        return None
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj, (cx, cy) in zip(objects, centres):
+        obj["cx"], obj["cy"] = cx, cy
+        draw_shape(draw, obj["shape"], obj["color"], cx, cy, obj["px"])
+    return image
+
+
+def _distinct_objects(rng: random.Random, n: int) -> list[dict]:
+    """`n` objects with pairwise distinct shapes and distinct colours, random sizes."""
+    shapes = rng.sample(SHAPES, n)
+    colors = rng.sample(list(COLORS), n)
+    objects = []
+    for shape, color in zip(shapes, colors):
+        size_label, px = _random_size(rng)
+        objects.append({"shape": shape, "color": color, "size": size_label, "px": px})
+    return objects
+
+
+def _sample_color(rng):
+    objects = _distinct_objects(rng, rng.randint(1, 3))
+    target = rng.choice(objects)
+    return _scene_of_objects(rng, objects), f"what color is the {target['shape']} ?", target["color"]
+
+
+def _sample_shape(rng):
+    objects = _distinct_objects(rng, rng.randint(1, 3))
+    target = rng.choice(objects)
+    return _scene_of_objects(rng, objects), f"what shape is the {target['color']} object ?", target["shape"]
+
+
+def _sample_count(rng):
+    shape = rng.choice(SHAPES)
+    count = rng.randint(1, MAX_COUNT)
+    objects = []
+    for _ in range(count):
+        size_label, px = _random_size(rng, "small" if rng.random() < 0.6 else "big")
+        objects.append({"shape": shape, "color": rng.choice(list(COLORS)), "size": size_label, "px": px})
+    others = [s for s in SHAPES if s != shape]
+    for _ in range(rng.randint(0, 2)):
+        size_label, px = _random_size(rng, "small")
+        objects.append({"shape": rng.choice(others), "color": rng.choice(list(COLORS)), "size": size_label, "px": px})
+    return _scene_of_objects(rng, objects), f"how many {PLURALS[shape]} are there ?", NUMBER_WORDS[count]
+
+
+def _sample_digit(rng):
+    digit = rng.randint(0, 9)
+    height = rng.randint(36, 56)
+    width = height // 2 + rng.randint(0, 6)
+    x0 = rng.randint(4, IMAGE_SIZE - width - 4)
+    y0 = rng.randint(4, IMAGE_SIZE - height - 4)
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw_digit(ImageDraw.Draw(image), digit, rng.choice(list(COLORS)), x0, y0, width, height)
+    return image, "what digit is shown ?", NUMBER_WORDS[digit]
+
+
+def _sample_position(rng):
+    objects = _distinct_objects(rng, rng.randint(2, 3))
+    image = _scene_of_objects(rng, objects, min_dx=20)
+    a, b = rng.sample(objects, 2)
+    if image is None:
+        return None, "", ""
+    answer = "left" if a["cx"] < b["cx"] else "right"
+    return image, f"is the {a['shape']} left or right of the {b['shape']} ?", answer
+
+
+def _sample_size(rng):
+    objects = _distinct_objects(rng, rng.randint(1, 3))
+    target = rng.choice(objects)
+    return _scene_of_objects(rng, objects), f"is the {target['shape']} big or small ?", target["size"]
+
+
+def _sample_leftmost(rng):
+    objects = _distinct_objects(rng, 2)
+    image = _scene_of_objects(rng, objects, min_dx=20)
+    if image is None:
+        return None, "", ""
+    left = min(objects, key=lambda o: o["cx"])
+    return image, "which object is on the left ?", f"{left['color']} {left['shape']}"
+
+
+_SAMPLERS = {
+    "color": _sample_color,
+    "shape": _sample_shape,
+    "count": _sample_count,
+    "digit": _sample_digit,
+    "position": _sample_position,
+    "size": _sample_size,
+    "leftmost": _sample_leftmost,
+}
+
+
+def make_sample(rng: random.Random, kind: str | None = None) -> tuple[Image.Image, str, str]:
+    """One (image, prompt, answer) drawn from `rng` (a `random.Random`); `kind` picks a question type."""
+    if kind is not None and kind not in _SAMPLERS:
+        raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(QUESTION_KINDS)}")
+    while True:
+        chosen = kind or rng.choice(QUESTION_KINDS)
+        image, prompt, answer = _SAMPLERS[chosen](rng)
+        if image is not None:  # a crowded scene that did not fit is simply drawn again
+            return image, prompt, answer
+
+
+def generate(n: int, seed: int) -> list[tuple[Image.Image, str, str]]:
+    """`n` samples from a generator seeded with `seed` (same seed -> same samples)."""
+    rng = random.Random(seed)
+    return [make_sample(rng) for _ in range(n)]
+
+
+def write_set(out_dir: str | Path, n: int, seed: int, *, jsonl_name: str = "data.jsonl") -> Path:
+    """Write `n` samples drawn with `seed` as out_dir/<jsonl_name> + out_dir/images/NNNNN.png.
+
+    JSONL rows are {"image": "images/00001.png", "prompt": ..., "answer": ...}, image paths relative to
+    the JSONL file. Returns the JSONL path.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    jsonl_path = out_dir / jsonl_name
+    with open(jsonl_path, "w") as f:
+        for i, (image, prompt, answer) in enumerate(generate(n, seed), start=1):
+            rel = f"images/{i:05d}.png"
+            image.save(out_dir / rel, format="PNG", optimize=False)
+            f.write(json.dumps({"image": rel, "prompt": prompt, "answer": answer}) + "\n")
+    return jsonl_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a set of demo scenes with questions and answers.")
+    parser.add_argument("--n", type=int, default=500, help="number of samples")
+    parser.add_argument("--seed", type=int, default=7, help="random seed (same seed -> same files)")
+    parser.add_argument("--out", required=True, help="output folder (data.jsonl + images/)")
+    parser.add_argument("--jsonl-name", default="data.jsonl", help="name of the JSONL file in --out")
+    args = parser.parse_args(argv)
+    if args.n <= 0:
+        parser.error("--n must be a positive number of samples")
+    path = write_set(args.out, args.n, args.seed, jsonl_name=args.jsonl_name)
+    print(f"wrote {args.n} samples to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Where a model keeps its prefix, decoder blocks, final norm and head, found by structure.
+
+A VLM is read as: prefix (vision tower, projector, embeddings: everything that runs before the first decoder
+block), a list of decoder blocks, and a head (final norm + lm_head). We look for the structure instead of
+class names, so an architecture not listed in the docs mostly works; EXPLICIT holds overrides for the models
+whose structure is ambiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VISION_HINTS = ("visual", "vision", "image", "siglip", "clip")
+NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+
+# model class name -> (blocks path, norm path, vision blocks path); only where structure is not enough.
+EXPLICIT: dict[str, tuple[str, str, str | None]] = {}
+
+
+class UnsupportedModel(ValueError):
+    """The model's decoder blocks or head could not be located."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    blocks: str          # dotted path of the nn.ModuleList of decoder blocks
+    norm: str | None     # final norm applied before the head (None: the head takes block outputs)
+    head: str            # the output projection (lm_head)
+    vision_blocks: str | None  # the vision tower's block list, when the model has one
+    model_class: str
+
+    def get(self, model: nn.Module, path: str | None) -> nn.Module | None:
+        return None if path is None else model.get_submodule(path)
+
+    def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def vision_block_list(self, model: nn.Module) -> nn.ModuleList | None:
+        return None if self.vision_blocks is None else model.get_submodule(self.vision_blocks)
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision_blocks is not None
+
+
+def _is_block(m: nn.Module) -> bool:
+    names = [n for n, _ in m.named_children()]
+    has_attn = any("attn" in n or "attention" in n for n in names)
+    has_linear = any(isinstance(x, nn.Linear) for x in m.modules())
+    return has_attn and has_linear
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and all(_is_block(c) for c in m):
+            found.append((name, m))
+    return found
+
+
+def _is_vision_path(path: str) -> bool:
+    return any(h in path.lower() for h in VISION_HINTS)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def find_layout(model: nn.Module) -> Layout:
+    cls = type(model).__name__
+    if cls in EXPLICIT:
+        blocks, norm, vis = EXPLICIT[cls]
+        return Layout(blocks, norm, _head_path(model), vis, cls)
+    lists = _block_lists(model)
+    text_lists = [(n, m) for n, m in lists if not _is_vision_path(n)]
+    vision_lists = [(n, m) for n, m in lists if _is_vision_path(n)]
+    if not text_lists:
+        raise UnsupportedModel(
+            f"tlq-farm cannot find the decoder blocks of {cls}: no list of attention blocks outside the vision "
+            f"tower was found. Add an entry for {cls} to tlq_farm.models.adapter.EXPLICIT "
+            f"(blocks path, final norm path, vision blocks path)."
+        )
+    blocks_path, _ = max(text_lists, key=lambda nm: _n_params(nm[1]))
+    parent_path = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
+    parent = model.get_submodule(parent_path) if parent_path else model
+    norm = None
+    for nn_name in NORM_NAMES:
+        if hasattr(parent, nn_name) and isinstance(getattr(parent, nn_name), nn.Module):
+            norm = f"{parent_path}.{nn_name}" if parent_path else nn_name
+            break
+    vis = max(vision_lists, key=lambda nm: _n_params(nm[1]))[0] if vision_lists else None
+    return Layout(blocks_path, norm, _head_path(model), vis, cls)
+
+
+def _head_path(model: nn.Module) -> str:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no output embeddings (lm_head): tlq-farm quantizes causal language "
+            f"models and VLMs with a language-model head; load the model with AutoModelForCausalLM or "
+            f"AutoModelForImageTextToText."
+        )
+    for name, m in model.named_modules():
+        if m is head:
+            return name
+    raise UnsupportedModel(f"the lm_head of {type(model).__name__} is not a submodule of the model")
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def block_output(out) -> torch.Tensor:
+    """Decoder layers return a tensor in transformers 5 and a tuple in older code: take the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def load_model(path: str, *, dtype=torch.float32, device: str = "cpu"):
+    """Load (model, processor-or-tokenizer) from a local folder with transformers' Auto classes."""
+    import transformers
+    from pathlib import Path
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json): pass a folder saved with save_pretrained")
+    config = transformers.AutoConfig.from_pretrained(path)
+    is_vlm = hasattr(config, "vision_config")
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    if is_vlm:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+        processor = transformers.AutoTokenizer.from_pretrained(path)
+    model.eval().to(device)
+    return model, processor

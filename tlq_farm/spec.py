@@ -1,0 +1,102 @@
+"""QuantSpec / JobSpec: what a job computes, validated once, with a fingerprint for resume and attach."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+METHODS = ("rtn", "gptq", "gptaq")
+IMPORTANCE = ("uniform", "modality", "vlmq", "qig", "tlq")
+FORMATS = ("compressed", "fake")
+
+
+class SpecError(ValueError):
+    """A spec value that cannot work; the message names the option and what to choose instead."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_bits: int | None = None
+    method: str = "gptq"
+    importance: str = "uniform"
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True
+    quantize_vision: bool = False
+    # TLQ token-level calibration set: the fraction of vision tokens kept (every text token is kept).
+    tlq_keep: float = 0.5
+    qig_steps: int = 32
+
+    def validate(self) -> "QuantSpec":
+        if self.bits not in (2, 3, 4, 8):
+            raise SpecError(f"--bits {self.bits} is not supported: choose 2, 3, 4 or 8")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise SpecError(f"--group-size {self.group_size} is invalid: use a positive size such as 32, 64, 128, or -1 for per-channel")
+        if self.act_bits not in (None, 8):
+            raise SpecError(f"--act-bits {self.act_bits} is not supported: use 8 (dynamic per-token int8) or leave it unset")
+        if self.method not in METHODS:
+            raise SpecError(f"--method {self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        if self.importance not in IMPORTANCE:
+            raise SpecError(f"--importance {self.importance!r} is unknown: choose one of {', '.join(IMPORTANCE)}")
+        if self.method == "rtn" and self.importance != "uniform":
+            raise SpecError("--method rtn uses no calibration statistics, so --importance must be uniform")
+        if not 0 < self.damp < 1:
+            raise SpecError(f"--damp {self.damp} must lie in (0, 1): it is a fraction of mean(diag H)")
+        if self.blocksize <= 0:
+            raise SpecError("--blocksize must be positive")
+        if not 0 < self.tlq_keep <= 1:
+            raise SpecError(f"--tlq-keep {self.tlq_keep} must lie in (0, 1]")
+        if self.qig_steps < 1:
+            raise SpecError("--qig-steps must be at least 1")
+        return self
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    calib: str
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    fmt: str = "compressed"
+    # Shards are fixed by token count, never by the number of workers: same shards, same bytes.
+    shard_tokens: int = 8192
+
+    def validate(self) -> "JobSpec":
+        self.quant.validate()
+        if self.samples < 1:
+            raise SpecError(f"--samples {self.samples} must be at least 1")
+        if self.seq_len < 8:
+            raise SpecError(f"--seq-len {self.seq_len} is too short: use at least 8 tokens")
+        if self.fmt not in FORMATS:
+            raise SpecError(f"--format {self.fmt!r} is unknown: choose one of {', '.join(FORMATS)}")
+        q = self.quant
+        if self.fmt == "compressed" and q.act_order and q.group_size != -1 and not q.static_groups and q.method != "rtn":
+            raise SpecError("--act-order regroups columns, and compressed-tensors stores no g_idx: add --static-groups "
+                            "(groups stay contiguous) or export with --format fake")
+        if self.shard_tokens < 1:
+            raise SpecError("--shard-tokens must be positive")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        d = dict(d)
+        d["quant"] = QuantSpec(**d.get("quant", {}))
+        return cls(**d)
+
+
+def fingerprint(spec: JobSpec, model_digest: str, data_digest: str) -> str:
+    """A short stable id for (model bytes, data bytes, spec): the same job gets the same id."""
+    payload = json.dumps({"spec": spec.to_dict(), "model": model_digest, "data": data_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,360 @@
+"""The Store protocol: the commit protocol on top of a few raw primitives.
+
+Commit protocol of one object `key` (the store is the truth of a job; a reader must never trust a
+partial write):
+
+    write:  withdraw the old marker -> write the object -> write its checksum -> write the marker
+    read:   marker missing                  -> NotCommitted
+            object's sha256/size != marker  -> delete object, checksum and marker -> CorruptObject
+
+The marker is written last, so a marker implies a complete object. Withdrawing the old marker first
+means a reader never pairs an old marker with new bytes. Subclasses provide the raw primitives (bytes in,
+bytes out, no checks) and may serialize writers of one key with `_write_guard` / `_read_guard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tlq_farm.store import keys
+
+Payload = TypeVar("Payload")
+
+# Streaming reads and hashes of files go in pieces of this size.
+FILE_CHUNK = 1 << 20
+# A reader that sees bytes not matching the marker re-reads this many times while the marker keeps
+# changing (a concurrent rewrite on a store without locks) before it gives up.
+READ_ATTEMPTS = 3
+
+
+class StoreError(Exception):
+    """Base class of every store error."""
+
+
+class NotCommitted(StoreError):
+    """The object has no commit marker: it was never written completely, or is being rewritten."""
+
+
+class CorruptObject(StoreError):
+    """The object does not match its commit marker; it has been deleted so that it is recomputed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or used (network, credentials, bucket, permissions, disk)."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Content of a commit marker."""
+
+    sha256: str
+    size: int
+    time: float
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(FILE_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def marker_bytes(commit: Commit) -> bytes:
+    return json.dumps(
+        {"sha256": commit.sha256, "size": commit.size, "time": commit.time}, sort_keys=True
+    ).encode()
+
+
+def parse_marker(raw: bytes) -> Commit | None:
+    """Commit from marker bytes, or None when they are not a valid marker (a damaged marker)."""
+    try:
+        fields = json.loads(raw)
+        commit = Commit(sha256=str(fields["sha256"]), size=int(fields["size"]), time=float(fields["time"]))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if len(commit.sha256) != 64 or commit.size < 0:
+        return None
+    return commit
+
+
+def checksum_line(sha256: str, key: str) -> bytes:
+    """The checksum companion in `sha256sum` format: '<hex>  <file name>'."""
+    return f"{sha256}  {key.rsplit('/', 1)[-1]}\n".encode()
+
+
+class Store(ABC):
+    """An object store holding a job's state: committed objects, plus raw flags.
+
+    Committed objects (put_bytes / put_file / get_bytes / get_file) follow the commit protocol above.
+    Flags (put_flag / get_flag / exists_raw / delete_flag) are small raw objects with no protocol, for
+    signals such as a job's cancel flag.
+    """
+
+    # ------------------------------------------------------------------------------ raw primitives
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where the store is, in the form open_store() accepts."""
+
+    @abstractmethod
+    def _read_raw(self, raw_key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+    @abstractmethod
+    def _write_raw(self, raw_key: str, data: bytes) -> None:
+        """Write (replace) the object; a concurrent reader sees the old or the new bytes, never a mix."""
+
+    @abstractmethod
+    def _delete_raw(self, raw_key: str) -> None:
+        """Delete the object; no error when it does not exist."""
+
+    @abstractmethod
+    def _exists_raw(self, raw_key: str) -> bool:
+        """Whether the object exists."""
+
+    @abstractmethod
+    def _list_raw(self, prefix: str) -> Iterable[str]:
+        """Every raw key starting with `prefix` (objects and their companions), any order."""
+
+    @abstractmethod
+    def _upload_file(self, raw_key: str, path: Path) -> tuple[str, int]:
+        """Write the object from a file; return the (sha256, size) of the bytes written."""
+
+    @abstractmethod
+    def _download_file(self, raw_key: str, path: Path) -> bool:
+        """Write the object into the file `path`; False when the object does not exist."""
+
+    def _write_guard(self, key: str) -> contextlib.AbstractContextManager:
+        """Held while the companions of `key` change; stores with locks serialize writers here."""
+        return contextlib.nullcontext()
+
+    def _read_guard(self, key: str) -> contextlib.AbstractContextManager:
+        """Held while a marker and its object are read together."""
+        return contextlib.nullcontext()
+
+    def _after_delete_prefix(self, prefix: str) -> None:
+        """Hook for cleanup after delete_prefix (a folder store removes empty folders)."""
+
+    # ------------------------------------------------------------------------------ committed objects
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Write `data` under `key` with the commit protocol; return its sha256 hex."""
+        keys.check_key(key)
+        data = bytes(data)
+        digest = sha256_hex(data)
+        with self._write_guard(key):
+            self._delete_raw(keys.marker_key(key))
+            self._write_raw(key, data)
+            self._commit(key, digest, len(data))
+        return digest
+
+    def put_file(self, key: str, path: str | os.PathLike) -> str:
+        """Write the file at `path` under `key` (streamed; multipart on S3); return its sha256 hex."""
+        keys.check_key(key)
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"cannot store {key!r}: {source} is not a file")
+        with self._write_guard(key):
+            self._delete_raw(keys.marker_key(key))
+            digest, size = self._upload_file(key, source)
+            self._commit(key, digest, size)
+        return digest
+
+    def get_bytes(self, key: str) -> bytes:
+        """The committed bytes of `key`, verified against the marker's sha256 and size."""
+        keys.check_key(key)
+
+        def fetch() -> tuple[bytes, str, int] | None:
+            data = self._read_raw(key)
+            return None if data is None else (data, sha256_hex(data), len(data))
+
+        return self._read_verified(key, fetch, lambda data: None)
+
+    def get_file(self, key: str, path: str | os.PathLike) -> Path:
+        """Write the committed object `key` into the file `path` (verified, then renamed into place)."""
+        keys.check_key(key)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> tuple[Path, str, int] | None:
+            handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            os.close(handle)
+            partial = Path(name)
+            try:
+                if not self._download_file(key, partial):
+                    partial.unlink(missing_ok=True)
+                    return None
+                digest, size = sha256_file(partial)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            return partial, digest, size
+
+        partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True))
+        os.replace(partial, target)
+        return target
+
+    def is_committed(self, key: str) -> bool:
+        """Whether `key` has a commit marker (the object is then complete, unless damaged later)."""
+        return self._exists_raw(keys.marker_key(keys.check_key(key)))
+
+    def commit_info(self, key: str) -> Commit | None:
+        """The marker of `key` (sha256, size, time), or None when not committed or unreadable."""
+        raw = self._read_raw(keys.marker_key(keys.check_key(key)))
+        return None if raw is None else parse_marker(raw)
+
+    def list_committed(self, prefix: str = "") -> list[str]:
+        """Sorted keys under `prefix` that have a commit marker."""
+        keys.check_prefix(prefix)
+        suffix = keys.COMMIT_SUFFIX
+        return sorted(raw[: -len(suffix)] for raw in self._list_raw(prefix) if raw.endswith(suffix))
+
+    def delete(self, key: str) -> None:
+        """Delete a committed object: marker first, so that nobody trusts it while it goes."""
+        keys.check_key(key)
+        with self._write_guard(key):
+            self._delete_companions_and_object(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete everything under `prefix` (objects, companions, flags); markers go first."""
+        keys.check_prefix(prefix)
+        raw_keys = sorted(self._list_raw(prefix))
+        markers = [raw for raw in raw_keys if raw.endswith(keys.COMMIT_SUFFIX)]
+        others = [raw for raw in raw_keys if not raw.endswith(keys.COMMIT_SUFFIX)]
+        self._delete_many(markers)
+        self._delete_many(others)
+        self._after_delete_prefix(prefix)
+
+    def _delete_many(self, raw_keys: list[str]) -> None:
+        """Delete several raw keys; stores with batch deletes override this."""
+        for raw in raw_keys:
+            self._delete_raw(raw)
+
+    # ------------------------------------------------------------------------------ flags
+
+    def exists_raw(self, key: str) -> bool:
+        """Whether an object exists under `key`, committed or not (flags such as cancel)."""
+        return self._exists_raw(keys.check_key(key))
+
+    def put_flag(self, key: str, value: Any = b"") -> None:
+        """Write a small raw object: bytes as they are, anything else as JSON (sorted keys)."""
+        keys.check_key(key)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        else:
+            data = json.dumps(value, sort_keys=True).encode()
+        self._write_raw(key, data)
+
+    def get_flag(self, key: str) -> bytes | None:
+        """The bytes of a raw object, or None when it does not exist."""
+        return self._read_raw(keys.check_key(key))
+
+    def get_flag_json(self, key: str, default: Any = None) -> Any:
+        """A raw object written with put_flag(key, json_value), decoded; `default` when absent."""
+        data = self.get_flag(key)
+        if data is None:
+            return default
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise StoreError(f"flag {key!r} in {self.url} is not JSON; read it with get_flag()") from None
+
+    def delete_flag(self, key: str) -> None:
+        self._delete_raw(keys.check_key(key))
+
+    # ------------------------------------------------------------------------------ protocol internals
+
+    def _commit(self, key: str, digest: str, size: int) -> None:
+        self._write_raw(keys.checksum_key(key), checksum_line(digest, key))
+        self._write_raw(keys.marker_key(key), marker_bytes(Commit(digest, size, time.time())))
+
+    def _delete_companions_and_object(self, key: str) -> None:
+        self._delete_raw(keys.marker_key(key))
+        self._delete_raw(keys.checksum_key(key))
+        self._delete_raw(key)
+
+    def _read_marker(self, key: str) -> tuple[bool, Commit | None]:
+        """(marker exists, its commit or None when it is damaged)."""
+        raw = self._read_raw(keys.marker_key(key))
+        return (False, None) if raw is None else (True, parse_marker(raw))
+
+    def _read_verified(
+        self,
+        key: str,
+        fetch: Callable[[], tuple[Payload, str, int] | None],
+        reject: Callable[[Payload], None],
+    ) -> Payload:
+        """Read marker and object, check one against the other; handle a concurrent rewrite.
+
+        fetch() reads the object -> (payload, sha256, size), or None when the object is missing.
+        reject(payload) disposes of a payload that failed the check.
+        """
+        for _ in range(READ_ATTEMPTS):
+            with self._read_guard(key):
+                present, commit = self._read_marker(key)
+                if not present:
+                    raise NotCommitted(
+                        f"{key!r} in {self.url} is not committed (no commit marker): it was never completely "
+                        "written or is being rewritten; compute it, or wait for the task that writes it"
+                    )
+                fetched = fetch() if commit is not None else None
+            if fetched is not None:
+                payload, digest, size = fetched
+                if commit is not None and digest == commit.sha256 and size == commit.size:
+                    return payload
+                reject(payload)
+            # A mismatch while the marker changed under us is a rewrite in flight, not damage: read again.
+            present_now, commit_now = self._read_marker(key)
+            if not present_now:
+                raise NotCommitted(f"{key!r} in {self.url} was withdrawn while being read (a rewrite is in progress)")
+            if commit is None or commit_now != commit:
+                if commit_now is not None:
+                    continue
+            problem = self._describe_mismatch(commit, fetched)
+            if self._discard_if_unchanged(key, commit):
+                outcome = "its object and commit marker were deleted so that the task producing it runs again"
+            else:
+                outcome = "a newer write replaced it meanwhile; read it again"
+            raise CorruptObject(f"{key!r} in {self.url} is corrupt ({problem}); {outcome}")
+        raise CorruptObject(
+            f"{key!r} in {self.url} changed during each of {READ_ATTEMPTS} reads (concurrent writers of "
+            "different bytes); nothing was deleted; read it again once the writers are done"
+        )
+
+    @staticmethod
+    def _describe_mismatch(commit: Commit | None, fetched: tuple[Any, str, int] | None) -> str:
+        if commit is None:
+            return "its commit marker is damaged"
+        if fetched is None:
+            return "the commit marker exists but the object is missing"
+        _, digest, size = fetched
+        return f"sha256 {digest[:12]}... size {size}, marker says sha256 {commit.sha256[:12]}... size {commit.size}"
+
+    def _discard_if_unchanged(self, key: str, commit: Commit | None) -> bool:
+        """Delete object and companions unless a newer write has committed meanwhile; True if deleted."""
+        with self._write_guard(key):
+            present, current = self._read_marker(key)
+            if present and current != commit:
+                return False
+            self._delete_companions_and_object(key)
+        return True
+

@@ -1,0 +1,267 @@
+"""Every object key of a job, in one place.
+
+Keys are relative POSIX paths inside a store. Numbers are zero-padded so that a plain sorted listing is
+also the numeric order (block-003 < block-010). Layout of one job:
+
+    jobs/<job>/spec.json
+    jobs/<job>/manifest.json
+    jobs/<job>/report.json
+    jobs/<job>/cancel                                     flag (no commit protocol)
+    jobs/<job>/calib/sample-000042.safetensors
+    jobs/<job>/staged/embed.safetensors                   vision tower, embeddings, all that is not a block
+    jobs/<job>/staged/block-003.safetensors
+    jobs/<job>/staged/head.safetensors
+    jobs/<job>/acts/q/block-003/shard-0001.safetensors    activations entering block 3, quantized chain
+    jobs/<job>/acts/fp/block-003/shard-0001.safetensors   same, full-precision chain
+    jobs/<job>/grads/block-003/shard-0001.safetensors
+    jobs/<job>/token_weights/block-003/shard-0001.safetensors
+    jobs/<job>/stats/block-003/group-01/shard-0001.safetensors   partial Hessians
+    jobs/<job>/qweights/block-003/<module>.safetensors
+    jobs/<job>/done/block-003.json
+    jobs/<job>/export/<name>
+    jobs/<job>/tasks/<task_id>.json
+
+Next to each committed object the store keeps two companions named by `checksum_key` and `marker_key`;
+those suffixes are reserved and no object key may end with them.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+JOBS = "jobs"
+CHAINS = ("q", "fp")
+
+COMMIT_SUFFIX = ".commit"
+CHECKSUM_SUFFIX = ".sha256"
+RESERVED_SUFFIXES = (COMMIT_SUFFIX, CHECKSUM_SUFFIX)
+
+# Widths fix the sort order; a number that does not fit would sort out of place, so it is refused.
+BLOCK_WIDTH = 3
+SHARD_WIDTH = 4
+GROUP_WIDTH = 2
+SAMPLE_WIDTH = 6
+
+_JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a valid object key, else raise ValueError saying what is wrong.
+
+    A key is a relative path of segments made of letters, digits and `._=-`, no segment starting with a
+    dot (the local store hides its temporary files behind dots), and not ending in a reserved suffix.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"store key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or key.endswith("/"):
+        raise ValueError(f"store key {key!r} must be a relative path without leading or trailing '/'")
+    for segment in key.split("/"):
+        if not _SEGMENT.fullmatch(segment):
+            raise ValueError(
+                f"store key {key!r} has an invalid segment {segment!r}: use letters, digits and '._=-', "
+                "not starting with '.' or '-', no empty segments"
+            )
+    if key.endswith(RESERVED_SUFFIXES):
+        raise ValueError(
+            f"store key {key!r} ends with a reserved suffix {RESERVED_SUFFIXES}: the store uses those names "
+            "for checksums and commit markers; choose another name"
+        )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return `prefix` if it is a valid listing prefix ('' for everything), else raise ValueError."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"store prefix must be a string, got {prefix!r}")
+    if prefix == "":
+        return prefix
+    if prefix.startswith("/"):
+        raise ValueError(f"store prefix {prefix!r} must be relative (no leading '/')")
+    segments = prefix.split("/")
+    # The last segment may be empty (a folder prefix 'a/b/') or partial ('a/shard-').
+    for segment in segments[:-1]:
+        if not _SEGMENT.fullmatch(segment):
+            raise ValueError(f"store prefix {prefix!r} has an invalid segment {segment!r}")
+    if segments[-1] and not _SEGMENT.fullmatch(segments[-1]):
+        raise ValueError(f"store prefix {prefix!r} has an invalid last segment {segments[-1]!r}")
+    return prefix
+
+
+def marker_key(key: str) -> str:
+    """Key of the commit marker of `key` (JSON: sha256, size, time); written last."""
+    return key + COMMIT_SUFFIX
+
+
+def checksum_key(key: str) -> str:
+    """Key of the checksum of `key` (sha256sum format, so `sha256sum -c` works on a local store)."""
+    return key + CHECKSUM_SUFFIX
+
+
+def is_reserved(raw_key: str) -> bool:
+    """Whether a raw key is one of the store's companions (marker or checksum), not an object."""
+    return raw_key.endswith(RESERVED_SUFFIXES)
+
+
+def _job(job: str) -> str:
+    if not isinstance(job, str) or not _JOB_ID.fullmatch(job):
+        raise ValueError(
+            f"job id {job!r} is invalid: use 1-64 characters of lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return job
+
+
+def _number(what: str, value: int, width: int) -> str:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got the boolean {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if number < 0:
+        raise ValueError(f"{what} must be non-negative, got {number}")
+    if number >= 10**width:
+        raise ValueError(f"{what} {number} does not fit the key layout (at most {10**width - 1})")
+    return f"{number:0{width}d}"
+
+
+def _name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value.endswith(RESERVED_SUFFIXES):
+        raise ValueError(
+            f"{what} {value!r} is invalid: use letters, digits and '._-', not starting with '.' or '-'"
+        )
+    return value
+
+
+def _block(block: int) -> str:
+    return "block-" + _number("block", block, BLOCK_WIDTH)
+
+
+def _shard(shard: int) -> str:
+    return "shard-" + _number("shard", shard, SHARD_WIDTH)
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+def jobs_prefix() -> str:
+    """Prefix of every job in a store."""
+    return JOBS + "/"
+
+
+def job_prefix(job: str) -> str:
+    """Prefix of everything that belongs to `job` (ends with '/', so job 'a' never lists job 'a-1')."""
+    return f"{JOBS}/{_job(job)}/"
+
+
+def spec(job: str) -> str:
+    return job_prefix(job) + "spec.json"
+
+
+def manifest(job: str) -> str:
+    return job_prefix(job) + "manifest.json"
+
+
+def report(job: str) -> str:
+    return job_prefix(job) + "report.json"
+
+
+def cancel_flag(job: str) -> str:
+    """Raw flag (put_flag / exists_raw): present means the job is cancelled."""
+    return job_prefix(job) + "cancel"
+
+
+def calib_sample(job: str, i: int) -> str:
+    return job_prefix(job) + "calib/sample-" + _number("calibration sample", i, SAMPLE_WIDTH) + ".safetensors"
+
+
+def calib_prefix(job: str) -> str:
+    return job_prefix(job) + "calib/"
+
+
+def staged_prefix(job: str) -> str:
+    return job_prefix(job) + "staged/"
+
+
+def staged_embed(job: str) -> str:
+    """Vision tower, embeddings and every weight that is not a decoder block or the head."""
+    return staged_prefix(job) + "embed.safetensors"
+
+
+def staged_block(job: str, block: int) -> str:
+    return staged_prefix(job) + _block(block) + ".safetensors"
+
+
+def staged_head(job: str) -> str:
+    return staged_prefix(job) + "head.safetensors"
+
+
+def acts_prefix(job: str, chain: str, block: int) -> str:
+    if chain not in CHAINS:
+        raise ValueError(f"activation chain must be one of {CHAINS} (quantized or full precision), got {chain!r}")
+    return f"{job_prefix(job)}acts/{chain}/{_block(block)}/"
+
+
+def acts(job: str, chain: str, block: int, shard: int) -> str:
+    """Activations entering block `block` on chain 'q' (quantized path) or 'fp' (full precision)."""
+    return acts_prefix(job, chain, block) + _shard(shard) + ".safetensors"
+
+
+def grads(job: str, block: int, shard: int) -> str:
+    """Importance gradients at the input of block `block`."""
+    return f"{job_prefix(job)}grads/{_block(block)}/{_shard(shard)}.safetensors"
+
+
+def token_weights(job: str, block: int, shard: int) -> str:
+    return f"{job_prefix(job)}token_weights/{_block(block)}/{_shard(shard)}.safetensors"
+
+
+def stats_prefix(job: str, block: int, group: int) -> str:
+    return f"{job_prefix(job)}stats/{_block(block)}/group-{_number('group', group, GROUP_WIDTH)}/"
+
+
+def stats(job: str, block: int, group: int, shard: int) -> str:
+    """Partial Hessian statistics of one true-sequential group of a block, over one shard."""
+    return stats_prefix(job, block, group) + _shard(shard) + ".safetensors"
+
+
+def qweights_prefix(job: str, block: int) -> str:
+    return f"{job_prefix(job)}qweights/{_block(block)}/"
+
+
+def qweights(job: str, block: int, module: str) -> str:
+    """Quantized weights of one linear module of a block (module: e.g. 'self_attn.q_proj')."""
+    return qweights_prefix(job, block) + _name("module name", module) + ".safetensors"
+
+
+def block_done(job: str, block: int) -> str:
+    return f"{job_prefix(job)}done/{_block(block)}.json"
+
+
+def export_prefix(job: str) -> str:
+    return job_prefix(job) + "export/"
+
+
+def export_file(job: str, name: str) -> str:
+    """A file of the exported checkpoint; `name` may contain folders ('a/b.json')."""
+    if not isinstance(name, str):
+        raise ValueError(f"export file name must be a string, got {name!r}")
+    try:
+        return check_key(export_prefix(job) + name)
+    except ValueError as error:
+        raise ValueError(f"export file name {name!r} is invalid: {error}") from None
+
+
+def tasks_prefix(job: str) -> str:
+    return job_prefix(job) + "tasks/"
+
+
+def task_log(job: str, task_id: str) -> str:
+    """Record of one computed task (who, when, how long); counting these counts recomputation."""
+    return tasks_prefix(job) + _name("task id", task_id) + ".json"

@@ -1,0 +1,224 @@
+"""LocalStore: a folder as an object store.
+
+Each write goes to a temporary file in the target's own folder, is fsynced and then renamed over the
+target with os.replace, so a reader sees the old file or the new one, never a torn one. Writers of the
+same key (several processes, possibly on several machines sharing the folder) are serialized by an
+advisory lock per key, so the object, its checksum and its marker always come from the same write: the
+last complete write wins. Readers take the same lock shared while they read a marker and its object.
+
+Temporary files and the lock folder start with a dot; keys never do, so listings never show them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from tlq_farm.store import keys
+from tlq_farm.store.base import FILE_CHUNK, Store, StoreUnavailable
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: rename stays atomic, only same-key writers are no longer serialized
+    fcntl = None
+
+LOCK_FOLDER = ".locks"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _open_temporary(target: Path) -> tuple[int, Path]:
+    """Create a fresh hidden file next to `target`, with the usual permissions (umask applies)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+        except FileExistsError:
+            continue
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write `data` to `target` through a fsynced temporary file and an atomic rename."""
+    handle, temporary = _open_temporary(target)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(target.parent)
+
+
+def atomic_copy_file(source: Path, target: Path) -> tuple[str, int]:
+    """Copy `source` to `target` atomically; return (sha256, size) of the bytes copied."""
+    digest = hashlib.sha256()
+    size = 0
+    handle, temporary = _open_temporary(target)
+    try:
+        with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+            while chunk := src.read(FILE_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(target.parent)
+    return digest.hexdigest(), size
+
+
+@contextlib.contextmanager
+def _local_errors(root: Path, action: str) -> Iterator[None]:
+    """Turn OS errors other than 'not found' into StoreUnavailable with a hint."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            hint = "the disk is full: free space or point TLQ_STORE_URL elsewhere"
+        elif isinstance(error, PermissionError):
+            hint = "check the folder's permissions (the store needs to read and write it)"
+        else:
+            hint = "check that the folder exists and is writable"
+        raise StoreUnavailable(f"local store {root}: cannot {action}: {error}; {hint}") from error
+
+
+class LocalStore(Store):
+    """An object store in the folder `root` (created if missing); keys are paths below it."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        with _local_errors(self.root, "create the store folder"):
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
+    def path(self, key: str) -> Path:
+        """The file holding object `key` (for tools that want to read it in place)."""
+        return self.root / keys.check_key(key)
+
+    def _file(self, raw_key: str) -> Path:
+        return self.root / raw_key
+
+    # ---------------------------------------------------------------------------------- primitives
+
+    def _read_raw(self, raw_key: str) -> bytes | None:
+        with _local_errors(self.root, f"read {raw_key!r}"):
+            try:
+                return self._file(raw_key).read_bytes()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+
+    def _write_raw(self, raw_key: str, data: bytes) -> None:
+        with _local_errors(self.root, f"write {raw_key!r}"):
+            atomic_write_bytes(self._file(raw_key), data)
+
+    def _delete_raw(self, raw_key: str) -> None:
+        with _local_errors(self.root, f"delete {raw_key!r}"):
+            try:
+                self._file(raw_key).unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+
+    def _exists_raw(self, raw_key: str) -> bool:
+        return self._file(raw_key).is_file()
+
+    def _list_raw(self, prefix: str) -> list[str]:
+        # Walk only the deepest folder the prefix names; its last part may be a partial file name.
+        folder_part = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / folder_part if folder_part else self.root
+        if not start.is_dir():
+            return []
+        found = []
+        with _local_errors(self.root, f"list {prefix!r}"):
+            for folder, subfolders, files in os.walk(start):
+                subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+                relative = Path(folder).relative_to(self.root).as_posix()
+                base = "" if relative == "." else relative + "/"
+                found.extend(
+                    base + name for name in files if not name.startswith(".") and (base + name).startswith(prefix)
+                )
+        return found
+
+    def _upload_file(self, raw_key: str, path: Path) -> tuple[str, int]:
+        with _local_errors(self.root, f"write {raw_key!r} from {path}"):
+            return atomic_copy_file(path, self._file(raw_key))
+
+    def _download_file(self, raw_key: str, path: Path) -> bool:
+        with _local_errors(self.root, f"copy {raw_key!r} to {path}"):
+            try:
+                shutil.copyfile(self._file(raw_key), path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                if not self._file(raw_key).is_file():
+                    return False
+                raise
+        return True
+
+    def _after_delete_prefix(self, prefix: str) -> None:
+        """Remove folders left empty under the prefix (bottom up); the root itself stays."""
+        folder_part = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / folder_part if folder_part else self.root
+        if not start.is_dir():
+            return
+        for folder, subfolders, _ in os.walk(start, topdown=False):
+            here = Path(folder)
+            if here == self.root or here.name.startswith(".") or LOCK_FOLDER in here.relative_to(self.root).parts:
+                continue
+            with contextlib.suppress(OSError):
+                here.rmdir()  # fails (and is skipped) when not empty
+
+    # ---------------------------------------------------------------------------------- locks
+
+    @contextlib.contextmanager
+    def _lock(self, key: str, exclusive: bool) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        # One lock file per key, named by a hash so keys of any depth share one flat folder. Lock files
+        # are never deleted: deleting a lock file another process holds would split the lock in two.
+        lock_path = self.root / LOCK_FOLDER / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".lock")
+        with _local_errors(self.root, f"lock {key!r}"):
+            lock_path.parent.mkdir(exist_ok=True)
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(handle)  # closing releases the lock
+
+    def _write_guard(self, key: str) -> contextlib.AbstractContextManager:
+        return self._lock(key, exclusive=True)
+
+    def _read_guard(self, key: str) -> contextlib.AbstractContextManager:
+        return self._lock(key, exclusive=False)
