@@ -42,12 +42,16 @@ def _progress(enabled: bool):
 
 
 def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, strategy=None, ctx=None,
-                     fp_captured: list[B.Captured] | None = None, bar=None, log=None) -> tuple[dict, list[BlockReport]]:
+                     fp_captured: list[B.Captured] | None = None, bar=None, log=None,
+                     shards: list[tuple[int, int]] | None = None) -> tuple[dict, list[BlockReport]]:
     """Quantize every block of a block list in order, each on the outputs of the quantized blocks before it.
 
+    shards: sample ranges whose partial statistics are summed in shard order (float64), as the farm does;
+    None: one shard of every sample.
     Returns (QuantResult per full module name, per-block reports). The blocks' weights are replaced in place
     by their dequantized values (the model becomes the fake-quantized model).
     """
+    shards = shards or [(0, len(captured))]
     q = spec.quant
     need_fp = q.method == "gptaq" or bool(strategy is not None and strategy.NEEDS_FP_CHAIN)
     q_chain = [c.hidden for c in captured]
@@ -75,10 +79,10 @@ def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, s
                 torch.ones(h.shape[:-1]).reshape(-1) for h in q_chain]
             groups = B.sequential_groups(block, q_inputs[0], names) if q.true_sequential else [names]
             for gi, group in enumerate(groups):
-                stats = B.accumulate_stats(block, q_inputs, weights, group, act_bits=q.act_bits, act_names=names,
-                                           fp_block=fp_block if q.method == "gptaq" else None,
-                                           fp_inputs=fp_inputs if q.method == "gptaq" else None,
-                                           need_fp_gram=q.method == "gptaq")
+                stats = sharded_stats(block, q_inputs, weights, group, shards, act_bits=q.act_bits, act_names=names,
+                                      fp_block=fp_block if q.method == "gptaq" else None,
+                                      fp_inputs=fp_inputs if q.method == "gptaq" else None,
+                                      need_fp_gram=q.method == "gptaq")
                 for n in group:
                     res = B.solve(block.get_submodule(n).weight.detach().float(), stats[n], q)
                     B.apply_qweight(block, n, res)
@@ -95,6 +99,29 @@ def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, s
             total = sum(m["loss"] for m in rep.modules.values())
             log(f"{prefix} block {b}: {len(names)} linears, loss {total:.4g}, {rep.seconds:.1f}s")
     return results, reports
+
+
+def _shard_weights(weights, start: int, end: int):
+    if isinstance(weights, dict):
+        return {n: w[start:end] for n, w in weights.items()}
+    return weights[start:end]
+
+
+def sharded_stats(block, q_inputs, weights, names, shards, *, fp_inputs=None, **kw) -> dict[str, dict]:
+    """accumulate_stats over each shard, then the shards' partials summed in shard order (float64)."""
+    from .quant import reduce_partials
+
+    per_shard = [B.accumulate_stats(block, q_inputs[a:b], _shard_weights(weights, a, b), names,
+                                    fp_inputs=fp_inputs[a:b] if fp_inputs is not None else None, **kw)
+                 for a, b in shards]
+    return {n: reduce_partials([p[n] for p in per_shard]) for n in names}
+
+
+def shards_of(samples: list[dict], shard_tokens: int) -> list[tuple[int, int]]:
+    """The job's shards: consecutive samples up to shard_tokens tokens (tlq_farm.plan.shard_ranges)."""
+    from .plan import shard_ranges
+
+    return shard_ranges([int(s["attention_mask"].sum()) for s in samples], shard_tokens)
 
 
 def check_grid_fits(model, layout: Layout, spec: JobSpec) -> None:
@@ -177,7 +204,7 @@ def run_local(spec: JobSpec, out_dir: str | Path, *, device: str = "cpu", progre
 
     t = time.perf_counter()
     res, reps = calibrate_blocks(blocks, captured, spec, prefix=layout.blocks, strategy=strategy, ctx=ctx,
-                                 fp_captured=fp_captured, bar=bar, log=log)
+                                 fp_captured=fp_captured, bar=bar, log=log, shards=shards_of(samples, spec.shard_tokens))
     results.update(res)
     block_reports[layout.blocks] = reps
     timings["decoder blocks"] = time.perf_counter() - t

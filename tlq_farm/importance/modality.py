@@ -36,7 +36,7 @@ def modality_ratios(grads_out: list[list[torch.Tensor]], vision: list[torch.Tens
 
 
 def floor_at_median(r: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(r, min=float(r.median()))
+    return torch.clamp(r, min=float(torch.quantile(r.double(), 0.5)))
 
 
 def prepare(ctx: ImportanceContext) -> None:

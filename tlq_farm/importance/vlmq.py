@@ -70,7 +70,7 @@ def block_weights(ctx: ImportanceContext, b, block, names, q_inputs, fp_inputs):
                         continue
                     key = "attn" if (n in attn and "attn" in losses) else "block"
                     loss = losses[key]
-                    if float(loss) == 0.0 or not z[n].requires_grad:
+                    if float(loss.detach()) == 0.0 or not z[n].requires_grad:
                         out[n].append(ctx.valid[i].clone())
                         continue
                     (gz,) = torch.autograd.grad(loss, z[n], retain_graph=True, allow_unused=True)

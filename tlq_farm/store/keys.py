@@ -265,3 +265,31 @@ def tasks_prefix(job: str) -> str:
 def task_log(job: str, task_id: str) -> str:
     """Record of one computed task (who, when, how long); counting these counts recomputation."""
     return tasks_prefix(job) + _name("task id", task_id) + ".json"
+
+
+# ---------------------------------------------------------------------------------------------------- farm
+
+
+def staged_file(job: str, name: str) -> str:
+    """A top-level file of the model folder that is not weights (config.json, tokenizer, processor...)."""
+    return staged_prefix(job) + "files/" + _name("model file name", name)
+
+
+def block_kwargs(job: str, shard: int) -> str:
+    """The kwargs every block receives (rotary embeddings, masks), for the samples of one shard."""
+    return f"{job_prefix(job)}kwargs/{_shard(shard)}.safetensors"
+
+
+def plan_groups(job: str) -> str:
+    """Linear modules of every block and their true-sequential groups (found from the data flow)."""
+    return job_prefix(job) + "plan/groups.json"
+
+
+def importance_state(job: str) -> str:
+    """What a global importance pass (modality, tlq) leaves for the per-block token weights."""
+    return job_prefix(job) + "importance/state.safetensors"
+
+
+def export_index(job: str) -> str:
+    """List of the export's files with their sha256; written last, so it commits the whole export."""
+    return job_prefix(job) + "export-index.json"

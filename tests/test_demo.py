@@ -1,0 +1,96 @@
+"""The demo VLM: scene generator, the shipped model and its bundled calibration set."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tlq_farm.calib.encode import encode_example
+from tlq_farm.demo import DEMO_CALIB_JSONL, DEMO_MODEL_DIR, scenes
+from tlq_farm.demo.build import build_processor
+from tlq_farm.demo.train import CALIB_SEED, HELD_OUT_SEED, encode_scenes
+from tlq_farm.evaluate import evaluate
+
+torch.set_num_threads(1)
+
+MAX_MODEL_BYTES = 20 * 1024 * 1024
+
+
+def test_scene_sets_are_deterministic_for_a_seed(tmp_path):
+    a = scenes.write_set(tmp_path / "a", 12, seed=5)
+    b = scenes.write_set(tmp_path / "b", 12, seed=5)
+    c = scenes.write_set(tmp_path / "c", 12, seed=6)
+    assert a.read_bytes() == b.read_bytes()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert len(rows) == 12 and rows[0]["image"] == "images/00001.png"
+    for row in rows:
+        assert (a.parent / row["image"]).read_bytes() == (b.parent / row["image"]).read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+@pytest.mark.parametrize("kind", scenes.QUESTION_KINDS)
+def test_every_question_kind_uses_only_vocabulary_words(kind):
+    tokenizer = build_processor().tokenizer
+    rng = random.Random(0)
+    for _ in range(20):
+        image, prompt, answer = scenes.make_sample(rng, kind)
+        assert image.size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+        assert 1 <= len(answer.split()) <= 2
+        ids = tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, (prompt, answer)
+    with pytest.raises(ValueError, match="unknown question kind"):
+        scenes.make_sample(rng, "weather")
+
+
+def test_fast_training_encoding_equals_encode_example():
+    processor = build_processor()
+    samples = scenes.generate(6, seed=3)
+    fast = encode_scenes(processor, samples, {})
+    for encoded, (image, prompt, answer) in zip(fast, samples):
+        expected = encode_example(processor, [image], prompt, answer)
+        assert encoded.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(encoded[key], expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR).eval()
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
+    return model, processor
+
+
+def test_shipped_model_loads_and_is_small(shipped):
+    model, processor = shipped
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    size = sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir() if f.is_file())
+    assert size <= MAX_MODEL_BYTES
+    # Decoder linear layers take group sizes 32 and 64 along their inputs.
+    for name, module in model.model.language_model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.in_features % 64 == 0, name
+
+
+def test_shipped_model_sees_at_least_64_vision_tokens(shipped):
+    _, processor = shipped
+    image, prompt, answer = scenes.make_sample(random.Random(1))
+    encoded = encode_example(processor, [image], prompt, answer)
+    n_vision = int(encoded["vision_mask"].sum())
+    assert n_vision >= 64
+    assert encoded["input_ids"].shape[1] - n_vision <= 32  # few text tokens
+
+
+def test_bundled_calibration_set():
+    rows = [json.loads(line) for line in DEMO_CALIB_JSONL.read_text().splitlines()]
+    assert len(rows) == 128
+    assert all((DEMO_CALIB_JSONL.parent / r["image"]).is_file() for r in rows)
+    first = scenes.generate(1, CALIB_SEED)[0]
+    assert (rows[0]["prompt"], rows[0]["answer"]) == (first[1], first[2])
+
+
+def test_shipped_model_accuracy_guard(shipped, tmp_path):
+    jsonl = scenes.write_set(tmp_path, 40, HELD_OUT_SEED)
+    result = evaluate(shipped, jsonl, max_new_tokens=4)
+    assert result["accuracy"] >= 0.85, result

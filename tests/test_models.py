@@ -1,0 +1,103 @@
+"""Model adapters: the layout found by structure, and blocks run alone == blocks inside the full forward."""
+
+import pytest
+import torch
+from torch import nn
+
+from tlq_farm import block as B
+from tlq_farm.calib.data import load_calibration, model_inputs
+from tlq_farm.models.adapter import UnsupportedModel, find_layout, linear_names, load_model
+from tlq_farm.models.tiny import ARCHS
+
+EXPECTED = {
+    "qwen2_vl": ("model.language_model.layers", "model.language_model.norm", "model.visual.blocks"),
+    "qwen2_5_vl": ("model.language_model.layers", "model.language_model.norm", "model.visual.blocks"),
+    "llava": ("model.language_model.layers", "model.language_model.norm", "model.vision_tower.encoder.layers"),
+    "llava_next": ("model.language_model.layers", "model.language_model.norm", "model.vision_tower.encoder.layers"),
+    "llava_onevision": ("model.language_model.layers", "model.language_model.norm", "model.vision_tower.encoder.layers"),
+    "llama": ("model.layers", "model.norm", None),
+    "qwen2": ("model.layers", "model.norm", None),
+    "qwen3": ("model.layers", "model.norm", None),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_found_by_structure(tiny_models, arch):
+    model, _ = load_model(str(tiny_models(arch)))
+    lay = find_layout(model)
+    assert (lay.blocks, lay.norm, lay.vision_blocks) == EXPECTED[arch]
+    assert lay.head == "lm_head"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_chain_equals_full_forward(tiny_models, calib_jsonl, arch):
+    """Running block b alone on the chain of blocks 0..b-1 reproduces the input block b+1 sees in model()."""
+    model, proc = load_model(str(tiny_models(arch)))
+    lay = find_layout(model)
+    blocks = lay.decoder_blocks(model)
+    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
+    inside: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _a, out: inside.append(B.block_output(out).detach())) for blk in blocks]
+    with torch.no_grad():
+        model(**model_inputs(sample))
+    for h in hooks:
+        h.remove()
+    cap = B.capture(model, blocks, model_inputs(sample))
+    h = cap.hidden
+    for b, blk in enumerate(blocks):
+        with torch.no_grad():
+            h = B.run_block(blk, h, cap.kwargs(b))
+        torch.testing.assert_close(h, inside[b], rtol=1e-5, atol=1e-5)
+    if lay.is_vlm:
+        # Vision tokens are really in the sequence and the mask marks them.
+        assert int(sample["vision_mask"].sum()) > 1
+
+
+def test_true_sequential_groups_follow_the_data_flow(tiny_models, calib_jsonl):
+    model, proc = load_model(str(tiny_models("llama")))
+    blocks = find_layout(model).decoder_blocks(model)
+    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
+    cap = B.capture(model, blocks, model_inputs(sample))
+    groups = B.sequential_groups(blocks[0], (cap.hidden, cap.kwargs(0)), linear_names(blocks[0]))
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_vision_tower_groups(tiny_models, calib_jsonl):
+    model, proc = load_model(str(tiny_models("qwen2_vl")))
+    vblocks = find_layout(model).vision_block_list(model)
+    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
+    cap = B.capture(model, vblocks, model_inputs(sample))
+    groups = B.sequential_groups(vblocks[0], (cap.hidden, cap.kwargs(0)), linear_names(vblocks[0]))
+    assert groups == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
+
+
+def test_kwargs_round_trip_through_flat_tensors(tiny_models, calib_jsonl):
+    model, proc = load_model(str(tiny_models("qwen2_vl")))
+    blocks = find_layout(model).decoder_blocks(model)
+    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
+    cap = B.capture(model, blocks, model_inputs(sample))
+    flat = B.flatten_kwargs(cap.kwargs(0))
+    assert all(isinstance(v, torch.Tensor) for v in flat.values())
+    back = B.unflatten_kwargs(flat)
+    with torch.no_grad():
+        torch.testing.assert_close(B.run_block(blocks[0], cap.hidden, back), B.run_block(blocks[0], cap.hidden, cap.kwargs(0)), rtol=0, atol=0)
+
+
+class NoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def get_output_embeddings(self):
+        return self.proj
+
+
+def test_unsupported_model_names_the_class():
+    with pytest.raises(UnsupportedModel, match="NoBlocks"):
+        find_layout(NoBlocks())
+
+
+def test_load_model_rejects_a_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))

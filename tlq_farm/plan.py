@@ -1,0 +1,347 @@
+"""The job DAG and the reconciler: which tasks are ready and not yet committed.
+
+A job is a fixed set of tasks, each with input keys and output keys in the store:
+
+    embed(k)            calib samples of shard k + staged prefix -> kwargs(k), acts/q/block-000/shard-k
+    groups              acts of shard 0 + staged blocks -> the linears of every block and their
+                        true-sequential groups (the rest of the DAG is known once this is committed)
+    importance          (modality, tlq) one global forward + backward pass over every block and shard
+    weights(b, k)       token weights of block b on shard k
+    stats(b, g, k)      partial statistics of group g of block b over shard k
+    solve(b, g, m)      quantized weights of module m (group g of block b), from the stats of every shard
+    propagate(b, k)     quantized block b on shard k -> acts/q/block-(b+1)/shard-k (and the fp chain)
+    export              every qweight -> the checkpoint
+
+A task is committed when every output key has a commit marker. `reconcile` is pure: from the manifest, the
+committed keys and the groups it returns the tasks that are needed for the export, not committed, and
+whose inputs are all committed. Shards are fixed by token count (`shard_ranges`), never by the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .store import keys
+
+GLOBAL_IMPORTANCE = ("modality", "tlq")
+FP_CHAIN_IMPORTANCE = ("vlmq",)
+KINDS = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
+
+# Memory classes: budgets of 4^k MiB, from 1 MiB to 1 TiB. A worker listens on every class up to its own.
+MEMORY_CLASSES = tuple(4**k * 2**20 for k in range(11))
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+def shard_ranges(token_counts: list[int], shard_tokens: int) -> list[tuple[int, int]]:
+    """Split samples (in order) into shards of at most `shard_tokens` tokens -> [(start, end), ...].
+
+    A sample longer than shard_tokens gets a shard of its own; every shard holds at least one sample.
+    """
+    if shard_tokens < 1:
+        raise ValueError("shard_tokens must be positive")
+    if not token_counts:
+        raise ValueError("no calibration samples to shard: the calibration set is empty")
+    ranges: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, n in enumerate(token_counts):
+        if i > start and used + n > shard_tokens:
+            ranges.append((start, i))
+            start, used = i, 0
+        used += n
+    ranges.append((start, len(token_counts)))
+    return ranges
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True, order=True)
+class Task:
+    """One unit of work; fields that do not apply to a kind are None."""
+
+    kind: str
+    block: int | None = None
+    group: int | None = None
+    shard: int | None = None
+    module: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Deterministic name, unique within a job (also the store's task-log name)."""
+        parts = [self.kind]
+        if self.block is not None:
+            parts.append(f"b{self.block:03d}")
+        if self.group is not None:
+            parts.append(f"g{self.group:02d}")
+        if self.shard is not None:
+            parts.append(f"s{self.shard:04d}")
+        if self.module is not None:
+            parts.append(self.module)
+        return "-".join(parts)
+
+    def task_id(self, job: str) -> str:
+        """The id a queue sees: the same task of the same job always has the same id."""
+        return f"{job}.{self.name}"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Task":
+        if d.get("kind") not in KINDS:
+            raise ValueError(f"unknown task kind {d.get('kind')!r}: expected one of {', '.join(KINDS)}")
+        return cls(**d)
+
+
+def needs_fp_chain(manifest: dict) -> bool:
+    q = manifest["spec"]["quant"]
+    return q["method"] == "gptaq" or q["importance"] in FP_CHAIN_IMPORTANCE
+
+
+def needs_global_importance(manifest: dict) -> bool:
+    q = manifest["spec"]["quant"]
+    return q["method"] != "rtn" and q["importance"] in GLOBAL_IMPORTANCE
+
+
+def _chain_in(job: str, chain: str, block: int, shard: int, fp: bool) -> list[str]:
+    """Input activations of a block; block 0's fp chain is the q chain (nothing is quantized before it)."""
+    if chain == "fp" and (block == 0 or not fp):
+        return []
+    return [keys.acts(job, chain, block, shard)]
+
+
+def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
+    """Keys a task reads (all must be committed before it runs)."""
+    job, n_shards = manifest["job"], len(manifest["shards"])
+    fp = needs_fp_chain(manifest)
+    k, b = task.shard, task.block
+    staged = [keys.staged_file(job, "config.json")]
+    if task.kind == "embed":
+        start, end = manifest["shards"][k]
+        return staged + [keys.staged_embed(job)] + [keys.calib_sample(job, i) for i in range(start, end)]
+    if task.kind == "groups":
+        return staged + [keys.acts(job, "q", 0, 0), keys.block_kwargs(job, 0)] + [
+            keys.staged_block(job, i) for i in range(manifest["n_blocks"])]
+    if task.kind == "importance":
+        return staged + [keys.staged_head(job), keys.plan_groups(job)] + [
+            keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + [
+            x for s in range(n_shards) for x in (keys.acts(job, "q", 0, s), keys.block_kwargs(job, s))] + [
+            keys.calib_sample(job, i) for i in range(manifest["n_samples"])]
+    if task.kind == "weights":
+        start, end = manifest["shards"][k]
+        extra = [keys.importance_state(job)] if needs_global_importance(manifest) else []
+        return staged + extra + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
+                                 keys.acts(job, "q", b, k)] + _chain_in(job, "fp", b, k, fp) + [
+            keys.calib_sample(job, i) for i in range(start, end)]
+    if task.kind == "stats":
+        earlier = [keys.qweights(job, b, m) for g in range(task.group) for m in groups["blocks"][b]["groups"][g]]
+        gptaq = manifest["spec"]["quant"]["method"] == "gptaq"
+        return staged + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
+                         keys.token_weights(job, b, k), keys.acts(job, "q", b, k)] + (
+            _chain_in(job, "fp", b, k, fp) if gptaq else []) + earlier
+    if task.kind == "solve":
+        if manifest["spec"]["quant"]["method"] == "rtn":
+            return [keys.plan_groups(job), keys.staged_block(job, b)]
+        return [keys.plan_groups(job), keys.staged_block(job, b)] + [
+            keys.stats(job, b, task.group, s) for s in range(n_shards)]
+    if task.kind == "propagate":
+        return staged + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
+                         keys.acts(job, "q", b, k)] + _chain_in(job, "fp", b, k, fp) + [
+            keys.qweights(job, b, m) for m in groups["blocks"][b]["names"]]
+    if task.kind == "export":
+        return staged + [keys.staged_embed(job), keys.staged_head(job), keys.plan_groups(job)] + [
+            keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + [
+            keys.qweights(job, i, m) for i in range(manifest["n_blocks"]) for m in groups["blocks"][i]["names"]] + [
+            keys.staged_file(job, f) for f in manifest["files"]]
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def outputs(task: Task, manifest: dict) -> list[str]:
+    """Keys a task writes; its commit is the commit of all of them."""
+    job = manifest["job"]
+    k, b = task.shard, task.block
+    if task.kind == "embed":
+        return [keys.block_kwargs(job, k), keys.acts(job, "q", 0, k)]
+    if task.kind == "groups":
+        return [keys.plan_groups(job)]
+    if task.kind == "importance":
+        return [keys.importance_state(job)]
+    if task.kind == "weights":
+        return [keys.token_weights(job, b, k)]
+    if task.kind == "stats":
+        return [keys.stats(job, b, task.group, k)]
+    if task.kind == "solve":
+        return [keys.qweights(job, b, task.module)]
+    if task.kind == "propagate":
+        out = [keys.acts(job, "q", b + 1, k)]
+        return out + ([keys.acts(job, "fp", b + 1, k)] if needs_fp_chain(manifest) else [])
+    if task.kind == "export":
+        return [keys.export_index(job)]
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def all_tasks(manifest: dict, groups: dict | None) -> list[Task]:
+    """Every task of the job in a topological order; before `groups` is known, only embed and groups."""
+    n_shards, n_blocks = len(manifest["shards"]), manifest["n_blocks"]
+    tasks = [Task("embed", shard=k) for k in range(n_shards)] + [Task("groups")]
+    if groups is None:
+        return tasks
+    rtn = manifest["spec"]["quant"]["method"] == "rtn"
+    if needs_global_importance(manifest):
+        tasks.append(Task("importance"))
+    for b in range(n_blocks):
+        block_groups = groups["blocks"][b]["groups"]
+        if rtn:
+            tasks += [Task("solve", block=b, group=0, module=m) for m in groups["blocks"][b]["names"]]
+            continue
+        tasks += [Task("weights", block=b, shard=k) for k in range(n_shards)]
+        for g, members in enumerate(block_groups):
+            tasks += [Task("stats", block=b, group=g, shard=k) for k in range(n_shards)]
+            tasks += [Task("solve", block=b, group=g, module=m) for m in members]
+        if b < n_blocks - 1:
+            tasks += [Task("propagate", block=b, shard=k) for k in range(n_shards)]
+    tasks.append(Task("export"))
+    return tasks
+
+
+@dataclass
+class Reconciliation:
+    """What a job needs next: ready tasks (in plan order), whether the export is committed, and inputs that
+    are missing with no task to produce them (staged objects lost: the job must be staged again)."""
+
+    ready: list[Task]
+    done: bool
+    missing: list[str]
+    needed: int
+
+
+def reconcile(manifest: dict, committed: set[str], groups: dict | None = None) -> Reconciliation:
+    """The tasks that are needed for the export, not committed, and whose inputs are all committed. Pure."""
+    tasks = all_tasks(manifest, groups)
+    producer: dict[str, Task] = {}
+    for t in tasks:
+        for key in outputs(t, manifest):
+            producer[key] = t
+
+    def is_done(t: Task) -> bool:
+        return all(key in committed for key in outputs(t, manifest))
+
+    # Walk back from the export (or from the groups task while the plan is still partial): a task is needed
+    # when it is not committed and a needed task reads one of its outputs. Done work upstream is not redone.
+    final = tasks[-1] if groups is not None else None
+    if final is not None and is_done(final):
+        return Reconciliation([], True, [], 0)
+    roots = [final] if final is not None else [t for t in tasks if not is_done(t)]
+    needed: set[Task] = set()
+    missing: set[str] = set()
+    stack = [t for t in roots if not is_done(t)]
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        for key in inputs(t, manifest, groups):
+            if key in committed:
+                continue
+            p = producer.get(key)
+            if p is None:
+                missing.add(key)
+            elif p not in needed:
+                stack.append(p)
+    ready = [t for t in tasks if t in needed and all(k in committed for k in inputs(t, manifest, groups))]
+    return Reconciliation(ready, False, sorted(missing), len(needed))
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+def memory_class(nbytes: float) -> int:
+    """The smallest memory class (bytes) that holds `nbytes`; the largest class when nothing does."""
+    for c in MEMORY_CLASSES:
+        if nbytes <= c:
+            return c
+    return MEMORY_CLASSES[-1]
+
+
+def worker_class(capacity_bytes: float) -> int:
+    """The largest memory class a worker with `capacity_bytes` can serve (the smallest one at least)."""
+    fitting = [c for c in MEMORY_CLASSES if c <= capacity_bytes]
+    return fitting[-1] if fitting else MEMORY_CLASSES[0]
+
+
+def class_name(nbytes: int) -> str:
+    """'1m', '4m', ... '256g', '1t'."""
+    for unit, size in (("t", 2**40), ("g", 2**30), ("m", 2**20)):
+        if nbytes >= size:
+            return f"{nbytes // size}{unit}"
+    return f"{nbytes}b"
+
+
+def queue_name(cls: int) -> str:
+    return f"tlq.mem-{class_name(cls)}"
+
+
+def classes_up_to(cls: int) -> list[int]:
+    return [c for c in MEMORY_CLASSES if c <= cls]
+
+
+def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
+    """Peak bytes of tensors a task holds: block weights + Hessians + shard activations (rough, from above)."""
+    sizes = manifest["sizes"]
+    block = max(sizes["blocks"]) if sizes["blocks"] else 0
+    model = sizes["embed"] + sizes["head"] + sum(sizes["blocks"])
+    shard_acts = [n * sizes["hidden"] * 4 for n in manifest["shard_tokens"]]
+    acts = shard_acts[task.shard] if task.shard is not None else max(shard_acts)
+    all_acts = sum(shard_acts)
+
+    def hessians(names: list[str]) -> int:
+        per = 3 if manifest["spec"]["quant"]["method"] == "gptaq" else 1
+        cols = groups["blocks"][task.block]["in_features"] if groups else {}
+        return sum(per * 8 * cols.get(m, sizes["hidden"]) ** 2 for m in names)
+
+    if task.kind == "embed":
+        return int(model + manifest["shard_input_bytes"][task.shard] + 4 * acts)
+    if task.kind == "groups":
+        return int(2 * block + 4 * acts)
+    if task.kind == "importance":
+        # The fp chain of every block stays alive for the backward chain, plus an RTN proxy chain.
+        return int(model + 3 * manifest["n_blocks"] * all_acts)
+    if task.kind == "weights":
+        return int(3 * block + 12 * acts)
+    if task.kind == "stats":
+        members = groups["blocks"][task.block]["groups"][task.group] if groups else []
+        return int(2 * block + 4 * acts + 2 * hessians(members))
+    if task.kind == "solve":
+        out_in = groups["blocks"][task.block]["shapes"][task.module] if groups else [sizes["hidden"]] * 2
+        return int(4 * hessians([task.module]) + 16 * out_in[0] * out_in[1])
+    if task.kind == "propagate":
+        return int(2 * block + 6 * acts)
+    if task.kind == "export":
+        return int(3 * model)
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def eta_seconds(done: int, total: int, elapsed_s: float) -> float | None:
+    """Remaining time at the mean pace so far (None before anything is done)."""
+    if done <= 0 or total <= done:
+        return None if done <= 0 else 0.0
+    return elapsed_s * (total - done) / done
+
+
+def progress_summary(manifest: dict, committed: set[str], groups: dict | None) -> dict:
+    """Counts for `status`: tasks done / total per kind and the block the quantized chain has reached."""
+    tasks = all_tasks(manifest, groups)
+    per_kind: dict[str, list[int]] = {}
+    for t in tasks:
+        c = per_kind.setdefault(t.kind, [0, 0])
+        c[1] += 1
+        c[0] += all(k in committed for k in outputs(t, manifest))
+    job = manifest["job"]
+    reached = 0
+    for b in range(manifest["n_blocks"]):
+        if all(keys.acts(job, "q", b, k) in committed for k in range(len(manifest["shards"]))):
+            reached = b
+    qweights_done = sum(1 for t in tasks if t.kind == "solve" and keys.qweights(job, t.block, t.module) in committed)
+    return {"tasks": per_kind, "done": sum(c[0] for c in per_kind.values()),
+            "total": sum(c[1] for c in per_kind.values()), "plan_complete": groups is not None,
+            "block": reached, "blocks": manifest["n_blocks"], "shards": len(manifest["shards"]),
+            "modules_quantized": qweights_done}

@@ -1,0 +1,295 @@
+"""Staging a job: the checkpoint split per block, the encoded calibration samples and the manifest.
+
+The checkpoint is read tensor by tensor with safetensors.safe_open, so the whole model is never in memory.
+Checkpoint keys may be written in an older layout than the model's module names (transformers 5 saves
+Qwen2-VL as 'model.layers.*' while the module is 'model.language_model.layers.*'); `match_checkpoint_keys`
+pairs each module key with its checkpoint key. The manifest is committed last: a job exists once its
+manifest does, and everything it names is in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from . import plan
+from .spec import JobSpec, SpecError, fingerprint
+from .store import Store, keys
+from .store.tensors import get_json, put_json, put_tensors, tensors_to_bytes
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+class StagingError(ValueError):
+    """A model folder that cannot be staged; the message says what is missing and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------- model files
+
+def model_config(model_dir: str | Path):
+    import transformers
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json): pass a folder saved with save_pretrained")
+    return transformers.AutoConfig.from_pretrained(str(p))
+
+
+def model_class_for(config):
+    """The Auto class a config loads with (the same choice as tlq_farm.models.adapter.load_model)."""
+    import transformers
+
+    return transformers.AutoModelForImageTextToText if hasattr(config, "vision_config") else transformers.AutoModelForCausalLM
+
+
+def meta_model(config):
+    """The model's module tree on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        model = model_class_for(config).from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    p = Path(model_dir)
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise StagingError(f"{model_dir} holds no .safetensors weights: save the model with "
+                           "save_pretrained(..., safe_serialization=True)")
+    return files
+
+
+def side_files(model_dir: str | Path) -> list[str]:
+    """Top-level files that are not weights: config.json, tokenizer, processor, chat template..."""
+    return sorted(f.name for f in Path(model_dir).iterdir()
+                  if f.is_file() and not f.name.startswith(".") and not f.name.endswith(WEIGHT_SUFFIXES)
+                  and not f.name.endswith(".index.json"))
+
+
+def checkpoint_key_map(files: list[Path]) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            for k in handle.keys():
+                where[k] = f
+    return where
+
+
+def key_candidates(module_key: str) -> list[str]:
+    """Checkpoint spellings a module key may have: itself, then with one dotted segment removed."""
+    parts = module_key.split(".")
+    out = [module_key]
+    out += [".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)]
+    return out
+
+
+def match_checkpoint_keys(module_keys: list[str], checkpoint_keys: set[str],
+                          tied: dict[str, str] | None = None) -> dict[str, str]:
+    """module key -> checkpoint key; tied[module key] names the module key whose tensor it shares."""
+    tied = tied or {}
+    found: dict[str, str] = {}
+    for k in module_keys:
+        if k in tied:
+            continue
+        hits = [c for c in key_candidates(k) if c in checkpoint_keys]
+        if not hits:
+            raise StagingError(f"the checkpoint has no tensor for {k!r} (tried {key_candidates(k)[:3]}...): "
+                               "the checkpoint layout is not one tlq-farm can split; re-save it with "
+                               "save_pretrained from the installed transformers")
+        found[k] = hits[0]
+    for k, source in tied.items():
+        found[k] = found[source] if source in found else source
+    return found
+
+
+def tied_keys(model) -> dict[str, str]:
+    """Output-head weight -> input-embedding weight when the two are tied (one tensor in the checkpoint)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
+
+
+def split_keys(module_keys: list[str], layout, n_blocks: int) -> dict[str, list[str]]:
+    """Module keys per piece: 'embed', 'head' (final norm + lm_head) and 'block-<b>'."""
+    pieces: dict[str, list[str]] = {"embed": [], "head": []}
+    pieces.update({f"block-{b}": [] for b in range(n_blocks)})
+    head_prefixes = [p + "." for p in (layout.head, layout.norm) if p]
+    for k in module_keys:
+        if k.startswith(layout.blocks + "."):
+            b = int(k[len(layout.blocks) + 1:].split(".", 1)[0])
+            pieces[f"block-{b}"].append(k)
+        elif any(k.startswith(p) for p in head_prefixes):
+            pieces["head"].append(k)
+        else:
+            pieces["embed"].append(k)
+    return pieces
+
+
+def file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- staging
+
+def encode_calibration(spec: JobSpec):
+    """(calibration set, processor) exactly as the in-memory run loads them."""
+    import transformers
+
+    from .calib.data import load_calibration
+
+    config = model_config(spec.model)
+    processor = (transformers.AutoProcessor if hasattr(config, "vision_config") else transformers.AutoTokenizer
+                 ).from_pretrained(spec.model)
+    return load_calibration(spec.calib, processor, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
+
+
+def sample_tensors(sample: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sample.items() if isinstance(v, torch.Tensor)}
+
+
+def job_id_for(spec: JobSpec, model_dir: Path, samples: list[dict]) -> tuple[str, str, str]:
+    """(job id, model digest, data digest): the spec fingerprint over the model and data bytes."""
+    files = [model_dir / n for n in side_files(model_dir)] + checkpoint_files(model_dir)
+    model_digest = file_digest(files)
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(hashlib.sha256(tensors_to_bytes(sample_tensors(s))).digest())
+    data_digest = h.hexdigest()
+    return fingerprint(spec, model_digest, data_digest), model_digest, data_digest
+
+
+def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None) -> tuple[str, bool]:
+    """Stage `spec` into `store` -> (job id, attached). An already staged job (same model, data and spec)
+    is attached to, not staged again."""
+    from .models.adapter import find_layout
+    from .pipeline import check_grid_fits
+
+    spec.validate()
+    if spec.quant.quantize_vision:
+        raise SpecError("--quantize-vision is not available on the farm yet: run it in memory with "
+                        "`tlq-farm run --in-memory`")
+    model_dir = Path(spec.model)
+    config = model_config(model_dir)
+    calib = encode_calibration(spec)
+    job, model_digest, data_digest = job_id_for(spec, model_dir, calib.samples)
+    if store.is_committed(keys.manifest(job)):
+        return job, True
+
+    meta = meta_model(config)
+    layout = find_layout(meta)
+    check_grid_fits(meta, layout, spec)
+    n_blocks = len(layout.decoder_blocks(meta))
+    log(f"staging job {job}: {n_blocks} blocks, {len(calib.samples)} samples -> {store.url}")
+
+    files = side_files(model_dir)
+    for name in files:
+        store.put_file(keys.staged_file(job, name), model_dir / name)
+
+    where = checkpoint_key_map(checkpoint_files(model_dir))
+    module_keys = list(meta.state_dict().keys())
+    mapping = match_checkpoint_keys(module_keys, set(where), tied_keys(meta))
+    pieces = split_keys(module_keys, layout, n_blocks)
+    sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks}
+    for piece, names in pieces.items():
+        tensors = read_tensors(where, mapping, names)
+        strip = ""
+        if piece.startswith("block-"):
+            b = int(piece.split("-")[1])
+            strip = f"{layout.blocks}.{b}."
+            key = keys.staged_block(job, b)
+        else:
+            key = keys.staged_embed(job) if piece == "embed" else keys.staged_head(job)
+        named = {k[len(strip):]: v for k, v in tensors.items()}
+        put_tensors(store, key, named)
+        nbytes = sum(v.numel() * v.element_size() for v in named.values())
+        if piece.startswith("block-"):
+            sizes["blocks"][int(piece.split("-")[1])] = nbytes
+        else:
+            sizes[piece] = nbytes
+        del tensors, named
+
+    token_counts = [int(s["attention_mask"].sum()) for s in calib.samples]
+    for i, s in enumerate(calib.samples):
+        put_tensors(store, keys.calib_sample(job, i), sample_tensors(s))
+    shards = plan.shard_ranges(token_counts, spec.shard_tokens)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes["hidden"] = int(text.hidden_size)
+    vision_tokens = int(sum(int(s["vision_mask"].sum()) for s in calib.samples if "vision_mask" in s))
+    manifest = {
+        "job": job,
+        "spec": spec.to_dict(),
+        "model_digest": model_digest,
+        "data_digest": data_digest,
+        "n_blocks": n_blocks,
+        "n_samples": len(calib.samples),
+        "shards": [list(r) for r in shards],
+        "shard_tokens": [sum(token_counts[a:b]) for a, b in shards],
+        "shard_input_bytes": [sum(sum(v.numel() * v.element_size() for v in sample_tensors(s).values())
+                                  for s in calib.samples[a:b]) for a, b in shards],
+        "sizes": sizes,
+        "files": files,
+        "layout": {"blocks": layout.blocks, "norm": layout.norm, "head": layout.head,
+                   "vision_blocks": layout.vision_blocks, "model_class": layout.model_class},
+        "calibration": {"samples": len(calib.samples), "tokens": calib.tokens, "vision_tokens": vision_tokens,
+                        "text_tokens": calib.tokens - vision_tokens, "skipped": calib.skipped},
+    }
+    put_json(store, keys.manifest(job), manifest)
+    return job, False
+
+
+def read_tensors(where: dict[str, Path], mapping: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of module keys `names`, each read on its own from its checkpoint file."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(where[mapping[n]], []).append(n)
+    out = {}
+    for f, ns in sorted(by_file.items()):
+        with safe_open(str(f), "pt") as handle:
+            for n in ns:
+                t = handle.get_tensor(mapping[n])
+                # The in-memory run loads in float32; staging converts the same way.
+                out[n] = t.to(torch.float32) if t.is_floating_point() else t
+    return out
+
+
+def load_manifest(store: Store, job: str) -> dict:
+    from .store import NotCommitted
+
+    try:
+        return get_json(store, keys.manifest(job))
+    except NotCommitted:
+        raise StagingError(f"job {job} has no manifest in {store.url}: it was never staged there (check "
+                           "--store / TLQ_STORE_URL, or list jobs with `tlq-farm jobs`)") from None
+
+
+def list_jobs(store: Store) -> list[str]:
+    """Job ids with a committed manifest."""
+    prefix = keys.jobs_prefix()
+    return sorted({k[len(prefix):].split("/", 1)[0] for k in store.list_committed(prefix)
+                   if k.endswith("/manifest.json")})
+
+
+def describe(manifest: dict) -> str:
+    s = manifest["spec"]
+    q = s["quant"]
+    return (f"{Path(s['model']).name} w{q['bits']} g{q['group_size']} {q['method']}/{q['importance']}, "
+            f"{manifest['n_blocks']} blocks, {len(manifest['shards'])} shards")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,546 @@
+"""The farm's task bodies: each reads its inputs from the store, calls tlq_farm.block, writes its outputs.
+
+Protocol of every task (`execute`): cancelled job -> nothing; outputs committed -> skip; compute; write the
+outputs (checksummed, committed by the store); write a task-log record. The caller then advances the job.
+`run_embedded` runs the same tasks through the same reconciler in this process.
+
+Fault injection for tests (environment): TLQ_FAULT_SLEEP="kind:seconds[,kind:seconds]" sleeps before a
+kind computes ('*' for every kind); TLQ_FAULT_CRASH="<task name>" exits the process (as a kill would)
+when that task starts computing, once per TLQ_FAULT_CRASH_FLAG file (the flag is created on the crash).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from . import block as B
+from . import plan
+from .models.adapter import Layout, linear_names
+from .plan import Task
+from .quant import QuantResult, reduce_partials
+from .spec import JobSpec
+from .store import CorruptObject, NotCommitted, Store, keys
+from .store.tensors import get_json, get_tensors, get_tensors_metadata, put_json, put_tensors
+
+SEP = "|"
+
+
+class InputMissing(Exception):
+    """An input of a task is not committed (or was found corrupt and deleted): its producer runs again."""
+
+
+# ----------------------------------------------------------------------------------------------- serialization
+
+def captured_to_tensors(index: int, c: B.Captured) -> dict[str, torch.Tensor]:
+    out = {f"s{index:06d}{SEP}index": torch.tensor(c.kw_index, dtype=torch.int64)}
+    for j, kw in enumerate(c.kwargs_sets):
+        for name, t in B.flatten_kwargs(kw).items():
+            out[f"s{index:06d}{SEP}{j}{SEP}{name}"] = t
+    return out
+
+
+def kwargs_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[list[dict], list[int]]]:
+    """sample index -> (kwargs sets, kw_index) from a stored kwargs object."""
+    flat: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    index: dict[int, list[int]] = {}
+    for name, t in tensors.items():
+        parts = name.split(SEP, 2)
+        i = int(parts[0][1:])
+        if parts[1] == "index":
+            index[i] = [int(x) for x in t.tolist()]
+        else:
+            flat.setdefault(i, {}).setdefault(int(parts[1]), {})[parts[2]] = t
+    return {i: ([B.unflatten_kwargs(flat.get(i, {})[j]) for j in sorted(flat.get(i, {}))], index[i]) for i in index}
+
+
+def per_sample_to_tensors(prefix: str, values) -> dict[str, torch.Tensor]:
+    """A list of per-sample tensors (or a dict name -> list) as 'name|i' tensors; '*' names a plain list."""
+    if isinstance(values, dict):
+        return {f"{n}{SEP}{i}": t for n, ts in values.items() for i, t in enumerate(ts)}
+    return {f"{prefix}{SEP}{i}": t for i, t in enumerate(values)}
+
+
+def per_sample_from_tensors(tensors: dict[str, torch.Tensor]):
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        n, _, i = name.rpartition(SEP)
+        groups.setdefault(n, {})[int(i)] = t
+    lists = {n: [d[i] for i in sorted(d)] for n, d in groups.items()}
+    return lists["*"] if set(lists) == {"*"} else lists
+
+
+def qresult_to_tensors(res: QuantResult) -> dict[str, torch.Tensor]:
+    out = {"weight": res.weight, "codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx}
+    if res.perm is not None:
+        out["perm"] = res.perm
+    return out
+
+
+def qresult_from_store(store: Store, key: str) -> tuple[QuantResult, dict]:
+    import json
+
+    t = get_tensors(store, key)
+    meta = json.loads(get_tensors_metadata(store, key)["tlq"])
+    res = QuantResult(weight=t["weight"], codes=t["codes"], scale=t["scale"], zero=t["zero"], g_idx=t["g_idx"],
+                      loss=meta["loss"], bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
+                      perm=t.get("perm"), damp_used=meta["damp_used"])
+    return res, meta
+
+
+# ----------------------------------------------------------------------------------------------- model pieces
+
+class JobContext:
+    """What every task of one job shares: manifest, spec, config and the meta-device module tree."""
+
+    def __init__(self, store: Store, job: str, device: str = "cpu"):
+        self.store, self.job, self.device = store, job, device
+        self.manifest = get_json(store, keys.manifest(job))
+        self.spec = JobSpec.from_dict(self.manifest["spec"])
+        self.layout = Layout(**self.manifest["layout"])
+        self._files_dir = tempfile.TemporaryDirectory(prefix=f"tlq-{job}-")
+        self.files_dir = Path(self._files_dir.name)
+        self._config = None
+        self._meta = None
+        self._groups = None
+
+    def staged_files(self) -> Path:
+        """A folder holding the model's side files (config, tokenizer, processor), fetched once."""
+        for name in self.manifest["files"]:
+            if not (self.files_dir / name).exists():
+                self.store.get_file(keys.staged_file(self.job, name), self.files_dir / name)
+        return self.files_dir
+
+    @property
+    def config(self):
+        if self._config is None:
+            from .staging import model_config
+
+            self.store.get_file(keys.staged_file(self.job, "config.json"), self.files_dir / "config.json")
+            self._config = model_config(self.files_dir)
+        return self._config
+
+    @property
+    def meta(self):
+        if self._meta is None:
+            from .staging import meta_model
+
+            self._meta = meta_model(self.config)
+        return self._meta
+
+    @property
+    def groups(self) -> dict:
+        if self._groups is None:
+            self._groups = get_json(self.store, keys.plan_groups(self.job))
+        return self._groups
+
+    def names(self, b: int) -> list[str]:
+        return self.groups["blocks"][b]["names"]
+
+    def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
+        """A copy of the meta module at `path`, materialized and filled from the staged object `key`."""
+        module = copy.deepcopy(self.meta.get_submodule(path)).to_empty(device=self.device)
+        state = get_tensors(self.store, key)
+        if strip:
+            state = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+        persistent = set(module.state_dict())
+        buffers = {n for n, _ in module.named_buffers()}
+        if buffers - persistent:
+            raise RuntimeError(f"{path} holds buffers that no checkpoint stores ({sorted(buffers - persistent)[:3]}): "
+                               "it cannot be rebuilt from its staged weights")
+        module.load_state_dict(state, strict=True)
+        return module.eval().requires_grad_(False)
+
+    def block(self, b: int, qweights: list[str] = ()) -> torch.nn.Module:
+        """Decoder block b from its staged weights, with the named modules' quantized weights applied."""
+        blk = self.module_from_meta(f"{self.layout.blocks}.{b}", keys.staged_block(self.job, b))
+        for m in qweights:
+            res, _ = qresult_from_store(self.store, keys.qweights(self.job, b, m))
+            B.apply_qweight(blk, m, res)
+        return blk
+
+    def full_model(self) -> torch.nn.Module:
+        """The whole float model (export, embed): built from the config, filled with every staged piece."""
+        from .staging import model_class_for
+
+        torch.manual_seed(self.spec.seed)
+        model = model_class_for(self.config).from_config(self.config, dtype=torch.float32, attn_implementation="sdpa")
+        model.eval().requires_grad_(False).to(self.device)
+        return model
+
+    def load_pieces(self, model, blocks: bool) -> None:
+        state = dict(get_tensors(self.store, keys.staged_embed(self.job)))
+        state.update(get_tensors(self.store, keys.staged_head(self.job)))
+        if blocks:
+            for b in range(self.manifest["n_blocks"]):
+                state.update({f"{self.layout.blocks}.{b}.{k}": v
+                              for k, v in get_tensors(self.store, keys.staged_block(self.job, b)).items()})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or (blocks and missing):
+            raise RuntimeError(f"staged weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def samples(self, start: int, end: int) -> list[dict]:
+        return [get_tensors(self.store, keys.calib_sample(self.job, i)) for i in range(start, end)]
+
+    def captured(self, chain: str, b: int, k: int) -> list[B.Captured]:
+        """Samples of shard k at the entry of block b on a chain (block 0's fp chain is the q chain)."""
+        start, end = self.manifest["shards"][k]
+        kw = kwargs_from_tensors(get_tensors(self.store, keys.block_kwargs(self.job, k)))
+        use_chain = "q" if (chain == "fp" and b == 0) else chain
+        acts = get_tensors(self.store, keys.acts(self.job, use_chain, b, k))
+        return [B.Captured(acts[f"s{i:06d}"].to(self.device), *kw[i]) for i in range(start, end)]
+
+    def sample_masks(self, samples: list[dict]):
+        valid = [s["attention_mask"].reshape(-1).float() for s in samples]
+        vision = [s["vision_mask"].reshape(-1).bool() if "vision_mask" in s else torch.zeros_like(v, dtype=torch.bool)
+                  for s, v in zip(samples, valid)]
+        return valid, vision, [s["labels"] for s in samples]
+
+
+def _inputs(captured: list[B.Captured], b: int) -> list[B.SampleInput]:
+    return [(c.hidden, c.kwargs(b)) for c in captured]
+
+
+def _acts_tensors(start: int, hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"s{start + i:06d}": h for i, h in enumerate(hidden)}
+
+
+# ----------------------------------------------------------------------------------------------- task bodies
+
+@torch.no_grad()
+def do_embed(ctx: JobContext, task: Task) -> None:
+    from .calib.data import model_inputs
+
+    start, end = ctx.manifest["shards"][task.shard]
+    model = ctx.full_model()
+    ctx.load_pieces(model, blocks=False)
+    blocks = ctx.layout.decoder_blocks(model)
+    kwargs, hidden = {}, []
+    for i, s in enumerate(ctx.samples(start, end)):
+        c = B.capture(model, blocks, model_inputs({k: v.to(ctx.device) for k, v in s.items()}))
+        kwargs.update(captured_to_tensors(start + i, c))
+        hidden.append(c.hidden)
+    put_tensors(ctx.store, keys.block_kwargs(ctx.job, task.shard), kwargs)
+    put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, hidden))
+
+
+@torch.no_grad()
+def do_groups(ctx: JobContext, task: Task) -> None:
+    sample = ctx.captured("q", 0, 0)[0]
+    blocks = []
+    for b in range(ctx.manifest["n_blocks"]):
+        blk = ctx.block(b)
+        names = linear_names(blk)
+        groups = (B.sequential_groups(blk, (sample.hidden, sample.kwargs(b)), names)
+                  if ctx.spec.quant.true_sequential and ctx.spec.quant.method != "rtn" else [names])
+        mods = {n: blk.get_submodule(n) for n in names}
+        blocks.append({"names": names, "groups": groups,
+                       "in_features": {n: int(m.in_features) for n, m in mods.items()},
+                       "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}})
+    put_json(ctx.store, keys.plan_groups(ctx.job), {"blocks": blocks})
+
+
+def _importance_context(ctx: JobContext, captured, samples, blocks, state=None):
+    from .importance import ImportanceContext
+
+    valid, vision, labels = ctx.sample_masks(samples)
+    norm = ctx.module_from_meta(ctx.layout.norm, keys.staged_head(ctx.job), ctx.layout.norm + ".") if ctx.layout.norm else None
+    head = ctx.module_from_meta(ctx.layout.head, keys.staged_head(ctx.job), ctx.layout.head + ".") if blocks is not None else None
+    return ImportanceContext(spec=ctx.spec.quant, blocks=blocks, norm=norm if blocks is not None else None, head=head,
+                             captured=captured, valid=valid, vision=vision, labels=labels,
+                             names=[ctx.names(b) for b in range(ctx.manifest["n_blocks"])], state=state or {})
+
+
+def do_importance(ctx: JobContext, task: Task) -> None:
+    """The global pass of modality / tlq over every shard at once, in one task (their statistics are global)."""
+    from .importance import get_strategy
+
+    captured = [c for k in range(len(ctx.manifest["shards"])) for c in ctx.captured("q", 0, k)]
+    samples = ctx.samples(0, ctx.manifest["n_samples"])
+    blocks = torch.nn.ModuleList([ctx.block(b) for b in range(ctx.manifest["n_blocks"])])
+    ictx = _importance_context(ctx, captured, samples, blocks)
+    get_strategy(ctx.spec.quant.importance).prepare(ictx)
+    out = {}
+    for name, v in ictx.state.items():
+        if isinstance(v, torch.Tensor):
+            out[name] = v
+        else:
+            out.update({f"{name}{SEP}{i}": t for i, t in enumerate(v)})
+    put_tensors(ctx.store, keys.importance_state(ctx.job), out)
+
+
+def shard_state(tensors: dict[str, torch.Tensor], start: int, end: int) -> dict:
+    """The importance state restricted to samples [start, end): per-sample lists are sliced, re-indexed."""
+    state: dict = {}
+    lists: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if SEP in name:
+            n, _, i = name.rpartition(SEP)
+            lists.setdefault(n, {})[int(i)] = t
+        else:
+            state[name] = t
+    for n, d in lists.items():
+        state[n] = [d[i] for i in range(start, end)]
+    return state
+
+
+def do_weights(ctx: JobContext, task: Task) -> None:
+    from .importance import get_strategy
+
+    b, k = task.block, task.shard
+    start, end = ctx.manifest["shards"][k]
+    q_cap = ctx.captured("q", b, k)
+    fp_cap = ctx.captured("fp", b, k) if plan.needs_fp_chain(ctx.manifest) else None
+    state = shard_state(get_tensors(ctx.store, keys.importance_state(ctx.job)), start, end) \
+        if plan.needs_global_importance(ctx.manifest) else {}
+    ictx = _importance_context(ctx, q_cap, ctx.samples(start, end), None, state)
+    blk = ctx.block(b)
+    weights = get_strategy(ctx.spec.quant.importance).block_weights(
+        ictx, b, blk, ctx.names(b), _inputs(q_cap, b), _inputs(fp_cap, b) if fp_cap else None)
+    put_tensors(ctx.store, keys.token_weights(ctx.job, b, k), per_sample_to_tensors("*", weights))
+
+
+def do_stats(ctx: JobContext, task: Task) -> None:
+    q = ctx.spec.quant
+    b, g, k = task.block, task.group, task.shard
+    groups = ctx.groups["blocks"][b]["groups"]
+    blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]])
+    q_cap = ctx.captured("q", b, k)
+    weights = per_sample_from_tensors(get_tensors(ctx.store, keys.token_weights(ctx.job, b, k)))
+    gptaq = q.method == "gptaq"
+    fp_block = ctx.block(b) if gptaq else None
+    fp_inputs = _inputs(ctx.captured("fp", b, k), b) if gptaq else None
+    stats = B.accumulate_stats(blk, _inputs(q_cap, b), weights, groups[g], act_bits=q.act_bits,
+                               act_names=ctx.names(b), fp_block=fp_block, fp_inputs=fp_inputs, need_fp_gram=gptaq)
+    put_tensors(ctx.store, keys.stats(ctx.job, b, g, k),
+                {f"{m}{SEP}{name}": t for m, s in stats.items() for name, t in s.items()})
+
+
+def shard_stats(tensors: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    prefix = module + SEP
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def do_solve(ctx: JobContext, task: Task) -> None:
+    import json
+
+    q = ctx.spec.quant
+    b, g, m = task.block, task.group, task.module
+    weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b))[f"{m}.weight"].float()
+    stats = None
+    if q.method != "rtn":
+        # Shard order, float64: the same sum for any number of workers.
+        stats = reduce_partials([shard_stats(get_tensors(ctx.store, keys.stats(ctx.job, b, g, s)), m)
+                                 for s in range(len(ctx.manifest["shards"]))])
+    res = B.solve(weight, stats, q)
+    meta = {"loss": float(res.loss), "bits": res.bits, "group_size": res.group_size, "sym": res.sym,
+            "damp_used": float(res.damp_used), "group": g}
+    if stats is not None:
+        meta.update(tokens=int(stats["tokens"]), weight_sum=float(stats["w_sum"]))
+    put_tensors(ctx.store, keys.qweights(ctx.job, b, m), qresult_to_tensors(res),
+                metadata={"tlq": json.dumps(meta, sort_keys=True)})
+
+
+@torch.no_grad()
+def do_propagate(ctx: JobContext, task: Task) -> None:
+    q = ctx.spec.quant
+    b, k = task.block, task.shard
+    start, _ = ctx.manifest["shards"][k]
+    names = ctx.names(b)
+    blk = ctx.block(b, names)
+    q_out = B.propagate(blk, _inputs(ctx.captured("q", b, k), b), act_bits=q.act_bits, act_names=names)
+    put_tensors(ctx.store, keys.acts(ctx.job, "q", b + 1, k), _acts_tensors(start, q_out))
+    if plan.needs_fp_chain(ctx.manifest):
+        fp_out = B.propagate(ctx.block(b), _inputs(ctx.captured("fp", b, k), b))
+        put_tensors(ctx.store, keys.acts(ctx.job, "fp", b + 1, k), _acts_tensors(start, fp_out))
+
+
+def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[str, QuantResult]) -> dict:
+    """tlq_report.json of a farm job: what was computed (no timings, so the bytes are reproducible)."""
+    modules = {}
+    for name in sorted(results_meta):
+        meta = results_meta[name]
+        b = int(name[len(ctx.layout.blocks) + 1:].split(".", 1)[0])
+        entry = {"loss": meta["loss"], "group": meta["group"], "block": b}
+        if "tokens" in meta:
+            entry.update(tokens=meta["tokens"], weight_sum=meta["weight_sum"], damp=meta["damp_used"])
+        modules[name] = entry
+    per_block: dict[int, float] = {}
+    for e in modules.values():
+        per_block[e["block"]] = per_block.get(e["block"], 0.0) + e["loss"]
+    rep = {
+        "spec": ctx.manifest["spec"],
+        "model_class": ctx.layout.model_class,
+        "layout": {k: v for k, v in ctx.manifest["layout"].items() if k != "model_class"},
+        "calibration": ctx.manifest["calibration"],
+        "shards": ctx.manifest["shards"],
+        "modules": modules,
+        "blocks": {ctx.layout.blocks: [{"index": b, "loss": per_block[b]} for b in sorted(per_block)]},
+        "totals": {"modules": len(results), "loss": sum(e["loss"] for e in modules.values()),
+                   "quantized_params": int(sum(r.codes.numel() for r in results.values()))},
+    }
+    if plan.needs_global_importance(ctx.manifest):
+        state = get_tensors(ctx.store, keys.importance_state(ctx.job))
+        imp = {}
+        if "modality_ratio" in state:
+            imp["modality_ratio"] = [float(x) for x in state["modality_ratio"]]
+            imp["modality_ratio_raw"] = [float(x) for x in state.get("modality_ratio_raw", state["modality_ratio"])]
+        kept = [t for n, t in sorted(state.items()) if n.startswith("tlq_kept" + SEP)]
+        if kept:
+            imp["tlq_kept_tokens"] = int(sum(int(t.sum()) for t in kept))
+        rep["importance"] = imp
+    return rep
+
+
+def do_export(ctx: JobContext, task: Task) -> None:
+    from .quant.export import export_checkpoint
+    from .store.tensors import json_to_bytes
+
+    model = ctx.full_model()
+    ctx.load_pieces(model, blocks=True)
+    results, metas = {}, {}
+    for b in range(ctx.manifest["n_blocks"]):
+        for m in ctx.names(b):
+            res, meta = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m))
+            results[f"{ctx.layout.blocks}.{b}.{m}"] = res
+            metas[f"{ctx.layout.blocks}.{b}.{m}"] = meta
+    source = ctx.staged_files()
+    with tempfile.TemporaryDirectory(prefix="tlq-export-") as tmp:
+        out = Path(tmp) / "export"
+        export_checkpoint(model, source, out, results, act_bits=ctx.spec.quant.act_bits, fmt=ctx.spec.fmt,
+                          extra_config={"spec": ctx.spec.to_dict()})
+        (out / "tlq_report.json").write_bytes(json_to_bytes(farm_report(ctx, metas, results)))
+        index = {}
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            name = path.relative_to(out).as_posix()
+            index[name] = ctx.store.put_file(keys.export_file(ctx.job, name), path)
+    put_json(ctx.store, keys.export_index(ctx.job), {"files": index})
+
+
+BODIES = {"embed": do_embed, "groups": do_groups, "importance": do_importance, "weights": do_weights,
+          "stats": do_stats, "solve": do_solve, "propagate": do_propagate, "export": do_export}
+
+
+# ----------------------------------------------------------------------------------------------- protocol
+
+def is_cancelled(store: Store, job: str) -> bool:
+    return store.exists_raw(keys.cancel_flag(job))
+
+
+def _fault_sleep(kind: str) -> None:
+    spec = os.environ.get("TLQ_FAULT_SLEEP", "")
+    for part in filter(None, spec.split(",")):
+        k, _, s = part.partition(":")
+        if k in (kind, "*"):
+            time.sleep(float(s))
+
+
+def _fault_crash(name: str) -> None:
+    target = os.environ.get("TLQ_FAULT_CRASH")
+    if target and target == name:
+        flag = os.environ.get("TLQ_FAULT_CRASH_FLAG")
+        if flag and Path(flag).exists():
+            return
+        if flag:
+            Path(flag).write_text(name)
+        os._exit(137)
+
+
+_CONTEXTS: dict[tuple[int, str, str], JobContext] = {}
+
+
+def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
+    """A cached JobContext per (store, job, device); the groups are re-read once committed."""
+    key = (id(store), job, device)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        if len(_CONTEXTS) > 8:
+            _CONTEXTS.clear()
+        ctx = _CONTEXTS[key] = JobContext(store, job, device)
+    return ctx
+
+
+def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: dict | None = None) -> str:
+    """Run one task under the protocol -> 'cancelled', 'skipped', 'computed' or 'input-missing'."""
+    if is_cancelled(store, job):
+        return "cancelled"
+    ctx = job_context(store, job, device)
+    outs = plan.outputs(task, ctx.manifest)
+    if all(store.is_committed(k) for k in outs):
+        return "skipped"
+    started = time.time()
+    torch.manual_seed(ctx.spec.seed)
+    _fault_sleep(task.kind)
+    _fault_crash(task.name)
+    try:
+        BODIES[task.kind](ctx, task)
+    except (NotCommitted, CorruptObject):
+        # An input vanished or was found corrupt (and deleted): the reconciler reschedules its producer.
+        return "input-missing"
+    record = {"task": task.name, "attempt": uuid.uuid4().hex, "started": started, "finished": time.time(),
+              "seconds": time.time() - started, "host": socket.gethostname(), "pid": os.getpid(),
+              "estimate_bytes": plan.estimate_memory(task, ctx.manifest, ctx.groups if task.kind != "embed"
+                                                     and task.kind != "groups" else None)}
+    record.update(worker or {})
+    put_json(store, keys.task_log(job, f"{task.name}--{record['attempt']}"), record)
+    return "computed"
+
+
+# ----------------------------------------------------------------------------------------------- job state
+
+def committed_keys(store: Store, job: str) -> set[str]:
+    return set(store.list_committed(keys.job_prefix(job)))
+
+
+def job_groups(store: Store, job: str, committed: set[str]) -> dict | None:
+    key = keys.plan_groups(job)
+    if key not in committed:
+        return None
+    try:
+        return get_json(store, key)
+    except (NotCommitted, CorruptObject):
+        return None
+
+
+def reconcile_job(store: Store, job: str) -> tuple[dict, set[str], dict | None, plan.Reconciliation]:
+    """(manifest, committed keys, groups, reconciliation) of a job as the store has it now."""
+    manifest = get_json(store, keys.manifest(job))
+    committed = committed_keys(store, job)
+    groups = job_groups(store, job, committed)
+    return manifest, committed, groups, plan.reconcile(manifest, committed, groups)
+
+
+class JobStuck(RuntimeError):
+    """Nothing is ready and the export is not committed: staged inputs are missing."""
+
+
+def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: None, max_tasks: int | None = None,
+                 worker: dict | None = None) -> bool:
+    """Run a job's tasks in this process through the reconciler until the export is committed.
+
+    Returns True when the job is done (False when max_tasks computed tasks were run first, or cancelled)."""
+    computed = 0
+    while True:
+        if is_cancelled(store, job):
+            return False
+        _, _, _, rec = reconcile_job(store, job)
+        if rec.done:
+            return True
+        if not rec.ready:
+            raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
+                           f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
+        for task in rec.ready:
+            if max_tasks is not None and computed >= max_tasks:
+                return False
+            status = execute(store, job, task, device=device, worker=worker or {"worker": "embedded"})
+            computed += status == "computed"
+            log(f"{task.name}: {status}")
+            if status == "input-missing":
+                break  # an input was found corrupt and deleted: reconcile again so its producer reruns
