@@ -114,7 +114,7 @@ is_git_url() { [[ $1 =~ ^(https?|ssh|git|file):// || $1 =~ ^git\+ || $1 =~ ^[A-Z
 
 declare -A SETTINGS=()
 
-# Read KEY=VALUE lines of an env file into SETTINGS (comments, blank lines and unknown keys skipped).
+# Read KEY=VALUE lines of an env file into SETTINGS (comments and blank lines skipped, other keys kept).
 read_env_file() {
   local file=$1 line key value
   [[ -r $file ]] || die "cannot read env file '$file'"

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from tlq_farm.calib.encode import encode_example
 from tlq_farm.demo import DEMO_CALIB_JSONL, DEMO_MODEL_DIR, scenes
 from tlq_farm.demo.build import build_processor
-from tlq_farm.demo.train import CALIB_SEED, HELD_OUT_SEED, encode_scenes
+from tlq_farm.demo.train import CALIB_SEED, HELD_OUT_SEED, draw_training_chats, encode_conversations
 from tlq_farm.evaluate import evaluate
 
 torch.set_num_threads(1)
@@ -44,15 +44,89 @@ def test_every_question_kind_uses_only_vocabulary_words(kind):
         scenes.make_sample(rng, "weather")
 
 
-def test_fast_training_encoding_equals_encode_example():
+def test_training_encoding_of_one_question_equals_encode_example():
     processor = build_processor()
     samples = scenes.generate(6, seed=3)
-    fast = encode_scenes(processor, samples, {})
+    fast = encode_conversations(processor, [(image, [(prompt, answer)]) for image, prompt, answer in samples])
     for encoded, (image, prompt, answer) in zip(fast, samples):
         expected = encode_example(processor, [image], prompt, answer)
         assert encoded.keys() == expected.keys()
         for key in expected:
             assert torch.equal(encoded[key], expected[key]), key
+
+
+def test_training_chats_label_every_answer():
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    chats = draw_training_chats(random.Random(0), 6, max_turns=4)
+    assert any(len(questions) > 1 for _, questions in chats)
+    # The first turn is a question as at evaluation; a description only ever comes last.
+    for _, questions in chats:
+        assert questions[0][0] != scenes.CAPTION_PROMPT
+        assert all(prompt != scenes.CAPTION_PROMPT for prompt, _ in questions[:-1])
+    for encoded, (_, questions) in zip(encode_conversations(processor, chats), chats):
+        labels = encoded["labels"][0]
+        expected = " ".join(f"{answer} {tokenizer.eos_token}" for _, answer in questions)
+        assert tokenizer.decode(labels[labels >= 0]) == expected
+
+
+def test_scene_answers_match_the_pixels():
+    # A digit scene: the pixels of the digit's colour form more segments for "eight" than for "one".
+    lit = {}
+    for seed in range(60):
+        image, questions = scenes.make_scene(random.Random(seed), "digit")
+        answers = dict(questions)
+        colour = scenes.COLORS[answers["what color is the digit ?"]]
+        lit.setdefault(answers["what digit is shown ?"], []).append(dict((c, n) for n, c in image.getcolors()).get(colour, 0))
+    assert min(lit["eight"]) > 0 and max(lit["one"]) > 0
+    assert sum(lit["eight"]) / len(lit["eight"]) > 2 * sum(lit["one"]) / len(lit["one"])
+    # A count scene: the asked count is the number of separate blobs off the background.
+    for seed in range(30):
+        image, questions = scenes.make_scene(random.Random(seed), "count")
+        count = scenes.NUMBER_WORDS.index(questions[0][1])
+        assert 1 <= count <= scenes.MAX_COUNT
+        assert _count_blobs(image) == count
+    # An object scene: the side answer agrees with the mean column of the object's pixels.
+    for seed in range(30):
+        image, questions = scenes.make_scene(random.Random(seed), "position")
+        columns = [x for x in range(image.width) for y in range(image.height)
+                   if image.getpixel((x, y)) != scenes.BACKGROUND]
+        mean_column = sum(columns) / len(columns)
+        expected = "left" if mean_column < image.width / 2 else "right"
+        assert questions[0][1] == expected
+        assert abs(mean_column - image.width / 2) >= scenes.MIDLINE_GAP / 2
+
+
+def _count_blobs(image) -> int:
+    """Connected groups of non-background pixels (4-neighbourhood), by flood fill."""
+    width, height = image.size
+    pixels = image.load()
+    seen = set()
+    blobs = 0
+    for start in ((x, y) for y in range(height) for x in range(width)):
+        if start in seen or pixels[start] == scenes.BACKGROUND:
+            continue
+        blobs += 1
+        stack = [start]
+        seen.add(start)
+        while stack:
+            x, y = stack.pop()
+            for nxt in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if 0 <= nxt[0] < width and 0 <= nxt[1] < height and nxt not in seen \
+                        and pixels[nxt] != scenes.BACKGROUND:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    return blobs
+
+
+def test_kind_of_prompt_names_every_template():
+    rng = random.Random(4)
+    for kind in scenes.QUESTION_KINDS:
+        _, questions = scenes.make_scene(rng, kind)
+        assert scenes.kind_of_prompt(questions[0][0]) == kind
+    assert scenes.kind_of_prompt(scenes.CAPTION_PROMPT) == "caption"
+    with pytest.raises(ValueError, match="not one of the demo question templates"):
+        scenes.kind_of_prompt("what is the weather ?")
 
 
 @pytest.fixture(scope="module")

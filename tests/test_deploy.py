@@ -103,8 +103,21 @@ def bootstrap(*arguments: str, path_prefix: Path | None = None, as_nobody: bool 
                           text=True, timeout=60)
 
 
-def dry_run(*arguments: str, **options) -> subprocess.CompletedProcess:
-    return bootstrap("--dry-run", "--source", str(ROOT), "--python", sys.executable, *arguments, **options)
+def python_for(as_nobody: bool) -> str:
+    """A Python 3.10+ interpreter the bootstrap run can execute (the test venv may live under /root)."""
+    if not as_nobody or os.geteuid() != 0:
+        return sys.executable
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK) and subprocess.run(
+                [*unprivileged_prefix(), candidate, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+                capture_output=True).returncode == 0:
+            return candidate
+    pytest.skip("no Python 3.10+ that an unprivileged user can run")
+
+
+def dry_run(*arguments: str, as_nobody: bool = False, **options) -> subprocess.CompletedProcess:
+    return bootstrap("--dry-run", "--source", str(ROOT), "--python", python_for(as_nobody), *arguments,
+                     as_nobody=as_nobody, **options)
 
 
 FULL_SETTINGS = ("--broker-url", "redis://:hunter2hex@farm.lab:6379/0", "--store-url", "s3://tlq-farm/runs",
@@ -181,10 +194,10 @@ def test_redis_requires_the_password_and_keeps_an_append_only_file(services, tmp
     redis = services["redis"]
     assert redis["environment"]["REDIS_PASSWORD"] == "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
     script = command_script(redis)
-    assert re.search(r"redis-server\s+/tmp/redis\.conf\b", script)
+    assert re.search(r"redis-server\s+/tmp/redis/redis\.conf\s", script)
     assert re.search(r"--appendonly\s+yes\b", script)
     # The config the script writes sets exactly that password.
-    run_printf_lines(script, {"REDIS_PASSWORD": "0123abcdef"}, ("/tmp/redis.conf", str(tmp_path / "redis.conf")))
+    run_printf_lines(script, {"REDIS_PASSWORD": "0123abcdef"}, ("/tmp/redis/redis.conf", str(tmp_path / "redis.conf")))
     assert (tmp_path / "redis.conf").read_text() == 'requirepass "0123abcdef"\n'
     # The password is not on a command line (visible in ps) anywhere in the service.
     assert "--requirepass" not in script
@@ -490,6 +503,20 @@ def test_bootstrap_finds_gpus_with_nvidia_smi(tmp_path):
     assert "no GPU found" in result.stderr
     result = dry_run(*FULL_SETTINGS, "--gpus", "none", path_prefix=with_gpus)
     assert "systemctl enable tlq-farm-worker.service" in result.stdout
+
+
+def test_bootstrap_clones_a_git_source_and_installs_its_units():
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    result = bootstrap("--dry-run", "--source", "https://git.example.lab/tlq-farm.git", "--ref", "v0.1.0",
+                       "--prefix", "/srv/tlq", "--python", sys.executable, "--gpus", "1", *FULL_SETTINGS)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[dry-run] git clone https://git.example.lab/tlq-farm.git /srv/tlq/src" in out
+    assert "[dry-run] git -C /srv/tlq/src checkout --force --detach v0.1.0" in out
+    assert "pip install --upgrade /srv/tlq/src" in out
+    assert "tlq-farm-worker@.service from /srv/tlq/src/ops/tlq-farm-worker@.service" in out
+    assert "systemctl enable tlq-farm-worker@1.service" in out
 
 
 def test_bootstrap_merges_an_env_file_with_options(tmp_path):

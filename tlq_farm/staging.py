@@ -3,14 +3,13 @@
 The checkpoint is read tensor by tensor with safetensors.safe_open, so the whole model is never in memory.
 Checkpoint keys may be written in an older layout than the model's module names (transformers 5 saves
 Qwen2-VL as 'model.layers.*' while the module is 'model.language_model.layers.*'); `match_checkpoint_keys`
-pairs each module key with its checkpoint key. The manifest is committed last: a job exists once its
+pairs each module key with its checkpoint key through transformers' own renamings. The manifest is committed last: a job exists once its
 manifest does, and everything it names is in the store.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -79,31 +78,47 @@ def checkpoint_key_map(files: list[Path]) -> dict[str, Path]:
     return where
 
 
-def key_candidates(module_key: str) -> list[str]:
-    """Checkpoint spellings a module key may have: itself, then with one dotted segment removed."""
-    parts = module_key.split(".")
-    out = [module_key]
-    out += [".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)]
+def checkpoint_to_module_keys(model, checkpoint_keys: set[str]) -> dict[str, str]:
+    """checkpoint key -> module key, with the renamings transformers itself applies when it loads `model`.
+
+    A checkpoint that needs a tensor conversion (fused or split weights) is refused: its pieces would not
+    be the tensors the modules hold.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    module_state = model.state_dict()
+    out = {}
+    for ck in sorted(checkpoint_keys):
+        mk, converter = rename_source_key(ck, renamings, converters, model.base_model_prefix, module_state)
+        if converter is not None:
+            raise StagingError(f"checkpoint tensor {ck!r} must be converted (not only renamed) to load: tlq-farm "
+                               "cannot stage this layout; re-save the model with save_pretrained from the installed "
+                               "transformers, or run it with `tlq-farm run --in-memory`")
+        out[ck] = mk
     return out
 
 
-def match_checkpoint_keys(module_keys: list[str], checkpoint_keys: set[str],
-                          tied: dict[str, str] | None = None) -> dict[str, str]:
-    """module key -> checkpoint key; tied[module key] names the module key whose tensor it shares."""
+def match_checkpoint_keys(model, checkpoint_keys: set[str], tied: dict[str, str] | None = None) -> dict[str, str]:
+    """module key -> checkpoint key for every tensor of the model's state dict.
+
+    tied[module key] names the module key whose tensor it shares (a tied lm_head is not in the checkpoint).
+    """
     tied = tied or {}
-    found: dict[str, str] = {}
-    for k in module_keys:
-        if k in tied:
-            continue
-        hits = [c for c in key_candidates(k) if c in checkpoint_keys]
-        if not hits:
-            raise StagingError(f"the checkpoint has no tensor for {k!r} (tried {key_candidates(k)[:3]}...): "
-                               "the checkpoint layout is not one tlq-farm can split; re-save it with "
-                               "save_pretrained from the installed transformers")
-        found[k] = hits[0]
-    for k, source in tied.items():
-        found[k] = found[source] if source in found else source
-    return found
+    found = {mk: ck for ck, mk in checkpoint_to_module_keys(model, checkpoint_keys).items()}
+    out = {}
+    for k in model.state_dict():
+        if k in found:
+            out[k] = found[k]
+        elif k in tied and tied[k] in found:
+            out[k] = found[tied[k]]
+        else:
+            raise StagingError(f"the checkpoint has no tensor for {k!r}: it does not match the model's config; "
+                               "check that config.json and the .safetensors files belong together")
+    return out
 
 
 def tied_keys(model) -> dict[str, str]:
@@ -200,7 +215,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None) -> tuple[str, 
 
     where = checkpoint_key_map(checkpoint_files(model_dir))
     module_keys = list(meta.state_dict().keys())
-    mapping = match_checkpoint_keys(module_keys, set(where), tied_keys(meta))
+    mapping = match_checkpoint_keys(meta, set(where), tied_keys(meta))
     pieces = split_keys(module_keys, layout, n_blocks)
     sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks}
     for piece, names in pieces.items():
@@ -289,7 +304,3 @@ def describe(manifest: dict) -> str:
     q = s["quant"]
     return (f"{Path(s['model']).name} w{q['bits']} g{q['group_size']} {q['method']}/{q['importance']}, "
             f"{manifest['n_blocks']} blocks, {len(manifest['shards'])} shards")
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

@@ -33,10 +33,6 @@ from .store.tensors import get_json, get_tensors, get_tensors_metadata, put_json
 SEP = "|"
 
 
-class InputMissing(Exception):
-    """An input of a task is not committed (or was found corrupt and deleted): its producer runs again."""
-
-
 # ----------------------------------------------------------------------------------------------- serialization
 
 def captured_to_tensors(index: int, c: B.Captured) -> dict[str, torch.Tensor]:
@@ -186,13 +182,16 @@ class JobContext:
         if unexpected or (blocks and missing):
             raise RuntimeError(f"staged weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
     def samples(self, start: int, end: int) -> list[dict]:
-        return [get_tensors(self.store, keys.calib_sample(self.job, i)) for i in range(start, end)]
+        return [self.to_device(get_tensors(self.store, keys.calib_sample(self.job, i))) for i in range(start, end)]
 
     def captured(self, chain: str, b: int, k: int) -> list[B.Captured]:
         """Samples of shard k at the entry of block b on a chain (block 0's fp chain is the q chain)."""
         start, end = self.manifest["shards"][k]
-        kw = kwargs_from_tensors(get_tensors(self.store, keys.block_kwargs(self.job, k)))
+        kw = kwargs_from_tensors(self.to_device(get_tensors(self.store, keys.block_kwargs(self.job, k))))
         use_chain = "q" if (chain == "fp" and b == 0) else chain
         acts = get_tensors(self.store, keys.acts(self.job, use_chain, b, k))
         return [B.Captured(acts[f"s{i:06d}"].to(self.device), *kw[i]) for i in range(start, end)]
@@ -224,7 +223,7 @@ def do_embed(ctx: JobContext, task: Task) -> None:
     blocks = ctx.layout.decoder_blocks(model)
     kwargs, hidden = {}, []
     for i, s in enumerate(ctx.samples(start, end)):
-        c = B.capture(model, blocks, model_inputs({k: v.to(ctx.device) for k, v in s.items()}))
+        c = B.capture(model, blocks, model_inputs(s))
         kwargs.update(captured_to_tensors(start + i, c))
         hidden.append(c.hidden)
     put_tensors(ctx.store, keys.block_kwargs(ctx.job, task.shard), kwargs)
@@ -298,7 +297,7 @@ def do_weights(ctx: JobContext, task: Task) -> None:
     start, end = ctx.manifest["shards"][k]
     q_cap = ctx.captured("q", b, k)
     fp_cap = ctx.captured("fp", b, k) if plan.needs_fp_chain(ctx.manifest) else None
-    state = shard_state(get_tensors(ctx.store, keys.importance_state(ctx.job)), start, end) \
+    state = shard_state(ctx.to_device(get_tensors(ctx.store, keys.importance_state(ctx.job))), start, end) \
         if plan.needs_global_importance(ctx.manifest) else {}
     ictx = _importance_context(ctx, q_cap, ctx.samples(start, end), None, state)
     blk = ctx.block(b)
@@ -313,7 +312,7 @@ def do_stats(ctx: JobContext, task: Task) -> None:
     groups = ctx.groups["blocks"][b]["groups"]
     blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]])
     q_cap = ctx.captured("q", b, k)
-    weights = per_sample_from_tensors(get_tensors(ctx.store, keys.token_weights(ctx.job, b, k)))
+    weights = per_sample_from_tensors(ctx.to_device(get_tensors(ctx.store, keys.token_weights(ctx.job, b, k))))
     gptaq = q.method == "gptaq"
     fp_block = ctx.block(b) if gptaq else None
     fp_inputs = _inputs(ctx.captured("fp", b, k), b) if gptaq else None
@@ -333,11 +332,11 @@ def do_solve(ctx: JobContext, task: Task) -> None:
 
     q = ctx.spec.quant
     b, g, m = task.block, task.group, task.module
-    weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b))[f"{m}.weight"].float()
+    weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b))[f"{m}.weight"].float().to(ctx.device)
     stats = None
     if q.method != "rtn":
         # Shard order, float64: the same sum for any number of workers.
-        stats = reduce_partials([shard_stats(get_tensors(ctx.store, keys.stats(ctx.job, b, g, s)), m)
+        stats = reduce_partials([ctx.to_device(shard_stats(get_tensors(ctx.store, keys.stats(ctx.job, b, g, s)), m))
                                  for s in range(len(ctx.manifest["shards"]))])
     res = B.solve(weight, stats, q)
     meta = {"loss": float(res.loss), "bits": res.bits, "group_size": res.group_size, "sym": res.sym,
@@ -509,11 +508,22 @@ def job_groups(store: Store, job: str, committed: set[str]) -> dict | None:
         return None
 
 
-def reconcile_job(store: Store, job: str) -> tuple[dict, set[str], dict | None, plan.Reconciliation]:
-    """(manifest, committed keys, groups, reconciliation) of a job as the store has it now."""
-    manifest = get_json(store, keys.manifest(job))
+def reconcile_job(store: Store, job: str, cache: dict | None = None
+                  ) -> tuple[dict, set[str], dict | None, plan.Reconciliation]:
+    """(manifest, committed keys, groups, reconciliation) of a job as the store has it now.
+
+    cache: a dict kept by the caller; the manifest and groups (immutable once committed) are read once."""
+    cache = {} if cache is None else cache
     committed = committed_keys(store, job)
-    groups = job_groups(store, job, committed)
+    manifest = cache.get(("manifest", store.url, job)) or get_json(store, keys.manifest(job))
+    cache[("manifest", store.url, job)] = manifest
+    groups = cache.get(("groups", store.url, job))
+    if groups is None:
+        groups = job_groups(store, job, committed)
+        if groups is not None:
+            cache[("groups", store.url, job)] = groups
+    elif keys.plan_groups(job) not in committed:
+        groups = None  # lost (corrupt and deleted): recomputed by its task
     return manifest, committed, groups, plan.reconcile(manifest, committed, groups)
 
 

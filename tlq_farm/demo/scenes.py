@@ -29,9 +29,11 @@ COLORS = {
 }
 SHAPES = ("square", "circle", "triangle", "diamond")
 PLURALS = {shape: shape + "s" for shape in SHAPES}
-SIZES = {"small": (14, 18), "big": (28, 34)}
+SIZES = {"small": (22, 26), "big": (38, 44)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-MAX_COUNT = 4
+MAX_COUNT = 3
+# Object centres keep this distance from the vertical midline, so that left/right is unambiguous.
+MIDLINE_GAP = 16
 
 # Seven-segment layout: which of the segments a..g are lit for each digit.
 SEGMENTS_OF_DIGIT = {
@@ -39,12 +41,13 @@ SEGMENTS_OF_DIGIT = {
     5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg",
 }
 
-QUESTION_KINDS = ("color", "shape", "count", "digit", "position", "size", "leftmost")
+QUESTION_KINDS = ("color", "shape", "count", "digit", "digit_color", "position", "size")
 
 TEMPLATE_WORDS = (
     "what color is the shape object how many are there digit shown left or right of big small "
-    "which on the"
+    "which on the describe picture"
 ).split()
+CAPTION_PROMPT = "describe the picture ?"
 
 
 def vocabulary() -> list[str]:
@@ -98,10 +101,9 @@ def draw_digit(draw: ImageDraw.ImageDraw, digit: int, color: str, x0: int, y0: i
         draw.rectangle(boxes[segment], fill=COLORS[color])
 
 
-def _place(rng: random.Random, sizes: list[int], min_dx: int = 0, tries: int = 200) -> list[tuple[int, int]] | None:
+def _place(rng: random.Random, sizes: list[int], tries: int = 200) -> list[tuple[int, int]] | None:
     """Centres for objects of the given sizes inside the canvas, without overlap.
 
-    `min_dx` also keeps the centres that far apart horizontally (so that left/right is unambiguous).
     Returns None when no placement was found (the caller draws a new scene).
     """
     margin = 3
@@ -115,9 +117,6 @@ def _place(rng: random.Random, sizes: list[int], min_dx: int = 0, tries: int = 2
             for (ox, oy), osize in zip(centres, sizes):
                 gap = (size + osize) // 2 + 4
                 if abs(cx - ox) < gap and abs(cy - oy) < gap:
-                    ok = False
-                    break
-                if min_dx and abs(cx - ox) < min_dx:
                     ok = False
                     break
             if ok:
@@ -134,112 +133,124 @@ def _random_size(rng: random.Random, label: str | None = None) -> tuple[str, int
     return label, rng.randint(lo, hi)
 
 
-def _scene_of_objects(rng: random.Random, objects: list[dict], min_dx: int = 0) -> Image.Image | None:
-    """Draw objects (dicts with shape, color, px); sets their cx, cy. None if they did not fit."""
-    centres = _place(rng, [o["px"] for o in objects], min_dx=min_dx)
+def _new_canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    return image, ImageDraw.Draw(image)
+
+
+def _draw_objects(rng: random.Random, objects: list[dict]) -> Image.Image | None:
+    """Draw objects (dicts with shape, color, px) and set their cx, cy; None if they did not fit."""
+    centres = _place(rng, [o["px"] for o in objects])
     if centres is None:
         return None
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(image)
+    image, draw = _new_canvas()
     for obj, (cx, cy) in zip(objects, centres):
         obj["cx"], obj["cy"] = cx, cy
         draw_shape(draw, obj["shape"], obj["color"], cx, cy, obj["px"])
     return image
 
 
-def _distinct_objects(rng: random.Random, n: int) -> list[dict]:
-    """`n` objects with pairwise distinct shapes and distinct colours, random sizes."""
-    shapes = rng.sample(SHAPES, n)
-    colors = rng.sample(list(COLORS), n)
-    objects = []
-    for shape, color in zip(shapes, colors):
-        size_label, px = _random_size(rng)
-        objects.append({"shape": shape, "color": color, "size": size_label, "px": px})
-    return objects
+def _objects_scene(rng: random.Random):
+    """One object of a random shape, colour and size, on the left or right half of the picture.
+
+    Questions about its colour, shape, size and side. One object per scene keeps every answer a property
+    of the whole picture, which the tiny model learns within a CPU budget.
+    """
+    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    size_label, px = _random_size(rng)
+    h = px // 2 + 1
+    side = rng.choice(("left", "right"))
+    middle = IMAGE_SIZE // 2
+    margin = 3
+    if side == "left":
+        cx = rng.randint(h + margin, middle - MIDLINE_GAP)
+    else:
+        cx = rng.randint(middle + MIDLINE_GAP, IMAGE_SIZE - h - margin)
+    cy = rng.randint(h + margin, IMAGE_SIZE - h - margin)
+    image, draw = _new_canvas()
+    draw_shape(draw, shape, color, cx, cy, px)
+    questions = [
+        ("color", f"what color is the {shape} ?", color),
+        ("shape", f"what shape is the {color} object ?", shape),
+        ("size", f"is the {shape} big or small ?", size_label),
+        ("position", f"is the {shape} on the left or right ?", side),
+        ("caption", CAPTION_PROMPT, f"{size_label} {color} {shape}"),
+    ]
+    return image, questions
 
 
-def _sample_color(rng):
-    objects = _distinct_objects(rng, rng.randint(1, 3))
-    target = rng.choice(objects)
-    return _scene_of_objects(rng, objects), f"what color is the {target['shape']} ?", target["color"]
-
-
-def _sample_shape(rng):
-    objects = _distinct_objects(rng, rng.randint(1, 3))
-    target = rng.choice(objects)
-    return _scene_of_objects(rng, objects), f"what shape is the {target['color']} object ?", target["shape"]
-
-
-def _sample_count(rng):
+def _count_scene(rng: random.Random):
+    """1..MAX_COUNT small objects of one shape in random colours; how many of them are there."""
     shape = rng.choice(SHAPES)
     count = rng.randint(1, MAX_COUNT)
     objects = []
     for _ in range(count):
-        size_label, px = _random_size(rng, "small" if rng.random() < 0.6 else "big")
-        objects.append({"shape": shape, "color": rng.choice(list(COLORS)), "size": size_label, "px": px})
-    others = [s for s in SHAPES if s != shape]
-    for _ in range(rng.randint(0, 2)):
         size_label, px = _random_size(rng, "small")
-        objects.append({"shape": rng.choice(others), "color": rng.choice(list(COLORS)), "size": size_label, "px": px})
-    return _scene_of_objects(rng, objects), f"how many {PLURALS[shape]} are there ?", NUMBER_WORDS[count]
+        objects.append({"shape": shape, "color": rng.choice(list(COLORS)), "size": size_label, "px": px})
+    image = _draw_objects(rng, objects)
+    if image is None:
+        return None, []
+    return image, [("count", f"how many {PLURALS[shape]} are there ?", NUMBER_WORDS[count]),
+                   ("caption", CAPTION_PROMPT, f"{NUMBER_WORDS[count]} {PLURALS[shape]}")]
 
 
-def _sample_digit(rng):
+def _digit_scene(rng: random.Random):
+    """One seven-segment digit in a random colour, place and size."""
     digit = rng.randint(0, 9)
-    height = rng.randint(36, 56)
-    width = height // 2 + rng.randint(0, 6)
+    color = rng.choice(list(COLORS))
+    height = rng.randint(50, 70)
+    width = height // 2 + rng.randint(4, 10)
     x0 = rng.randint(4, IMAGE_SIZE - width - 4)
     y0 = rng.randint(4, IMAGE_SIZE - height - 4)
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw_digit(ImageDraw.Draw(image), digit, rng.choice(list(COLORS)), x0, y0, width, height)
-    return image, "what digit is shown ?", NUMBER_WORDS[digit]
+    image, draw = _new_canvas()
+    draw_digit(draw, digit, color, x0, y0, width, height)
+    return image, [("digit", "what digit is shown ?", NUMBER_WORDS[digit]),
+                   ("digit_color", "what color is the digit ?", color),
+                   ("caption", CAPTION_PROMPT, f"{color} digit {NUMBER_WORDS[digit]}")]
 
 
-def _sample_position(rng):
-    objects = _distinct_objects(rng, rng.randint(2, 3))
-    image = _scene_of_objects(rng, objects, min_dx=20)
-    a, b = rng.sample(objects, 2)
-    if image is None:
-        return None, "", ""
-    answer = "left" if a["cx"] < b["cx"] else "right"
-    return image, f"is the {a['shape']} left or right of the {b['shape']} ?", answer
-
-
-def _sample_size(rng):
-    objects = _distinct_objects(rng, rng.randint(1, 3))
-    target = rng.choice(objects)
-    return _scene_of_objects(rng, objects), f"is the {target['shape']} big or small ?", target["size"]
-
-
-def _sample_leftmost(rng):
-    objects = _distinct_objects(rng, 2)
-    image = _scene_of_objects(rng, objects, min_dx=20)
-    if image is None:
-        return None, "", ""
-    left = min(objects, key=lambda o: o["cx"])
-    return image, "which object is on the left ?", f"{left['color']} {left['shape']}"
-
-
-_SAMPLERS = {
-    "color": _sample_color,
-    "shape": _sample_shape,
-    "count": _sample_count,
-    "digit": _sample_digit,
-    "position": _sample_position,
-    "size": _sample_size,
-    "leftmost": _sample_leftmost,
+_SCENE_OF_KIND = {
+    "color": _objects_scene, "shape": _objects_scene, "size": _objects_scene, "position": _objects_scene,
+    "count": _count_scene, "digit": _digit_scene, "digit_color": _digit_scene,
 }
+
+
+def make_scene(rng: random.Random, kind: str | None = None) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """A scene and questions about it: the first is of `kind` (random if None), then the others, shuffled.
+
+    The description ("describe the picture ?") is among the others. Returns (image, [(prompt, answer), ...]).
+    """
+    if kind is not None and kind not in _SCENE_OF_KIND:
+        raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(QUESTION_KINDS)}")
+    while True:
+        chosen = kind or rng.choice(QUESTION_KINDS)
+        image, questions = _SCENE_OF_KIND[chosen](rng)
+        of_kind = [q for q in questions if q[0] == chosen]
+        if image is None or not of_kind:  # a crowded scene that did not fit is simply drawn again
+            continue
+        first = rng.choice(of_kind)
+        rest = [q for q in questions if q is not first]
+        rng.shuffle(rest)
+        return image, [(p, a) for _, p, a in [first] + rest]
+
+
+def kind_of_prompt(prompt: str) -> str:
+    """The question kind a prompt asks (for per-kind scores of a JSONL set), "caption" for the description."""
+    if prompt == CAPTION_PROMPT:
+        return "caption"
+    for kind, start in (("digit_color", "what color is the digit"), ("digit", "what digit"), ("color", "what color"),
+                        ("shape", "what shape"), ("size", "is the") if "big or small" in prompt else ("position", "is the"),
+                        ("count", "how many")):
+        if prompt.startswith(start):
+            return kind
+    raise ValueError(f"prompt {prompt!r} is not one of the demo question templates")
 
 
 def make_sample(rng: random.Random, kind: str | None = None) -> tuple[Image.Image, str, str]:
     """One (image, prompt, answer) drawn from `rng` (a `random.Random`); `kind` picks a question type."""
-    if kind is not None and kind not in _SAMPLERS:
-        raise ValueError(f"unknown question kind {kind!r}; choose one of {', '.join(QUESTION_KINDS)}")
-    while True:
-        chosen = kind or rng.choice(QUESTION_KINDS)
-        image, prompt, answer = _SAMPLERS[chosen](rng)
-        if image is not None:  # a crowded scene that did not fit is simply drawn again
-            return image, prompt, answer
+    image, questions = make_scene(rng, kind)
+    prompt, answer = questions[0]
+    return image, prompt, answer
 
 
 def generate(n: int, seed: int) -> list[tuple[Image.Image, str, str]]:

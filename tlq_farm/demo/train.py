@@ -9,6 +9,7 @@ arguments: the same seed, step count and thread count give the same weights.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tlq_farm.calib.encode import IGNORE_INDEX, encode_example
+from tlq_farm.calib.encode import IGNORE_INDEX
 from tlq_farm.demo import scenes
 from tlq_farm.demo.build import build_config, build_model, build_processor, build_tokenizer
 
@@ -46,24 +47,110 @@ def pad_and_stack(encoded: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def encode_scenes(processor, samples: list, text_cache: dict) -> list[dict]:
-    """encode_example for scene samples, fast: text encodings cached per (prompt, answer), pixels batched.
+def conversation_messages(qa_pairs: list[tuple[str, str]]) -> list[dict]:
+    """A chat about one image: the image comes with the first question, later turns are text only."""
+    messages = []
+    for turn, (prompt, answer) in enumerate(qa_pairs):
+        content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": prompt}]
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
 
-    All scenes have the same image size, so the token layout of a (prompt, answer) pair never changes
-    and only the pixels differ; the result equals encode_example's sample by sample.
+
+def _token_ids(processor, text: str, n_image_tokens: int) -> list[int]:
+    """Token ids of a rendered chat with the image placeholder expanded, as the processor does it."""
+    expanded = text.replace(processor.image_token, processor.image_token * n_image_tokens)
+    return processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+
+def encode_conversations(processor, scenes_with_questions: list) -> list[dict]:
+    """Training encodings of (image, [(prompt, answer), ...]) chats, every answer labelled.
+
+    Each answer's span (with its end-of-turn token) is found like encode_example does it: by the
+    token length of the chat rendered up to that question with the generation prompt. All scenes have
+    the same image size, so the placeholder expands to the same number of tokens; pixels are processed
+    in one batch. A one-question chat equals encode_example's output.
     """
-    pixels = processor.image_processor(images=[image for image, _, _ in samples], return_tensors="pt")
-    per_image = pixels["pixel_values"].shape[0] // len(samples)
+    pixels = processor.image_processor(images=[image for image, _ in scenes_with_questions], return_tensors="pt")
+    grid = pixels["image_grid_thw"]
+    merge = processor.image_processor.merge_size
+    per_image = pixels["pixel_values"].shape[0] // len(scenes_with_questions)
     encoded = []
-    for i, (image, prompt, answer) in enumerate(samples):
-        key = (prompt, answer)
-        if key not in text_cache:
-            text_cache[key] = encode_example(processor, [image], prompt, answer)
-        e = dict(text_cache[key])
-        e["pixel_values"] = pixels["pixel_values"][i * per_image:(i + 1) * per_image]
-        e["image_grid_thw"] = pixels["image_grid_thw"][i:i + 1]
-        encoded.append(e)
+    for i, (_, qa_pairs) in enumerate(scenes_with_questions):
+        n_image_tokens = int(grid[i].prod()) // (merge * merge)
+        messages = conversation_messages(qa_pairs)
+        full_ids = _token_ids(processor, processor.apply_chat_template(messages, tokenize=False), n_image_tokens)
+        labels = [IGNORE_INDEX] * len(full_ids)
+        for turn in range(len(qa_pairs)):
+            asked = processor.apply_chat_template(messages[: 2 * turn + 1], tokenize=False,
+                                                  add_generation_prompt=True)
+            answered = processor.apply_chat_template(messages[: 2 * turn + 2], tokenize=False)
+            start = len(_token_ids(processor, asked, n_image_tokens))
+            end = len(_token_ids(processor, answered, n_image_tokens))
+            labels[start:end] = full_ids[start:end]
+        input_ids = torch.tensor([full_ids])
+        image_positions = input_ids == processor.image_token_id
+        encoded.append({
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": image_positions.long(),
+            "pixel_values": pixels["pixel_values"][i * per_image:(i + 1) * per_image],
+            "image_grid_thw": grid[i:i + 1],
+            "labels": torch.tensor([labels]),
+            "vision_mask": image_positions,
+        })
     return encoded
+
+
+def draw_training_chats(rng: random.Random, batch_size: int, max_turns: int = 1, *,
+                        caption_rate: float = 0.5) -> list:
+    """`batch_size` scenes, each with 1..max_turns of its questions (the first of a uniformly drawn kind).
+
+    With probability `caption_rate` the chat ends with a description of the whole picture
+    ("describe the picture ?" -> "big red circle"): dense, image-only supervision, as in captioning
+    pre-training. The first turn is always a question, as at evaluation.
+    """
+    chats = []
+    for _ in range(batch_size):
+        image, questions = scenes.make_scene(rng)
+        caption = [q for q in questions if q[0] == scenes.CAPTION_PROMPT]
+        asked = [q for q in questions if q[0] != scenes.CAPTION_PROMPT][: rng.randint(1, max_turns)]
+        chats.append((image, asked + caption if rng.random() < caption_rate else asked))
+    return chats
+
+
+def build_probe(processor, per_kind: int, seed: int = HELD_OUT_SEED) -> dict:
+    """One-question held-out encodings per kind, batched, for cheap progress checks during training."""
+    rng = random.Random(seed)
+    probe = {}
+    for kind in scenes.QUESTION_KINDS:
+        chats = []
+        for _ in range(per_kind):
+            image, questions = scenes.make_scene(rng, kind)
+            chats.append((image, questions[:1]))
+        probe[kind] = pad_and_stack(encode_conversations(processor, chats), processor.tokenizer.pad_token_id)
+    return probe
+
+
+def first_answer_token_accuracy(model, batch: dict) -> float:
+    """Share of rows whose first answer token is the model's argmax (teacher forced, one forward)."""
+    labels = batch["labels"]
+    first = (labels != IGNORE_INDEX).int().argmax(dim=1)  # position of the first labelled token per row
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    rows = torch.arange(labels.shape[0])
+    predicted = logits[rows, first - 1].argmax(dim=-1)  # logits at t-1 predict token t
+    return (predicted == labels[rows, first]).float().mean().item()
+
+
+def probe_report(model, probe: dict) -> str:
+    """'mean | kind acc ...' of first_answer_token_accuracy over the probe (model left in train mode)."""
+    model.eval()
+    scores = {kind: first_answer_token_accuracy(model, batch) for kind, batch in probe.items()}
+    model.train()
+    mean = sum(scores.values()) / len(scores)
+    return f"probe {mean:.3f} | " + " ".join(f"{k} {v:.2f}" for k, v in scores.items())
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup: int) -> float:
@@ -78,14 +165,26 @@ def train(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    steps: int = 1200,
+    steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 2e-3,
-    warmup: int = 60,
+    lr: float = 3e-3,
+    vision_lr_scale: float = 2.0,
+    warmup: int = 30,
     threads: int = 1,
     log_every: int = 50,
+    max_turns: int = 1,
+    caption_rate: float = 0.5,
+    probe_per_kind: int = 16,
+    snapshot_every: int = 0,
 ) -> Path:
-    """Train a fresh demo model and save it (weights + processor) to `out_dir`."""
+    """Train a fresh demo model and save it (weights + processor) to `out_dir`.
+
+    `vision_lr_scale` multiplies the learning rate of the vision tower and merger, which start from
+    nothing and have to become useful before any answer can depend on the picture. Every `log_every`
+    steps a held-out probe (`probe_per_kind` questions per kind) is scored; it reads its own generator,
+    so it does not change the training stream. `snapshot_every` > 0 also saves the model so far to
+    `<out_dir>-step<N>`.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -95,22 +194,27 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.98),
-    )
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        is_vision = name.startswith("model.visual.")
+        decays = param.ndim >= 2 and "embed" not in name
+        groups.setdefault((is_vision, decays), []).append(param)
+    optimizer = torch.optim.AdamW([
+        {"params": params, "weight_decay": 0.01 if decays else 0.0,
+         "lr_scale": vision_lr_scale if is_vision else 1.0}
+        for (is_vision, decays), params in sorted(groups.items())
+    ], lr=lr)
+    probe = build_probe(processor, probe_per_kind) if probe_per_kind else None
     rng = random.Random(seed)
-    text_cache: dict = {}
+    out_dir = Path(out_dir)
     started = time.time()
     running = None
     for step in range(steps):
-        samples = [scenes.make_sample(rng) for _ in range(batch_size)]
-        encoded = encode_scenes(processor, samples, text_cache)
+        chats = draw_training_chats(rng, batch_size, max_turns, caption_rate=caption_rate)
+        encoded = encode_conversations(processor, chats)
         batch = pad_and_stack(encoded, tokenizer.pad_token_id)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup) * group["lr_scale"]
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,38 +222,71 @@ def train(
         optimizer.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if (step + 1) % log_every == 0 or step == 0:
-            print(f"step {step + 1}/{steps} loss {running:.4f} {time.time() - started:.0f}s", flush=True)
+            report = probe_report(model, probe) if probe else ""
+            print(f"step {step + 1}/{steps} loss {running:.4f} {time.time() - started:.0f}s {report}", flush=True)
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            _save(model, processor, out_dir.with_name(f"{out_dir.name}-step{step + 1}"))
 
+    _save(model, processor, out_dir)
+    print(f"saved to {out_dir} after {time.time() - started:.0f}s", flush=True)
+    return out_dir
+
+
+def _save(model, processor, out_dir: Path) -> None:
+    """Save weights and processor (the model goes back to train mode afterwards)."""
     model.eval()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    print(f"saved to {out_dir} after {time.time() - started:.0f}s", flush=True)
-    return out_dir
+    model.train()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo VLM from scratch on CPU.")
     parser.add_argument("--out", required=True, help="folder for the trained model and processor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and of the training stream")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=2.0,
+                        help="learning-rate multiplier of the vision tower and merger")
+    parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
+    parser.add_argument("--max-turns", type=int, default=1, help="questions per training image, at most")
+    parser.add_argument("--caption-rate", type=float, default=0.5,
+                        help="share of training chats that end with a description of the picture")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between loss and probe reports")
+    parser.add_argument("--snapshot-every", type=int, default=0, help="also save <out>-step<N> every N steps")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out samples to score after training")
     args = parser.parse_args(argv)
+    if args.steps <= 0 or args.batch_size <= 0:
+        parser.error("--steps and --batch-size must be positive")
     out = train(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                threads=args.threads)
+                vision_lr_scale=args.vision_lr_scale, threads=args.threads, max_turns=args.max_turns,
+                warmup=args.warmup, caption_rate=args.caption_rate, log_every=args.log_every,
+                snapshot_every=args.snapshot_every)
     if args.eval_n:
-        import tempfile
+        print(f"held-out ({args.eval_n} samples, seed {HELD_OUT_SEED}): {score_held_out(out, args.eval_n)}",
+              flush=True)
 
-        from tlq_farm.evaluate import evaluate
 
-        with tempfile.TemporaryDirectory() as tmp:
-            jsonl = scenes.write_set(tmp, args.eval_n, HELD_OUT_SEED)
-            result = evaluate(out, jsonl, max_new_tokens=4)
-        print(f"held-out ({args.eval_n} samples, seed {HELD_OUT_SEED}): {result}", flush=True)
+def score_held_out(model_dir: str | Path, n: int) -> dict:
+    """Greedy exact match on `n` held-out samples, overall and per question kind."""
+    import tempfile
+
+    from tlq_farm.evaluate import evaluate, load_model_and_processor
+
+    model, processor = load_model_and_processor(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = scenes.write_set(tmp, n, HELD_OUT_SEED)
+        result = {"overall": evaluate((model, processor), jsonl, max_new_tokens=4)["accuracy"]}
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        for kind in scenes.QUESTION_KINDS:
+            picked = [json.dumps(r) for r in rows if scenes.kind_of_prompt(r["prompt"]) == kind]
+            kind_jsonl = Path(tmp) / f"{kind}.jsonl"
+            kind_jsonl.write_text("\n".join(picked) + "\n")
+            result[kind] = evaluate((model, processor), kind_jsonl, max_new_tokens=4)["accuracy"]
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""The embedded farm: the same tasks and reconciler in one process, on a folder store.
+
+Its export must be the bytes of the in-memory reference (run_local with the same shards), the same across
+runs, and survive corruption of any intermediate object.
+"""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from coordinator.cli import main
+from tlq_farm import steps
+from tlq_farm.pipeline import run_local
+from tlq_farm.staging import stage_job
+from tlq_farm.store import LocalStore, keys
+from tlq_farm.store.tensors import get_json, get_tensors
+
+from test_farm_support import export_bytes, job_spec, make_job_files
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_job_files(tmp_path_factory.mktemp("farm-embedded"))
+
+
+def embedded_export(store, spec, out):
+    job, _ = stage_job(store, spec)
+    assert steps.run_embedded(store, job)
+    from coordinator.jobs import download_export
+
+    download_export(store, job, out)
+    return job, export_bytes(out)
+
+
+@pytest.mark.parametrize("quant", [dict(), dict(importance="vlmq"), dict(importance="tlq"),
+                                   dict(method="gptaq", importance="modality", act_bits=8)],
+                         ids=["gptq-uniform", "gptq-vlmq", "gptq-tlq", "gptaq-modality-a8"])
+def test_embedded_export_is_the_in_memory_reference_bytes(files, tmp_path, quant):
+    spec = job_spec(*files, **quant)
+    _, farm = embedded_export(LocalStore(tmp_path / "store"), spec, tmp_path / "farm")
+    run_local(spec, tmp_path / "local", progress=False, log=lambda m: None)
+    local = export_bytes(tmp_path / "local")
+    assert sorted(farm) == sorted(local)
+    # tlq_report.json of the in-memory run holds timings; every checkpoint file is the same bytes.
+    differ = [name for name in farm if farm[name] != local[name] and name != "tlq_report.json"]
+    assert differ == []
+
+
+def test_three_shards_change_the_reduction_order_but_not_the_plan(files, tmp_path):
+    spec = job_spec(*files)
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, spec)
+    manifest = get_json(store, keys.manifest(job))
+    assert manifest["shards"] == [[0, 2], [2, 4], [4, 6]]
+    assert sum(manifest["shard_tokens"]) == manifest["calibration"]["tokens"]
+
+
+def test_embedded_runs_are_byte_identical_and_rerunning_attaches(files, tmp_path):
+    spec = job_spec(*files, method="rtn")
+    store_a, store_b = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
+    job_a, first = embedded_export(store_a, spec, tmp_path / "out-a")
+    job_b, second = embedded_export(store_b, spec, tmp_path / "out-b")
+    assert job_a == job_b and first == second
+    assert stage_job(store_a, spec) == (job_a, True)
+    other, _ = stage_job(store_a, job_spec(*files, method="rtn", seed=1))
+    assert other != job_a
+
+
+def test_staging_splits_the_checkpoint_per_block_without_changing_a_tensor(files, tmp_path):
+    model_dir, _ = files
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys()}
+    pieces = [get_tensors(store, keys.staged_embed(job)), get_tensors(store, keys.staged_head(job))]
+    for b in range(2):
+        pieces.append({f"layers.{b}.{k}": v for k, v in get_tensors(store, keys.staged_block(job, b)).items()})
+    staged = [t for p in pieces for t in p.values()]
+    assert len(staged) == len(original)
+    block0 = get_tensors(store, keys.staged_block(job, 0))
+    assert torch.equal(block0["self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+    assert set(get_json(store, keys.manifest(job))["files"]) >= {"config.json", "tokenizer.json"}
+
+
+def test_a_corrupted_object_is_detected_and_recomputed(files, tmp_path):
+    spec = job_spec(*files)
+    reference = LocalStore(tmp_path / "ref")
+    _, expected = embedded_export(reference, spec, tmp_path / "ref-out")
+
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, spec)
+    assert not steps.run_embedded(store, job, max_tasks=12)  # block 0 part way
+    victim = keys.acts(job, "q", 0, 1)
+    assert store.is_committed(victim)
+    path = store.path(victim)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert steps.run_embedded(store, job)
+    logs = store.list_committed(keys.tasks_prefix(job))
+    assert sum(1 for k in logs if "/embed-s0001--" in k) == 2  # the corrupt shard's embed ran again
+    assert sum(1 for k in logs if "/embed-s0000--" in k) == 1
+    from coordinator.jobs import download_export
+
+    download_export(store, job, tmp_path / "out")
+    assert export_bytes(tmp_path / "out") == expected
+
+
+def test_a_lost_staged_input_stops_the_job_with_a_way_out(files, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    store.delete(keys.calib_sample(job, 3))
+    with pytest.raises(steps.JobStuck, match="run `tlq-farm run` with the same model"):
+        steps.run_embedded(store, job)
+
+
+def test_cancel_stops_an_embedded_job(files, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    store.put_flag(keys.cancel_flag(job), b"")
+    assert steps.run_embedded(store, job) is False
+    assert store.list_committed(keys.tasks_prefix(job)) == []
+
+
+def test_cli_run_embedded_then_status_and_export(files, tmp_path):
+    model, calib = files
+    args = ["run", str(model), "--calib", str(calib), "--group-size", "32", "--samples", "6", "--seq-len", "512",
+            "--shard-tokens", "45", "--method", "rtn", "--store", str(tmp_path / "store"), "--quiet"]
+    runner = CliRunner()
+    res = runner.invoke(main, args + ["--out", str(tmp_path / "out")], env={"TLQ_BROKER_URL": ""})
+    assert res.exit_code == 0, res.output
+    job = res.output.split("job ")[1].split()[0]
+    res = runner.invoke(main, ["status", job, "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 0 and '"state": "done"' in res.output
+    res = runner.invoke(main, ["export", job, "--store", str(tmp_path / "store"), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    assert export_bytes(tmp_path / "again") == export_bytes(tmp_path / "out")
+    res = runner.invoke(main, args + ["--out", str(tmp_path / "out")], env={"TLQ_BROKER_URL": ""})
+    assert res.exit_code != 0 and "is not empty" in res.output
+    res = runner.invoke(main, ["status", "nojob", "--store", str(tmp_path / "store")])
+    assert res.exit_code != 0 and "was never staged there" in res.output
+
+
+def test_status_reports_ready_tasks_that_no_live_worker_fits(files, tmp_path):
+    from coordinator.jobs import format_status, job_status
+
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    s = job_status(store, job, live_classes=[])
+    assert s["state"] == "running" and s["ready"] == ["embed-s0000", "embed-s0001", "embed-s0002"]
+    assert [u["task"] for u in s["no_worker_fits"]] == s["ready"]
+    assert "needs a worker of class 1m or larger; none is live" in format_status(s)
+    assert job_status(store, job, live_classes=[2**30])["no_worker_fits"] == []

@@ -1,0 +1,105 @@
+"""Shared pieces of the farm tests (no tests here): a tiny VLM with a calibration set, Redis, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tlq_farm.spec import JobSpec, QuantSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["what is in the image?", "describe this picture.", "how many colors are there?"]
+ANSWERS = ["a red cat.", "two blue cars.", "three colors."]
+
+
+def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
+    """A tiny Qwen2-VL (2 blocks) and a JSONL calibration set of n_samples image rows."""
+    from tlq_farm.models.tiny import make_tiny, tiny_image
+
+    model = make_tiny("qwen2_vl", root / "model", seed=0)
+    images = root / "calib" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_samples):
+        tiny_image(i, 56).save(images / f"{i}.png")
+        rows.append(json.dumps({"image": f"images/{i}.png", "prompt": PROMPTS[i % 3], "answer": ANSWERS[i % 3]}))
+    calib = root / "calib" / "data.jsonl"
+    calib.write_text("\n".join(rows) + "\n")
+    return model, calib
+
+
+def job_spec(model: Path, calib: Path, **quant) -> JobSpec:
+    """6 samples of ~21 tokens in 3 shards of at most 45 tokens."""
+    seed = quant.pop("seed", 0)
+    q = QuantSpec(**{"group_size": 32, "qig_steps": 4, **quant})
+    return JobSpec(model=str(model), calib=str(calib), quant=q, samples=6, seq_len=512, shard_tokens=45, seed=seed)
+
+
+def export_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server on a free port (no persistence), so flushes touch nobody else."""
+
+    def __init__(self):
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                                      "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        self.client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                self.client.ping()
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def farm_env(redis_url: str, s3_endpoint: str | None, **extra) -> dict:
+    env = dict(os.environ, TLQ_BROKER_URL=redis_url, TLQ_TORCH_THREADS="1", TLQ_HEARTBEAT_S="0.5",
+               TLQ_ADVANCE_EVERY="3", TLQ_RUNNING_TTL="3", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = s3_endpoint
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_worker(env: dict, log: Path, max_memory: str | None = None) -> subprocess.Popen:
+    argv = [str(Path(sys.executable).parent / "tlq-farm"), "worker", "--loglevel", "WARNING"]
+    if max_memory:
+        argv += ["--max-memory", max_memory]
+    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,151 @@
+"""`tlq-farm report` on tiny-model exports and a hand-built store job; the report's pure pieces exactly."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from coordinator.report_cmd import report_command
+from tlq_farm.calib.data import load_calibration
+from tlq_farm.models.adapter import load_model
+from tlq_farm.pipeline import run_local
+from tlq_farm.report import (importance_maps, merged_patch_grid, module_loss_tables, timeline_from_report,
+                             timeline_from_task_records, token_map, vision_runs, weight_split)
+from tlq_farm.spec import JobSpec, QuantSpec
+
+torch.set_num_threads(1)
+
+
+def export_of(src, calib, out, importance="tlq", method="gptq"):
+    spec = JobSpec(model=str(src), calib=str(calib), samples=4, seq_len=512, fmt="fake",
+                   quant=QuantSpec(bits=4, group_size=32, method=method, importance=importance))
+    run_local(spec, out, progress=False, log=lambda m: None)
+    return out
+
+
+def linked_pngs(index):
+    html = index.read_text()
+    links = re.findall(r"<img src='([^']+)'", html)
+    assert links and all("/" not in link for link in links)  # relative, next to index.html
+    for link in links:
+        with Image.open(index.parent / link) as im:
+            im.verify()
+            assert im.format == "PNG"
+    return links, html
+
+
+@pytest.fixture(scope="module")
+def qwen_export(tiny_models, calib_jsonl, tmp_path_factory):
+    return export_of(tiny_models("qwen2_vl"), calib_jsonl, tmp_path_factory.mktemp("rep") / "qwen-tlq")
+
+
+def test_report_on_an_export_links_valid_pngs(qwen_export, tmp_path):
+    res = CliRunner().invoke(report_command, [str(qwen_export), "--out", str(tmp_path / "r"), "--samples", 2])
+    assert res.exit_code == 0, res.output
+    links, html = linked_pngs(tmp_path / "r" / "index.html")
+    assert "losses-0.png" in links and "timeline.png" in links
+    assert sum(link.startswith("importance-") for link in links) == 2
+    assert "No task records" in html
+
+
+def test_qwen_heatmap_has_the_merged_patch_grid(qwen_export, tiny_models, calib_jsonl):
+    spec = json.loads((qwen_export / "tlq_report.json").read_text())["spec"]
+    maps = importance_maps(spec, n_samples=2)
+    _, processor = load_model(str(tiny_models("qwen2_vl")))
+    samples = load_calibration(calib_jsonl, processor, samples=2, seq_len=512, seed=spec["seed"]).samples
+    merge = processor.image_processor.merge_size
+    for m, s in zip(maps, samples):
+        _, h, w = s["image_grid_thw"][0].tolist()
+        assert m.map_first_block.shape == (h // merge, w // merge)
+        assert m.map_first_block.size == int(s["vision_mask"].sum())
+        # The map holds exactly the vision tokens' weights, in token order.
+        np.testing.assert_array_equal(m.map_first_block.reshape(-1), m.weights_first_block[m.vision_mask])
+        # tlq gives text tokens weight >= 1/2 and drops a share of the vision tokens.
+        assert m.weights_first_block[~m.vision_mask & (m.valid > 0)].min() >= 0.5
+
+
+def test_llava_heatmap_is_the_square_root_of_the_image_tokens(tiny_models, calib_jsonl, tmp_path):
+    out = export_of(tiny_models("llava"), calib_jsonl, tmp_path / "llava", importance="vlmq", method="gptaq")
+    res = CliRunner().invoke(report_command, [str(out), "--out", str(tmp_path / "r"), "--samples", 1])
+    assert res.exit_code == 0, res.output
+    linked_pngs(tmp_path / "r" / "index.html")
+    spec = json.loads((out / "tlq_report.json").read_text())["spec"]
+    (m,) = importance_maps(spec, n_samples=1)
+    n = int(m.vision_mask.sum())
+    side = int(round(n ** 0.5))
+    assert side * side == n and m.map_mean.shape == (side, side)
+
+
+def test_report_of_a_store_job_draws_its_task_records(qwen_export, tmp_path):
+    from tlq_farm.store import LocalStore, keys
+    from tlq_farm.store.tensors import put_json
+
+    store = LocalStore(tmp_path / "store")
+    job = "abc123"
+    report = json.loads((qwen_export / "tlq_report.json").read_text())
+    put_json(store, keys.export_file(job, "tlq_report.json"), report)
+    put_json(store, keys.export_index(job), {"files": {"tlq_report.json": "x"}})
+    for i, (task, worker) in enumerate([("embed", "w1"), ("stats-b000-g00-s0000", "w1"),
+                                        ("stats-b000-g00-s0001", "w2")]):
+        put_json(store, keys.task_log(job, f"{task}--{i}"), {"task": task, "started": 100.0 + i, "finished": 101.5 + i,
+                                                             "seconds": 1.5, "host": "h", "pid": i, "worker": worker})
+    res = CliRunner().invoke(report_command, [job, "--store", str(tmp_path / "store"), "--out", str(tmp_path / "r"),
+                                              "--no-importance"])
+    assert res.exit_code == 0, res.output
+    _, html = linked_pngs(tmp_path / "r" / "index.html")
+    assert "3 task records, 3 worker processes" in html
+    res = CliRunner().invoke(report_command, ["nojob", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "r2")])
+    assert res.exit_code != 0 and "neither an export folder nor a job" in res.output
+
+
+def test_missing_report_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(report_command, [str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0 and "has no tlq_report.json" in res.output
+
+
+def test_timeline_from_task_records_is_relative_and_per_worker():
+    records = [{"task": "solve-b001-self_attn.q_proj", "started": 12.0, "finished": 14.0, "seconds": 2.0,
+                "host": "a", "pid": 1, "worker": "gpu0"},
+               {"task": "embed-s0000", "started": 10.0, "finished": 11.0, "seconds": 1.0, "host": "b", "pid": 7}]
+    bars = timeline_from_task_records(records)
+    assert [(b.start, b.seconds, b.kind) for b in bars] == [(0.0, 1.0, "embed"), (2.0, 2.0, "solve")]
+    assert bars[0].lane == "b (b:7)" and bars[1].lane == "gpu0 (a:1)"
+
+
+def test_timeline_from_report_orders_stages_and_nests_blocks():
+    report = {"layout": {"blocks": "m.layers"},
+              "time": {"stages": {"export": 1.0, "load": 2.0, "decoder blocks": 3.0, "capture": 0.5}},
+              "blocks": {"m.layers": [{"index": 0, "seconds": 1.0, "loss": 0}, {"index": 1, "seconds": 2.0, "loss": 0}]}}
+    bars = timeline_from_report(report)
+    assert [(b.label, b.start) for b in bars if b.lane == "stages"] == [
+        ("load", 0.0), ("capture", 2.0), ("decoder blocks", 2.5), ("export", 5.5)]
+    assert [(b.label, b.start) for b in bars if b.lane == "blocks"] == [("block 0", 2.5), ("block 1", 3.5)]
+
+
+def test_module_loss_table_and_pure_grid_helpers():
+    report = {"layout": {"blocks": "m.layers"}, "blocks": {"m.layers": []},
+              "modules": {"m.layers.1.mlp.down_proj": {"loss": 4.0}, "m.layers.0.self_attn.q_proj": {"loss": 1.0},
+                          "m.layers.0.mlp.down_proj": {"loss": 2.0}}}
+    (t,) = module_loss_tables(report)
+    assert t.blocks == [0, 1] and t.modules == ["self_attn.q_proj", "mlp.down_proj"]
+    np.testing.assert_array_equal(t.losses, [[1.0, 2.0], [np.nan, 4.0]])
+
+    assert merged_patch_grid(64, image_grid_thw=[1, 16, 16], spatial_merge_size=2) == (8, 8, 0)
+    assert merged_patch_grid(16) == (4, 4, 0)
+    assert merged_patch_grid(17, base_side=4) == (4, 4, 1)      # a kept CLS token first
+    assert merged_patch_grid(16 + 40, base_side=4) == (4, 4, 0)  # LLaVA-NeXT: base view first, then tiles
+    with pytest.raises(ValueError, match="square patch grid"):
+        merged_patch_grid(17)
+    assert vision_runs([0, 1, 1, 0, 1]) == [(1, 3), (4, 5)]
+    np.testing.assert_array_equal(token_map(np.arange(10), 2, 2, 3), [[2, 3, 4], [5, 6, 7]])
+
+    w = np.array([1.0, 3.0, 0.0, 2.0, 2.0])
+    vis = np.array([False, True, True, False, False])
+    s = weight_split(w, vis, np.ones(5))
+    assert s["vision_mean"] == 1.5 and s["text_mean"] == pytest.approx(5 / 3)
+    assert s["vision_share"] == pytest.approx(3 / 8) and s["vision_dropped"] == 0.5

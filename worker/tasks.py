@@ -1,0 +1,46 @@
+"""Celery tasks: thin wrappers around tlq_farm.steps (run one task) and dispatch.advance."""
+
+from __future__ import annotations
+
+import os
+
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tlq_farm import steps
+from tlq_farm.plan import Task
+from tlq_farm.store import StoreUnavailable
+
+from worker import dispatch
+from worker.app import STATE, affinity_key, app, mark_id, queued_key, redis_client, running_key
+
+RETRIED = (StoreUnavailable, OperationalError, RedisConnectionError, RedisTimeoutError)
+RETRY = dict(autoretry_for=RETRIED, retry_backoff=2, retry_backoff_max=120, retry_jitter=True, max_retries=30)
+
+
+@app.task(name=dispatch.RUN_TASK, **RETRY)
+def run_task(store_url: str, job: str, task: dict) -> str:
+    """Run one farm task (cancel check, skip if committed, compute, commit), then advance the job."""
+    store = dispatch.store_for(store_url)
+    t = Task.from_dict(task)
+    mark = mark_id(store_url, t.task_id(job))
+    r = redis_client()
+    STATE.current = mark
+    r.set(running_key(mark), STATE.id, ex=int(os.environ.get("TLQ_RUNNING_TTL", 30)))
+    r.delete(queued_key(mark))
+    try:
+        status = steps.execute(store, job, t, device=STATE.info.get("device", "cpu"),
+                               worker={"worker": STATE.id, "class_bytes": STATE.info.get("class_bytes")})
+    finally:
+        STATE.current = None
+        r.delete(running_key(mark))
+    if status == "computed" and t.kind in ("embed", "propagate"):
+        r.set(affinity_key(store_url, job, t.shard), STATE.id, ex=24 * 3600)
+    dispatch.advance(store_url, job, store, idle_worker=STATE.id)
+    return status
+
+
+@app.task(name=dispatch.ADVANCE_TASK, **RETRY)
+def advance(store_url: str, job: str) -> dict:
+    return dispatch.advance(store_url, job)
