@@ -401,5 +401,11 @@ def worker(broker, device, gpus, max_memory, threads, loglevel):
     os.execve(sys.executable, argv, env)
 
 
+from coordinator.eval_cmd import eval_command  # noqa: E402
+from coordinator.report_cmd import report_command  # noqa: E402
+
+main.add_command(eval_command)
+main.add_command(report_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -101,3 +101,24 @@ def test_unsupported_model_names_the_class():
 def test_load_model_rejects_a_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def test_shared_input_statistics_equal_separate_ones(tiny_models, calib_jsonl):
+    """q/k/v share one input: their statistics, computed once, equal each linear's computed alone."""
+    model, proc = load_model(str(tiny_models("qwen2_vl")))
+    blocks = find_layout(model).decoder_blocks(model)
+    samples = load_calibration(calib_jsonl, proc, samples=2, seq_len=512, seed=0).samples
+    caps = [B.capture(model, blocks, model_inputs(s)) for s in samples]
+    inputs = [(c.hidden, c.kwargs(0)) for c in caps]
+    weights = [torch.rand(s["attention_mask"].numel(), generator=torch.Generator().manual_seed(i)) for i, s in enumerate(samples)]
+    group = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    together = B.accumulate_stats(blocks[0], inputs, weights, group)
+    for n in group:
+        alone = B.accumulate_stats(blocks[0], inputs, weights, [n])[n]
+        for key in alone:
+            assert torch.equal(together[n][key], alone[key]), (n, key)
+    # Per-projection weights (vlmq) must not be shared.
+    per = {"self_attn.q_proj": weights, "*": [w * 0 + 1 for w in weights]}
+    mixed = B.accumulate_stats(blocks[0], inputs, per, group)
+    assert not torch.equal(mixed["self_attn.q_proj"]["H"], mixed["self_attn.k_proj"]["H"])
+    assert torch.equal(mixed["self_attn.k_proj"]["H"], mixed["self_attn.v_proj"]["H"])

@@ -223,11 +223,19 @@ def accumulate_stats(block: nn.Module, q_inputs: list[SampleInput], token_weight
     current_w: dict[str, torch.Tensor] = {}
     fp_x: dict[str, torch.Tensor] = {}
     partials: dict[str, list[dict]] = {n: [] for n in names}
+    # Linears fed the very same input tensor with the very same token weights (q/k/v, gate/up) have the
+    # same statistics: compute them once per sample. Keyed by object identity, valid within one forward.
+    shared: dict[tuple, dict] = {}
 
     def q_hook(name):
         def hook(_m, args):
             x = args[0]
-            partials[name].append(hessian_partial(x, current_w[name], fp_x.get(name), need_fp_gram=need_fp_gram))
+            xf = fp_x.get(name)
+            key = (id(x), id(current_w[name]), None if xf is None else id(xf))
+            if key not in shared:
+                # x is kept alive with its entry, so its id cannot be reused by another tensor meanwhile.
+                shared[key] = (x, hessian_partial(x, current_w[name], xf, need_fp_gram=need_fp_gram))
+            partials[name].append(shared[key][1])
         return hook
 
     def fp_hook(name):
@@ -242,13 +250,16 @@ def accumulate_stats(block: nn.Module, q_inputs: list[SampleInput], token_weight
             handles += [fp_block.get_submodule(n).register_forward_pre_hook(fp_hook(n)) for n in names]
         try:
             for i, (h, kw) in enumerate(q_inputs):
+                views: dict[int, torch.Tensor] = {}
                 for n in names:
-                    current_w[n] = _weights_for(token_weights, n, i).reshape(h.shape[:-1])
+                    w = _weights_for(token_weights, n, i)
+                    current_w[n] = views.setdefault(id(w), w.reshape(h.shape[:-1]))
                 if fp_block is not None:
                     fh, fkw = fp_inputs[i]
                     run_block(fp_block, fh, fkw)
                 run_block(block, h, kw)
                 fp_x.clear()
+                shared.clear()
         finally:
             for hd in handles:
                 hd.remove()
