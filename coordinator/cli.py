@@ -74,9 +74,11 @@ def main() -> None:
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store: s3://BUCKET/PREFIX or a folder [env TLQ_STORE_URL; default ./tlq-runs].")
 @click.option("--detach", is_flag=True, help="Farm: stage and enqueue, print the job id and return at once.")
 @click.option("--in-memory", is_flag=True, help="Run the in-memory reference pipeline (no store, no tasks).")
+@click.option("--workers", "n_workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
         static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, device,
-        overwrite, quiet, broker, store_url, detach, in_memory):
+        overwrite, quiet, broker, store_url, detach, in_memory, n_workers):
     """Quantize MODEL_DIR (default: the bundled demo VLM) and export it.
 
     With no broker the job's tasks run here, through the same store and reconciler as on a farm; with
@@ -112,7 +114,15 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         if not broker:
             from tlq_farm.steps import run_embedded
 
-            run_embedded(store, job, device=device, log=log if not quiet else (lambda m: None))
+            if n_workers > 1:
+                from coordinator.local_pool import run_pool
+
+                try:
+                    run_pool(store.url, job, workers=n_workers, device=device)
+                except RuntimeError as e:
+                    raise click.ClickException(str(e)) from e
+            else:
+                run_embedded(store, job, device=device, progress=not quiet)
             _finish(store, job, out_dir, overwrite)
             return
         _set_broker(broker)

@@ -155,3 +155,25 @@ def test_status_reports_ready_tasks_that_no_live_worker_fits(files, tmp_path):
     assert [u["task"] for u in s["no_worker_fits"]] == s["ready"]
     assert "needs a worker of class 1m or larger; none is live" in format_status(s)
     assert job_status(store, job, live_classes=[2**30])["no_worker_fits"] == []
+
+
+def test_local_workers_share_a_job_and_give_the_same_bytes(files, tmp_path):
+    """`run --workers 3` (no broker): three local processes take the tasks of one job between them; the
+    export equals the one-process run's, and every task was computed exactly once."""
+    model, calib = files
+    common = ["run", str(model), "--calib", str(calib), "--group-size", "32", "--samples", "6", "--seq-len", "512",
+              "--shard-tokens", "45", "--quiet"]
+    runner = CliRunner()
+    one = runner.invoke(main, common + ["--store", str(tmp_path / "s1"), "--out", str(tmp_path / "o1")], env={"TLQ_BROKER_URL": ""})
+    assert one.exit_code == 0, one.output
+    three = runner.invoke(main, common + ["--store", str(tmp_path / "s3"), "--out", str(tmp_path / "o3"), "--workers", "3"],
+                          env={"TLQ_BROKER_URL": ""})
+    assert three.exit_code == 0, three.output
+    assert export_bytes(tmp_path / "o3") == export_bytes(tmp_path / "o1")
+    store = LocalStore(tmp_path / "s3")
+    job = three.output.split("job ")[1].split()[0]
+    records = [get_json(store, k) for k in store.list_committed(keys.tasks_prefix(job))]
+    computed = [r for r in records if r.get("status", "computed") == "computed"]
+    names = [r["task"] for r in computed]
+    assert len(names) == len(set(names)), "a task was computed twice"
+    assert len({r["worker"] for r in computed}) > 1, "the work was not shared"

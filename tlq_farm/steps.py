@@ -531,26 +531,69 @@ class JobStuck(RuntimeError):
     """Nothing is ready and the export is not committed: staged inputs are missing."""
 
 
+def _claim(claims: Path, task: Task) -> bool:
+    """Take a task for this process among local processes sharing `claims` (a folder); False if taken."""
+    try:
+        os.close(os.open(claims / task.name.replace("/", "_"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _release(claims: Path, task: Task) -> None:
+    # Released after the task, so a task that becomes ready again (its output found corrupt) can rerun.
+    (claims / task.name.replace("/", "_")).unlink(missing_ok=True)
+
+
 def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: None, max_tasks: int | None = None,
-                 worker: dict | None = None) -> bool:
+                 worker: dict | None = None, claims: str | Path | None = None, progress: bool = False) -> bool:
     """Run a job's tasks in this process through the reconciler until the export is committed.
 
+    claims: a folder shared by several local processes running the same job (`tlq-farm run --workers N`):
+    each task is taken by one of them; a process with nothing to take waits for the others.
     Returns True when the job is done (False when max_tasks computed tasks were run first, or cancelled)."""
+    from tqdm.auto import tqdm
+
+    claims = Path(claims) if claims is not None else None
     computed = 0
-    while True:
-        if is_cancelled(store, job):
-            return False
-        _, _, _, rec = reconcile_job(store, job)
-        if rec.done:
-            return True
-        if not rec.ready:
-            raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
-                           f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
-        for task in rec.ready:
-            if max_tasks is not None and computed >= max_tasks:
+    cache: dict = {}
+    bar = None
+    try:
+        while True:
+            if is_cancelled(store, job):
                 return False
-            status = execute(store, job, task, device=device, worker=worker or {"worker": "embedded"})
-            computed += status == "computed"
-            log(f"{task.name}: {status}")
-            if status == "input-missing":
-                break  # an input was found corrupt and deleted: reconcile again so its producer reruns
+            _, committed, _, rec = reconcile_job(store, job, cache)
+            if progress:
+                if bar is None:
+                    bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)
+                bar.total = bar.n + rec.needed
+                bar.refresh()
+            if rec.done:
+                return True
+            if not rec.ready:
+                raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
+                               f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
+            ran = False
+            for task in rec.ready:
+                if max_tasks is not None and computed >= max_tasks:
+                    return False
+                if claims is not None and not _claim(claims, task):
+                    continue
+                try:
+                    status = execute(store, job, task, device=device, worker=worker or {"worker": "embedded"})
+                finally:
+                    if claims is not None:
+                        _release(claims, task)
+                ran = True
+                computed += status == "computed"
+                log(f"{task.name}: {status}")
+                if bar is not None:
+                    bar.set_postfix_str(task.name, refresh=False)
+                    bar.update(1)
+                if status == "input-missing":
+                    break  # an input was found corrupt and deleted: reconcile again so its producer reruns
+            if not ran:
+                time.sleep(0.05)  # every ready task is being computed by another local process
+    finally:
+        if bar is not None:
+            bar.close()
