@@ -165,10 +165,10 @@ def train(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    steps: int = 1000,
+    steps: int = 800,
     batch_size: int = 32,
-    lr: float = 3e-3,
-    vision_lr_scale: float = 2.0,
+    lr: float = 1e-3,
+    vision_lr_scale: float = 1.0,
     warmup: int = 30,
     threads: int = 1,
     log_every: int = 50,
@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo VLM from scratch on CPU.")
     parser.add_argument("--out", required=True, help="folder for the trained model and processor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and of the training stream")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--vision-lr-scale", type=float, default=2.0,
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the vision tower and merger")
     parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
     parser.add_argument("--max-turns", type=int, default=1, help="questions per training image, at most")
