@@ -44,3 +44,16 @@ def calib_jsonl(tmp_path_factory):
     path = root / "calib.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def first_block_inputs(model_dir, calib_path, n: int):
+    """(decoder blocks, encoded samples, block-0 sample inputs) of a model on n calibration samples."""
+    from tlq_farm import block as B
+    from tlq_farm.calib.data import load_calibration, model_inputs
+    from tlq_farm.models.adapter import find_layout, load_model
+
+    model, proc = load_model(str(model_dir))
+    blocks = find_layout(model).decoder_blocks(model)
+    samples = load_calibration(calib_path, proc, samples=n, seq_len=512, seed=0).samples
+    caps = [B.capture(model, blocks, model_inputs(s)) for s in samples]
+    return blocks, samples, [(c.hidden, c.kwargs(0)) for c in caps]

@@ -1,6 +1,7 @@
 """Model adapters: the layout found by structure, and blocks run alone == blocks inside the full forward."""
 
 import pytest
+from conftest import first_block_inputs
 import torch
 from torch import nn
 
@@ -105,11 +106,7 @@ def test_load_model_rejects_a_folder_without_config(tmp_path):
 
 def test_shared_input_statistics_equal_separate_ones(tiny_models, calib_jsonl):
     """q/k/v share one input: their statistics, computed once, equal each linear's computed alone."""
-    model, proc = load_model(str(tiny_models("qwen2_vl")))
-    blocks = find_layout(model).decoder_blocks(model)
-    samples = load_calibration(calib_jsonl, proc, samples=2, seq_len=512, seed=0).samples
-    caps = [B.capture(model, blocks, model_inputs(s)) for s in samples]
-    inputs = [(c.hidden, c.kwargs(0)) for c in caps]
+    blocks, samples, inputs = first_block_inputs(tiny_models("qwen2_vl"), calib_jsonl, 2)
     weights = [torch.rand(s["attention_mask"].numel(), generator=torch.Generator().manual_seed(i)) for i, s in enumerate(samples)]
     group = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     together = B.accumulate_stats(blocks[0], inputs, weights, group)

@@ -4,6 +4,7 @@ the export loads in transformers and reproduces the fake-quantized model."""
 import json
 
 import pytest
+from conftest import first_block_inputs
 import torch
 from click.testing import CliRunner
 
@@ -102,11 +103,7 @@ def test_calib_required_with_a_model(tmp_path, tiny_models):
 
 def test_gptq_objective_not_above_rtn_on_real_activations(tiny_models, calib_jsonl):
     """On the activations a real model feeds its first block, GPTQ's weighted objective <= RTN's, per layer."""
-    model, proc = load_model(str(tiny_models("qwen2_vl")))
-    blocks = find_layout(model).decoder_blocks(model)
-    samples = load_calibration(calib_jsonl, proc, samples=6, seq_len=512, seed=0).samples
-    caps = [B.capture(model, blocks, model_inputs(s)) for s in samples]
-    inputs = [(c.hidden, c.kwargs(0)) for c in caps]
+    blocks, samples, inputs = first_block_inputs(tiny_models("qwen2_vl"), calib_jsonl, 6)
     names = linear_names(blocks[0])
     weights = [s["attention_mask"].reshape(-1).float() for s in samples]
     stats = B.accumulate_stats(blocks[0], inputs, weights, names)
