@@ -46,14 +46,16 @@ def calib_jsonl(tmp_path_factory):
     return path
 
 
-def first_block_inputs(model_dir, calib_path, n: int):
-    """(decoder blocks, encoded samples, block-0 sample inputs) of a model on n calibration samples."""
+def first_block_inputs(model_dir, calib_path, n: int, *, vision: bool = False):
+    """(blocks, encoded samples, block-0 sample inputs) of a model on n calibration samples; the decoder
+    blocks, or with vision=True the vision tower's."""
     from tlq_farm import block as B
     from tlq_farm.calib.data import load_calibration, model_inputs
     from tlq_farm.models.adapter import find_layout, load_model
 
     model, proc = load_model(str(model_dir))
-    blocks = find_layout(model).decoder_blocks(model)
+    layout = find_layout(model)
+    blocks = layout.vision_block_list(model) if vision else layout.decoder_blocks(model)
     samples = load_calibration(calib_path, proc, samples=n, seq_len=512, seed=0).samples
     caps = [B.capture(model, blocks, model_inputs(s)) for s in samples]
     return blocks, samples, [(c.hidden, c.kwargs(0)) for c in caps]

@@ -55,21 +55,15 @@ def test_block_chain_equals_full_forward(tiny_models, calib_jsonl, arch):
 
 
 def test_true_sequential_groups_follow_the_data_flow(tiny_models, calib_jsonl):
-    model, proc = load_model(str(tiny_models("llama")))
-    blocks = find_layout(model).decoder_blocks(model)
-    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
-    cap = B.capture(model, blocks, model_inputs(sample))
-    groups = B.sequential_groups(blocks[0], (cap.hidden, cap.kwargs(0)), linear_names(blocks[0]))
+    blocks, _, inputs = first_block_inputs(tiny_models("llama"), calib_jsonl, 1)
+    groups = B.sequential_groups(blocks[0], inputs[0], linear_names(blocks[0]))
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def test_vision_tower_groups(tiny_models, calib_jsonl):
-    model, proc = load_model(str(tiny_models("qwen2_vl")))
-    vblocks = find_layout(model).vision_block_list(model)
-    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
-    cap = B.capture(model, vblocks, model_inputs(sample))
-    groups = B.sequential_groups(vblocks[0], (cap.hidden, cap.kwargs(0)), linear_names(vblocks[0]))
+    vblocks, _, inputs = first_block_inputs(tiny_models("qwen2_vl"), calib_jsonl, 1, vision=True)
+    groups = B.sequential_groups(vblocks[0], inputs[0], linear_names(vblocks[0]))
     assert groups == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
 
 
