@@ -354,7 +354,7 @@ def blind_scores(model: str, heldout_jsonl: str, *, samples: int = 60) -> dict:
 
     from coordinator.eval_cmd import load_for_eval, prepare_eval_set, score_prepared
     from tlq_farm.calib.encode import encode_example
-    from tlq_farm.demo.scenes import BACKGROUND
+    from tlq_farm.demo.scenes import blank_canvas
     from tlq_farm.evaluate import answer_positions, read_jsonl_rows
 
     fp, processor, _ = load_for_eval(model)
@@ -362,7 +362,7 @@ def blind_scores(model: str, heldout_jsonl: str, *, samples: int = 60) -> dict:
     blind = []
     for row in read_jsonl_rows(heldout_jsonl, samples):
         sizes = [Image.open(p).size for p in row["image_paths"]]
-        images = [Image.new("RGB", size, BACKGROUND) for size in sizes]
+        images = [blank_canvas().resize(size) for size in sizes]
         full = encode_example(processor, images, row["prompt"], row["answer"])
         positions, targets = answer_positions(full["labels"])
         blind.append({"answer": row["answer"], "prompt_inputs": encode_example(processor, images, row["prompt"], None),

@@ -23,6 +23,9 @@ ROLE_WORDS = ["system", "user", "assistant"]
 PATCH_SIZE = 8
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
+# The LM's rotary base and its split into (temporal, height, width) frequencies; see build_config.
+ROPE_THETA = 100.0
+MROPE_SECTION = (2, 4, 10)
 
 # Qwen2-VL's layout, with the words separated by whitespace (the word-level tokenizer drops it).
 CHAT_TEMPLATE = (
@@ -89,7 +92,10 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 128, 
     """Config of the demo model: tiny vision tower (depth 2, width 64), 4-layer LM with grouped KV heads.
 
     All decoder linear in-features (128 and the MLP width 384) are multiples of 32 and 64.
-    head_dim 32 -> 16 rotary frequencies, split as mrope_section [4, 6, 6] (temporal, height, width).
+    head_dim 32 -> 16 rotary frequencies theta^(-i/16), split as mrope_section [2, 4, 10] (temporal,
+    height, width). M-RoPE gives the width the lowest frequencies; with Qwen2-VL's theta 1e4 and an 8-token
+    wide image they turn by under 0.05 rad from the left column to the right one, so attention cannot
+    tell the columns apart. theta 100 and ten width frequencies turn the rightmost column by up to 1.2 rad.
     """
     ids = tokenizer.convert_tokens_to_ids
     text_config = {
@@ -102,7 +108,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 128, 
         "head_dim": 32,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": list(MROPE_SECTION)},
         "bos_token_id": None,
         "eos_token_id": ids(IM_END),
         "pad_token_id": ids(PAD),

@@ -1,6 +1,7 @@
 """Procedurally drawn scenes and questions for the demo VLM.
 
-Each sample is a small picture of coloured shapes (or a seven-segment digit) on a plain background,
+Each sample is a small picture of coloured shapes (or a seven-segment digit) on a plain background
+(a faint colour ramp, see BACKGROUND_RAMP),
 with a question whose one- or two-word answer can only be read from the picture. Drawing uses PIL
 primitives only (no fonts), so the pixels are the same on every machine for a given seed.
 
@@ -10,6 +11,7 @@ CLI: python -m tlq_farm.demo.scenes --n 500 --seed 7 --out DIR
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from pathlib import Path
@@ -17,7 +19,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 128
+# The background: a faint ramp, red from left to right and blue from top to bottom, around a light grey.
+# Qwen2-VL's vision tower has no absolute position embedding (2D RoPE only), so on a uniform background
+# no vision token can tell where in the picture it is and "left or right" stays at chance; the ramp
+# lets every patch that shows some background know its place, as the varied content of a photo does.
 BACKGROUND = (236, 236, 236)
+BACKGROUND_RAMP = 12  # +-12 levels of red across the width and of blue down the height
 
 COLORS = {
     "red": (220, 40, 40),
@@ -133,8 +140,25 @@ def _random_size(rng: random.Random, label: str | None = None) -> tuple[str, int
     return label, rng.randint(lo, hi)
 
 
+def _ramp(i: int) -> int:
+    """Offset of pixel row/column i on the background ramp: -BACKGROUND_RAMP .. +BACKGROUND_RAMP."""
+    return round(BACKGROUND_RAMP * (2 * i / (IMAGE_SIZE - 1) - 1))
+
+
+@functools.cache
+def _background_bytes() -> bytes:
+    r, g, b = BACKGROUND
+    return bytes(channel for y in range(IMAGE_SIZE) for x in range(IMAGE_SIZE)
+                 for channel in (r + _ramp(x), g, b + _ramp(y)))
+
+
+def blank_canvas() -> Image.Image:
+    """A new image of the background alone (what every scene is drawn on)."""
+    return Image.frombytes("RGB", (IMAGE_SIZE, IMAGE_SIZE), _background_bytes())
+
+
 def _new_canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    image = blank_canvas()
     return image, ImageDraw.Draw(image)
 
 

@@ -165,14 +165,14 @@ def train(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    steps: int = 800,
+    steps: int = 2000,
     batch_size: int = 32,
     lr: float = 1e-3,
     vision_lr_scale: float = 1.0,
     warmup: int = 30,
-    threads: int = 1,
+    threads: int = 2,
     log_every: int = 50,
-    max_turns: int = 1,
+    max_turns: int = 3,
     caption_rate: float = 0.5,
     probe_per_kind: int = 16,
     snapshot_every: int = 0,
@@ -245,16 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo VLM from scratch on CPU.")
     parser.add_argument("--out", required=True, help="folder for the trained model and processor")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and of the training stream")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the vision tower and merger")
     parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
-    parser.add_argument("--max-turns", type=int, default=1, help="questions per training image, at most")
+    parser.add_argument("--max-turns", type=int, default=3, help="questions per training image, at most")
     parser.add_argument("--caption-rate", type=float, default=0.5,
                         help="share of training chats that end with a description of the picture")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducibility)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for reproducibility)")
     parser.add_argument("--log-every", type=int, default=50, help="steps between loss and probe reports")
     parser.add_argument("--snapshot-every", type=int, default=0, help="also save <out>-step<N> every N steps")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out samples to score after training")
