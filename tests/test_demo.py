@@ -88,9 +88,9 @@ def test_scene_answers_match_the_pixels():
         assert 1 <= count <= scenes.MAX_COUNT
         assert _count_blobs(image) == count
     # An object scene: the side answer agrees with the mean column of the object's pixels.
+    background = scenes.blank_canvas()
     for seed in range(30):
         image, questions = scenes.make_scene(random.Random(seed), "position")
-        background = scenes.blank_canvas()
         columns = [x for x in range(image.width) for y in range(image.height)
                    if image.getpixel((x, y)) != background.getpixel((x, y))]
         mean_column = sum(columns) / len(columns)

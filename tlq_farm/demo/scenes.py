@@ -1,9 +1,9 @@
 """Procedurally drawn scenes and questions for the demo VLM.
 
 Each sample is a small picture of coloured shapes (or a seven-segment digit) on a plain background
-(a faint colour ramp, see BACKGROUND_RAMP),
-with a question whose one- or two-word answer can only be read from the picture. Drawing uses PIL
-primitives only (no fonts), so the pixels are the same on every machine for a given seed.
+(a faint colour ramp, see BACKGROUND_RAMP), with a question whose one- or two-word answer can only
+be read from the picture. Drawing uses PIL primitives only (no fonts), so the pixels are the same on
+every machine for a given seed.
 
 CLI: python -m tlq_farm.demo.scenes --n 500 --seed 7 --out DIR
 """

@@ -9,6 +9,7 @@ arguments: the same seed, step count and thread count give the same weights.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import random
@@ -242,21 +243,22 @@ def _save(model, processor, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     parser = argparse.ArgumentParser(description="Train the demo VLM from scratch on CPU.")
     parser.add_argument("--out", required=True, help="folder for the trained model and processor")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init and of the training stream")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the init and of the training stream")
+    parser.add_argument("--steps", type=int, default=defaults["steps"])
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--lr", type=float, default=defaults["lr"])
+    parser.add_argument("--vision-lr-scale", type=float, default=defaults["vision_lr_scale"],
                         help="learning-rate multiplier of the vision tower and merger")
-    parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
-    parser.add_argument("--max-turns", type=int, default=3, help="questions per training image, at most")
-    parser.add_argument("--caption-rate", type=float, default=0.5,
+    parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="linear warmup steps")
+    parser.add_argument("--max-turns", type=int, default=defaults["max_turns"], help="questions per training image, at most")
+    parser.add_argument("--caption-rate", type=float, default=defaults["caption_rate"],
                         help="share of training chats that end with a description of the picture")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for reproducibility)")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between loss and probe reports")
-    parser.add_argument("--snapshot-every", type=int, default=0, help="also save <out>-step<N> every N steps")
+    parser.add_argument("--threads", type=int, default=defaults["threads"], help="torch threads (fixed for reproducibility)")
+    parser.add_argument("--log-every", type=int, default=defaults["log_every"], help="steps between loss and probe reports")
+    parser.add_argument("--snapshot-every", type=int, default=defaults["snapshot_every"], help="also save <out>-step<N> every N steps")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out samples to score after training")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
