@@ -1,9 +1,10 @@
 """Train the demo VLM from scratch on CPU.
 
-python -m tlq_farm.demo.train --out tlq_farm/demo/model --seed 0
+python -m tlq_farm.demo.train --recipe --out tlq_farm/demo/model      # the shipped weights (three stages)
+python -m tlq_farm.demo.train --out DIR --seed 0 [--init DIR0 ...]       # one stage
 
 Every step draws fresh scenes from a generator seeded by --seed, so the run is a pure function of its
-arguments: the same seed, step count and thread count give the same weights.
+arguments: the same seed, step count, thread count and starting model give the same weights.
 """
 
 from __future__ import annotations
@@ -104,16 +105,26 @@ def encode_conversations(processor, scenes_with_questions: list) -> list[dict]:
 
 
 def draw_training_chats(rng: random.Random, batch_size: int, max_turns: int = 1, *,
-                        caption_rate: float = 0.5) -> list:
-    """`batch_size` scenes, each with 1..max_turns of its questions (the first of a uniformly drawn kind).
+                        caption_rate: float = 0.5, kind_weights: dict[str, float] | None = None) -> list:
+    """`batch_size` scenes, each with 1..max_turns of its questions (the first of a drawn kind).
+
+    The first question's kind is uniform (the scene generator's own draw, as at evaluation) when
+    `kind_weights` is None; otherwise it is drawn with these relative weights (kinds left out: 0).
 
     With probability `caption_rate` the chat ends with a description of the whole picture
     ("describe the picture ?" -> "big red circle"): dense, image-only supervision, as in captioning
     pre-training. The first turn is always a question, as at evaluation.
     """
+    kinds = list(scenes.QUESTION_KINDS)
+    if kind_weights is not None:
+        if set(kind_weights) - set(kinds) or min(kind_weights.values()) < 0 or sum(kind_weights.values()) <= 0:
+            raise ValueError(f"kind_weights needs weights >= 0, not all 0, for kinds among {', '.join(kinds)}; "
+                             f"got {kind_weights}")
+        weights = [kind_weights.get(k, 0.0) for k in kinds]
     chats = []
     for _ in range(batch_size):
-        image, questions = scenes.make_scene(rng)
+        kind = None if kind_weights is None else rng.choices(kinds, weights=weights)[0]
+        image, questions = scenes.make_scene(rng, kind)
         caption = [q for q in questions if q[0] == scenes.CAPTION_PROMPT]
         asked = [q for q in questions if q[0] != scenes.CAPTION_PROMPT][: rng.randint(1, max_turns)]
         chats.append((image, asked + caption if rng.random() < caption_rate else asked))
@@ -177,8 +188,14 @@ def train(
     caption_rate: float = 0.5,
     probe_per_kind: int = 16,
     snapshot_every: int = 0,
+    kind_weights: dict[str, float] | None = None,
+    init: str | Path | None = None,
 ) -> Path:
-    """Train a fresh demo model and save it (weights + processor) to `out_dir`.
+    """Train a demo model and save it (weights + processor) to `out_dir`.
+
+    The model starts from a random init drawn with `seed`, or from the saved demo model in `init` (a
+    second stage: training goes on with a new stream, schedule and `kind_weights`, see
+    draw_training_chats).
 
     `vision_lr_scale` multiplies the learning rate of the vision tower and merger, which start from
     nothing and have to become useful before any answer can depend on the picture. Every `log_every`
@@ -190,7 +207,10 @@ def train(
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(build_config(tokenizer))
+    if init is None:
+        model = build_model(build_config(tokenizer))
+    else:
+        model = _load_for_training(init)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}", flush=True)
@@ -211,7 +231,7 @@ def train(
     started = time.time()
     running = None
     for step in range(steps):
-        chats = draw_training_chats(rng, batch_size, max_turns, caption_rate=caption_rate)
+        chats = draw_training_chats(rng, batch_size, max_turns, caption_rate=caption_rate, kind_weights=kind_weights)
         encoded = encode_conversations(processor, chats)
         batch = pad_and_stack(encoded, tokenizer.pad_token_id)
         for group in optimizer.param_groups:
@@ -233,6 +253,49 @@ def train(
     return out_dir
 
 
+def check_init(model_dir: str | Path) -> Path:
+    """`model_dir` if it holds a saved demo model of the architecture and vocabulary build_config gives."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--init {model_dir}: no config.json there; give the folder of a saved demo model")
+    config = json.loads(config_path.read_text())
+    expected = build_config(build_tokenizer()).to_dict()
+
+    def sizes(c: dict) -> tuple:
+        text, vision = c.get("text_config", {}), c.get("vision_config", {})
+        return (c.get("model_type"), text.get("vocab_size"), text.get("hidden_size"),
+                text.get("num_hidden_layers"), vision.get("depth"), vision.get("embed_dim"))
+
+    if sizes(config) != sizes(expected):
+        raise ValueError(f"--init {model_dir}: not a demo model of this version (its architecture, vocabulary "
+                         "or sizes differ); train stage one from scratch first")
+    return model_dir
+
+
+def _load_for_training(model_dir: str | Path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(check_init(model_dir))
+
+
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """'shape=3,digit=4' -> weights for draw_training_chats; kinds not named get 1."""
+    weights = {kind: 1.0 for kind in scenes.QUESTION_KINDS}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in weights:
+            raise ValueError(f"bad kind weight {item!r}: write KIND=WEIGHT with KIND among "
+                             f"{', '.join(scenes.QUESTION_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"bad kind weight {item!r}: {value!r} is not a number") from None
+        if weights[kind] < 0:
+            raise ValueError(f"bad kind weight {item!r}: weights must be >= 0")
+    return weights
+
+
 def _save(model, processor, out_dir: Path) -> None:
     """Save weights and processor (the model goes back to train mode afterwards)."""
     model.eval()
@@ -240,6 +303,39 @@ def _save(model, processor, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     model.train()
+
+
+# The shipped weights: three runs of train(), each stage starting from the one before (docs/demo.md).
+# Stage one learns colour, size, side, count and the digit's colour; shape and the digit stall there
+# (0.60 and 0.44), and the later stages ask about them more often until the vision tower separates them.
+RECIPE = (
+    {"seed": 0, "steps": 2000},
+    {"seed": 1, "steps": 800, "lr": 3e-4, "kind_weights": "shape=3,digit=4,count=1.5"},
+    {"seed": 2, "steps": 1200, "lr": 5e-4, "vision_lr_scale": 3.0, "threads": 1,
+     "kind_weights": "shape=4,digit=6,count=1.5"},
+)
+
+
+def train_recipe(out_dir: str | Path, stages=RECIPE, *, stage_dir: str | Path | None = None, **common) -> Path:
+    """Run `stages` (train() keyword sets; kind_weights as 'KIND=W,...' text) in order, each from the last.
+
+    Stage i < last is saved to `stage_dir`/stage<i> (a temporary folder if None), the last to `out_dir`.
+    `common` goes to every stage (log_every, probe_per_kind, snapshot_every).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(stage_dir) if stage_dir is not None else Path(tmp)
+        init = None
+        for number, stage in enumerate(stages, start=1):
+            kwargs = dict(stage)
+            if kwargs.get("kind_weights") is not None:
+                kwargs["kind_weights"] = parse_kind_weights(kwargs["kind_weights"])
+            last = number == len(stages)
+            target = Path(out_dir) if last else where / f"stage{number}"
+            print(f"stage {number}/{len(stages)}: {stage} -> {target}", flush=True)
+            init = train(target, init=init, **kwargs, **common)
+    return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,13 +356,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=defaults["log_every"], help="steps between loss and probe reports")
     parser.add_argument("--snapshot-every", type=int, default=defaults["snapshot_every"], help="also save <out>-step<N> every N steps")
     parser.add_argument("--eval-n", type=int, default=0, help="held-out samples to score after training")
+    parser.add_argument("--init", default=None, help="start from this saved demo model instead of a random init")
+    parser.add_argument("--kind-weights", default=None,
+                        help="how often each kind opens a chat, e.g. shape=3,digit=4 (others 1); default uniform")
+    parser.add_argument("--recipe", action="store_true",
+                        help="run the stages that made the shipped weights (RECIPE); only --out, --log-every, "
+                             "--snapshot-every, --eval-n and --keep-stages apply")
+    parser.add_argument("--keep-stages", default=None, help="with --recipe: save the earlier stages in this folder")
     args = parser.parse_args(argv)
-    if args.steps <= 0 or args.batch_size <= 0:
-        parser.error("--steps and --batch-size must be positive")
-    out = train(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                vision_lr_scale=args.vision_lr_scale, threads=args.threads, max_turns=args.max_turns,
-                warmup=args.warmup, caption_rate=args.caption_rate, log_every=args.log_every,
-                snapshot_every=args.snapshot_every)
+    if args.recipe:
+        tuned = [f"--{name.replace('_', '-')}" for name in ("seed", "steps", "batch_size", "lr", "vision_lr_scale", "warmup",
+                                                            "max_turns", "caption_rate", "threads")
+                 if getattr(args, name) != defaults[name]] + [opt for opt, v in (("--init", args.init),
+                                                               ("--kind-weights", args.kind_weights)) if v is not None]
+        if tuned:
+            parser.error(f"--recipe sets every stage's options itself; drop {', '.join(tuned)}")
+        out = train_recipe(args.out, stage_dir=args.keep_stages, log_every=args.log_every,
+                           snapshot_every=args.snapshot_every)
+    else:
+        if args.steps <= 0 or args.batch_size <= 0:
+            parser.error("--steps and --batch-size must be positive")
+        try:
+            kind_weights = None if args.kind_weights is None else parse_kind_weights(args.kind_weights)
+            if args.init is not None:
+                check_init(args.init)
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(str(exc))
+        out = train(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    vision_lr_scale=args.vision_lr_scale, threads=args.threads, max_turns=args.max_turns,
+                    warmup=args.warmup, caption_rate=args.caption_rate, log_every=args.log_every,
+                    snapshot_every=args.snapshot_every, kind_weights=kind_weights, init=args.init)
     if args.eval_n:
         print(f"held-out ({args.eval_n} samples, seed {HELD_OUT_SEED}): {score_held_out(out, args.eval_n)}",
               flush=True)
