@@ -320,7 +320,7 @@ def train_recipe(out_dir: str | Path, stages=RECIPE, *, stage_dir: str | Path | 
     """Run `stages` (train() keyword sets; kind_weights as 'KIND=W,...' text) in order, each from the last.
 
     Stage i < last is saved to `stage_dir`/stage<i> (a temporary folder if None), the last to `out_dir`.
-    `common` goes to every stage (log_every, probe_per_kind, snapshot_every).
+    `common` goes to every stage (log_every, probe_per_kind, snapshot_every) unless the stage sets it.
     """
     import tempfile
 
@@ -334,7 +334,7 @@ def train_recipe(out_dir: str | Path, stages=RECIPE, *, stage_dir: str | Path | 
             last = number == len(stages)
             target = Path(out_dir) if last else where / f"stage{number}"
             print(f"stage {number}/{len(stages)}: {stage} -> {target}", flush=True)
-            init = train(target, init=init, **kwargs, **common)
+            init = train(target, init=init, **{**common, **kwargs})  # a stage's own setting wins
     return Path(out_dir)
 
 
