@@ -94,6 +94,7 @@ def test_training_chats_draw_the_first_kind_by_its_weight():
 @pytest.mark.parametrize("text, message", [
     ("shape", "write KIND=WEIGHT"), ("weather=2", "write KIND=WEIGHT"),
     ("digit=many", "is not a number"), ("digit=-1", "must be >= 0"),
+    (",".join(f"{kind}=0" for kind in scenes.QUESTION_KINDS), "not all 0"),
 ])
 def test_kind_weights_option_rejects_bad_input(text, message):
     with pytest.raises(ValueError, match=message):

@@ -117,9 +117,7 @@ def draw_training_chats(rng: random.Random, batch_size: int, max_turns: int = 1,
     """
     kinds = list(scenes.QUESTION_KINDS)
     if kind_weights is not None:
-        if set(kind_weights) - set(kinds) or min(kind_weights.values()) < 0 or sum(kind_weights.values()) <= 0:
-            raise ValueError(f"kind_weights needs weights >= 0, not all 0, for kinds among {', '.join(kinds)}; "
-                             f"got {kind_weights}")
+        check_kind_weights(kind_weights)
         weights = [kind_weights.get(k, 0.0) for k in kinds]
     chats = []
     for _ in range(batch_size):
@@ -279,6 +277,14 @@ def _load_for_training(model_dir: str | Path):
     return Qwen2VLForConditionalGeneration.from_pretrained(check_init(model_dir))
 
 
+def check_kind_weights(kind_weights: dict[str, float]) -> None:
+    """Raise ValueError unless the weights name known kinds only, are >= 0 and are not all 0."""
+    kinds = scenes.QUESTION_KINDS
+    if set(kind_weights) - set(kinds) or min(kind_weights.values()) < 0 or sum(kind_weights.values()) <= 0:
+        raise ValueError(f"kind_weights needs weights >= 0, not all 0, for kinds among {', '.join(kinds)}; "
+                         f"got {kind_weights}")
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """'shape=3,digit=4' -> weights for draw_training_chats; kinds not named get 1."""
     weights = {kind: 1.0 for kind in scenes.QUESTION_KINDS}
@@ -293,6 +299,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
             raise ValueError(f"bad kind weight {item!r}: {value!r} is not a number") from None
         if weights[kind] < 0:
             raise ValueError(f"bad kind weight {item!r}: weights must be >= 0")
+    check_kind_weights(weights)  # all zero is only wrong as a whole
     return weights
 
 
@@ -322,10 +329,12 @@ def train_recipe(out_dir: str | Path, stages=RECIPE, *, stage_dir: str | Path | 
     Stage i < last is saved to `stage_dir`/stage<i> (a temporary folder if None), the last to `out_dir`.
     `common` goes to every stage (log_every, probe_per_kind, snapshot_every) unless the stage sets it.
     """
+    import contextlib
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        where = Path(stage_dir) if stage_dir is not None else Path(tmp)
+    keep = contextlib.nullcontext(stage_dir) if stage_dir is not None else tempfile.TemporaryDirectory()
+    with keep as where:
+        where = Path(where)
         init = None
         for number, stage in enumerate(stages, start=1):
             kwargs = dict(stage)
@@ -365,10 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-stages", default=None, help="with --recipe: save the earlier stages in this folder")
     args = parser.parse_args(argv)
     if args.recipe:
-        tuned = [f"--{name.replace('_', '-')}" for name in ("seed", "steps", "batch_size", "lr", "vision_lr_scale", "warmup",
-                                                            "max_turns", "caption_rate", "threads")
-                 if getattr(args, name) != defaults[name]] + [opt for opt, v in (("--init", args.init),
-                                                               ("--kind-weights", args.kind_weights)) if v is not None]
+        stage_options = ("seed", "steps", "batch_size", "lr", "vision_lr_scale", "warmup", "max_turns",
+                         "caption_rate", "threads", "init", "kind_weights")
+        tuned = [f"--{name.replace('_', '-')}" for name in stage_options
+                 if getattr(args, name) != defaults[name]]
         if tuned:
             parser.error(f"--recipe sets every stage's options itself; drop {', '.join(tuned)}")
         out = train_recipe(args.out, stage_dir=args.keep_stages, log_every=args.log_every,
