@@ -128,7 +128,7 @@ def main():
                              stdout=subprocess.DEVNULL)
     broker = f"redis://127.0.0.1:{port}/0"
     env = dict(os.environ, TLQ_BROKER_URL=broker, AWS_ENDPOINT_URL=endpoint, TLQ_TORCH_THREADS="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TLQ_ALLOWED_STORES="s3://bench-farm")
     cli = str(Path(sys.executable).parent / "tlq-farm")
     farm_s = {}
     workers: list[subprocess.Popen] = []

@@ -34,11 +34,172 @@ def _user_errors():
     from tlq_farm.steps import JobStuck
     from tlq_farm.store import StoreError
 
+    from coordinator.jobs import ExportWriteError
+
     return (SpecError, CalibError, SampleTooLong, UnsupportedModel, FileExistsError, FileNotFoundError, StagingError,
-            JobStuck, StoreError)
+            JobStuck, StoreError, ExportWriteError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+DEFAULT_STORE = "tlq-runs"
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _safe_url(url: str | None) -> str:
+    """`url` with its password masked, fit to print."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return "(none)"
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(unparsable URL)"
+
+
+def _broker_message(error: Exception) -> str | None:
+    """A one-line message for a broker (Redis / kombu) error, None for other errors."""
+    import os
+
+    broker = _safe_url(os.environ.get("TLQ_BROKER_URL"))
+    text = _one_line(error) or type(error).__name__
+    refused_login = ("the broker {0} refused the login ({1}): check the password in --broker / TLQ_BROKER_URL "
+                     "(redis://:PASSWORD@HOST:6379/0)")
+    unreachable = ("cannot reach the broker {0} ({1}): check --broker / TLQ_BROKER_URL, and that Redis runs "
+                   "there and this machine may connect to it")
+    login_words = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password", "Authentication")
+    try:
+        import redis.exceptions as rx
+    except ImportError:  # pragma: no cover - redis comes with the farm's dependencies
+        rx = None
+    if rx is not None:
+        if isinstance(error, rx.AuthenticationError) or (isinstance(error, rx.ResponseError)
+                                                          and any(w in text for w in login_words)):
+            return refused_login.format(broker, text)
+        if isinstance(error, (rx.ConnectionError, rx.TimeoutError)):
+            return unreachable.format(broker, text)
+        if isinstance(error, rx.RedisError):
+            return f"the broker {broker} answered an error ({text}): check that --broker / TLQ_BROKER_URL is the farm's Redis"
+    try:
+        from kombu.exceptions import OperationalError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(error, OperationalError):
+        return (refused_login if any(w in text for w in login_words) else unreachable).format(broker, text)
+    return None
+
+
+def _known_error(error: Exception) -> str | None:
+    """The one-line message for an error a user can fix, None for a bug (which keeps its traceback)."""
+    import errno
+
+    if isinstance(error, _user_errors()):
+        return _one_line(error)
+    fixes = {errno.ENOSPC: "free space there or write elsewhere", errno.EACCES: "fix its permissions or write elsewhere",
+             errno.EROFS: "write elsewhere"}
+    if isinstance(error, OSError) and error.errno in fixes:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or _one_line(error)}{where}: {fixes[error.errno]}"
+    return _broker_message(error)
+
+
+class _Commands(click.Group):
+    """The `tlq-farm` group: a known failure of any command ends in a one-line error, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            message = _known_error(error)
+            if message is None:
+                raise
+            raise click.ClickException(message) from error
+
+
+def _check_job_id(job: str) -> str:
+    """`job` if it is a valid job id, else a one-line error (ids become store paths: no '../')."""
+    from tlq_farm.store import keys
+
+    try:
+        keys.job_prefix(job)
+    except ValueError as e:
+        raise click.ClickException(f"{e}; list the jobs of a store with `tlq-farm jobs --store URL`") from None
+    return job
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is staged or loaded."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise click.ClickException(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise click.ClickException(f"--device {device}: only cpu and cuda devices are supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                                   "False); use --device cpu, or run where a GPU and its driver are present")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise click.ClickException(f"--device {device}: this machine has {count} visible GPU(s), numbered "
+                                   f"0..{count - 1}; pass one of them (CUDA_VISIBLE_DEVICES limits what is visible)")
+
+
+def _relation(path: Path, other: Path) -> str | None:
+    """How `path` overlaps `other` ("is", "contains", "lies inside"), None when they are apart."""
+    if path == other:
+        return "is"
+    if other.is_relative_to(path):
+        return "contains"
+    if path.is_relative_to(other):
+        return "lies inside"
+    return None
+
+
+def _check_out_apart(out_dir: Path, *, model: str | None = None, calib: str | None = None,
+                     store_folder: Path | None = None) -> None:
+    """Refuse an --out that overlaps an input or the store: writing an export there (and, with --overwrite,
+    first deleting the folder) would destroy what the job reads from or keeps its state in."""
+    out = out_dir.expanduser().resolve()
+    inputs = []
+    if model is not None:
+        inputs.append(("the model folder", Path(model).expanduser().resolve()))
+    if calib is not None:
+        calib_path = Path(calib).expanduser().resolve()
+        inputs.append(("the calibration data" if calib_path.is_file() else "the calibration folder", calib_path))
+    for label, path in inputs:
+        rel = _relation(out, path)
+        if rel:
+            raise click.ClickException(f"--out {out_dir} {rel} {label} {path}: the export would overwrite it; "
+                                       "choose an --out outside it")
+    if store_folder is not None:
+        # The store owns its jobs/ and .locks/ folders; other names beside them (the default
+        # ./tlq-runs/<model>-<scheme> exports) are free.
+        from tlq_farm.store import keys
+        from tlq_farm.store.local import LOCK_FOLDER
+
+        rel = _relation(out, store_folder)
+        owned = [store_folder / keys.JOBS, store_folder / LOCK_FOLDER]
+        if rel in ("is", "contains") or any(_relation(out, o) for o in owned):
+            raise click.ClickException(f"--out {out_dir} {rel} the store folder {store_folder}: the export would "
+                                       "overwrite the jobs kept there; choose an --out outside it (or beside its "
+                                       "jobs/ folder)")
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tlq-farm")
 def main() -> None:
     """Token-importance-weighted, layer-wise post-training quantization of vision-language models."""
@@ -52,33 +213,40 @@ def main() -> None:
 @click.option("--group-size", default=128, show_default=True, type=int, help="Columns per scale group; -1 for per-channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric grid (no zero point) or asymmetric.")
 @click.option("--act-bits", type=click.Choice(["8"]), default=None, help="Dynamic per-token int8 activations (W4A8 / W8A8).")
-@click.option("--method", type=click.Choice(METHODS), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="gptq", show_default=True,
+              help="rtn: round to nearest; gptq: GPTQ on the quantized chain; gptaq: GPTQ pulled towards the full-precision chain.")
 @click.option("--importance", type=click.Choice(IMPORTANCE), default="uniform", show_default=True, help="Token-importance strategy for the Hessian.")
-@click.option("--samples", default=128, show_default=True, type=int)
+@click.option("--samples", default=128, show_default=True, type=int, help="Calibration samples: the first N rows after a seeded shuffle.")
 @click.option("--seq-len", default=2048, show_default=True, type=int, help="Longest sample in tokens; longer ones are skipped and counted.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--act-order/--no-act-order", default=False, show_default=True)
-@click.option("--static-groups/--no-static-groups", default=False, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration shuffle.")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="GPTQ: quantize columns in order of decreasing Hessian diagonal.")
+@click.option("--static-groups/--no-static-groups", default=False, show_default=True,
+              help="With --act-order: fix the scale groups before reordering (the compressed format needs it).")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="Damping as a fraction of mean(diag H).")
 @click.option("--blocksize", default=128, show_default=True, type=int, help="GPTQ lazy-update block size.")
-@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Solve a block's groups (qkv, o, gate/up, down) in order, each on the outputs of those before it.")
 @click.option("--quantize-vision", is_flag=True, help="Quantize the vision tower's blocks too (kept full precision by default).")
 @click.option("--tlq-keep", default=0.5, show_default=True, type=float, help="tlq: fraction of vision tokens kept in the token-level calibration set.")
 @click.option("--qig-steps", default=32, show_default=True, type=int, help="qig: integration steps.")
-@click.option("--format", "fmt", type=click.Choice(["compressed", "fake"]), default="compressed", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["compressed", "fake"]), default="compressed", show_default=True,
+              help="compressed: a compressed-tensors checkpoint; fake: plain dequantized weights.")
 @click.option("--shard-tokens", default=8192, show_default=True, type=int, help="Calibration tokens per shard (shards are fixed by the job, not by the workers).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (embedded and in-memory runs).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--broker", envvar="TLQ_BROKER_URL", help="Redis URL of the farm [env TLQ_BROKER_URL]; without one the job runs embedded, in this process.")
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store: s3://BUCKET/PREFIX or a folder [env TLQ_STORE_URL; default ./tlq-runs].")
+@click.option("--create-store", is_flag=True,
+              help="Create the --store folder or bucket if it does not exist (otherwise a missing one is an error).")
 @click.option("--detach", is_flag=True, help="Farm: stage and enqueue, print the job id and return at once.")
 @click.option("--in-memory", is_flag=True, help="Run the in-memory reference pipeline (no store, no tasks).")
 @click.option("--workers", "n_workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
         static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, device,
-        overwrite, quiet, broker, store_url, detach, in_memory, n_workers):
+        overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
     """Quantize MODEL_DIR (default: the bundled demo VLM) and export it.
 
     With no broker the job's tasks run here, through the same store and reconciler as on a farm; with
@@ -97,35 +265,54 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
                    shard_tokens=shard_tokens)
     out_dir = Path(out) if out else _default_out(model_dir, q)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if not broker or in_memory or quantize_vision:  # the device is used only where this process computes
+        _check_device(device)
     try:
         spec.validate()
+        _check_out_apart(out_dir, model=str(model_dir), calib=str(calib), store_folder=_store_folder(store_url))
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not detach:
-            raise FileExistsError(f"output folder {out_dir} is not empty: choose another --out or pass --overwrite")
+            # An earlier export there may be this very job's (a rerun after the coordinator died between the
+            # download and its exit): checked file by file once the job id is known.
+            if in_memory or quantize_vision or not (out_dir / "tlq_report.json").is_file():
+                raise FileExistsError(f"output folder {out_dir} is not empty: choose another --out or pass "
+                                      f"--overwrite")
         if in_memory or quantize_vision:
             if quantize_vision and not in_memory:
                 log("--quantize-vision runs in memory (the farm does not split the vision tower yet)")
-            _run_in_memory(spec, out_dir, device, quiet, overwrite)
+            try:
+                _run_in_memory(spec, out_dir, device, quiet, overwrite)
+            except KeyboardInterrupt:
+                click.echo("interrupted: an in-memory run keeps nothing; run the same command again to start over",
+                           err=True)
+                raise click.exceptions.Exit(INTERRUPTED) from None
             return
-        store = _open_store(store_url)
+        if broker:
+            _set_broker(broker)  # before staging: a broker that cannot be reached leaves nothing staged
+        # The default folder may be made (the first `tlq-farm run` on a fresh machine); a named store must exist.
+        store = _open_store(store_url, create=create_store or not store_url, run=True)
         from tlq_farm.staging import stage_job
 
-        job, attached = stage_job(store, spec, log=log)
-        click.echo(f"job {job} {'(attached to the existing job)' if attached else '(staged)'} in {store.url}", err=True)
-        if not broker:
-            from tlq_farm.steps import run_embedded
+        job = None
+        try:
+            # What the data did not give is said even with --quiet, which hides only progress.
+            job, attached = stage_job(store, spec, log=log, warn=lambda m: click.echo(m, err=True))
+            click.echo(f"job {job} {'(attached to the existing job)' if attached else '(staged)'} in {store.url}", err=True)
+            if not broker:
+                from tlq_farm.steps import run_embedded
 
-            if n_workers > 1:
-                from coordinator.local_pool import run_pool
+                if n_workers > 1:
+                    from coordinator.local_pool import run_pool
 
-                try:
-                    run_pool(store.url, job, workers=n_workers, device=device)
-                except RuntimeError as e:
-                    raise click.ClickException(str(e)) from e
-            else:
-                run_embedded(store, job, device=device, progress=not quiet)
-            _finish(store, job, out_dir, overwrite)
-            return
-        _set_broker(broker)
+                    try:
+                        run_pool(store.url, job, workers=n_workers, device=device)
+                    except RuntimeError as e:
+                        raise click.ClickException(str(e)) from e
+                else:
+                    run_embedded(store, job, device=device, progress=not quiet)
+                _finish(store, job, out_dir, overwrite)
+                return
+        except KeyboardInterrupt:
+            _interrupted(store, job, "run the same command again")
         from worker import dispatch
 
         dispatch.advance(store.url, job, store)
@@ -137,23 +324,55 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         raise click.ClickException(str(e)) from e
 
 
+def _interrupted(store, job, again: str):
+    """Ctrl-C in a run that computes here: say how to go on, and exit with the shell's Ctrl-C code."""
+    if job is None:
+        click.echo(f"interrupted while staging: {again} to stage the job (`tlq-farm prune --store {store.url}` "
+                   "removes the incomplete one)", err=True)
+    else:
+        click.echo(f"interrupted: job {job} keeps every task it finished; {again}, or "
+                   f"`tlq-farm resume {job} --store {store.url}`, to go on where it stopped", err=True)
+    raise click.exceptions.Exit(INTERRUPTED)
+
+
 def _run_in_memory(spec, out_dir, device, quiet, overwrite):
     from tlq_farm.pipeline import run_local
 
     report = run_local(spec, out_dir, device=device, progress=not quiet, log=lambda m: click.echo(m, err=True),
                        overwrite=overwrite)
     t = report["totals"]
-    click.echo(f"quantized {t['modules']} linears ({t['quantized_params']:,} weights), total loss {t['loss']:.4g}, "
+    click.echo(f"quantized {t['modules']} linears ({t['quantized_params']:,} weights), total loss "
+               f"{'n/a' if t['loss'] is None else format(t['loss'], '.4g')}, "
                f"{report['time']['total_s']:.1f}s -> {out_dir}")
 
 
-def _open_store(store_url):
-    from tlq_farm.store import open_store
+def _open_store(store_url, *, create: bool = False, run: bool = False):
+    """The job store of a command. Nothing is created unless `create`: only `run` creates a store (with
+    --create-store, or its default folder), so a mistyped folder or bucket is an error, not a new store."""
+    from tlq_farm.store import StoreMissing, open_store
 
-    store = open_store(store_url or "tlq-runs")
-    if hasattr(store, "ensure_bucket"):
-        store.ensure_bucket()
-    return store
+    try:
+        return open_store(store_url or DEFAULT_STORE, create=create)
+    except StoreMissing as e:
+        if not store_url:
+            fix = "it is made by the first `tlq-farm run`; or pass --store / set TLQ_STORE_URL"
+        elif run:
+            fix = "check the name (--store / TLQ_STORE_URL), or pass --create-store to create it"
+        else:
+            fix = "check the name (--store / TLQ_STORE_URL); `tlq-farm run --create-store` creates a new store"
+        raise click.ClickException(f"{e.what}: {fix}") from None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _store_folder(store_url) -> Path | None:
+    """The folder of a folder store (None for S3), without creating or opening anything."""
+    from tlq_farm.store import local_folder
+
+    try:
+        return local_folder(store_url or DEFAULT_STORE)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _set_broker(broker):
@@ -165,8 +384,26 @@ def _set_broker(broker):
     os.environ["TLQ_BROKER_URL"] = broker
     from worker import app as worker_app
 
-    worker_app.app.conf.broker_url = broker
-    worker_app._redis = None
+    worker_app.use_broker(broker)
+    _ping_broker(broker)
+
+
+def _ping_broker(broker: str, timeout_s: float = 5.0) -> None:
+    """Fail now, in one line, when the broker cannot be reached or refuses the login (not later, half way)."""
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return
+    import redis
+
+    try:
+        client = redis.Redis.from_url(broker, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    except ValueError as e:
+        raise click.ClickException(f"broker URL {_safe_url(broker)} is invalid ({e}): write redis://[:PASSWORD@]HOST:6379/0") from None
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise click.ClickException(_broker_message(e)) from None
+    finally:
+        client.close()
 
 
 def _finish(store, job, out_dir, overwrite):
@@ -177,7 +414,7 @@ def _finish(store, job, out_dir, overwrite):
     if rep:
         t = rep["totals"]
         click.echo(f"job {job}: quantized {t['modules']} linears ({t['quantized_params']:,} weights), "
-                   f"total loss {t['loss']:.4g} -> {out_dir}")
+                   f"total loss {'n/a' if t.get('loss') is None else format(t['loss'], '.4g')} -> {out_dir}")
     else:
         click.echo(f"job {job} -> {out_dir}")
 
@@ -196,8 +433,11 @@ def _live_workers(max_age_s: float = 60.0) -> list[dict]:
 def _status(store, job) -> dict:
     from coordinator.jobs import job_status
 
+    from worker import dispatch
+
     live = _live_workers()
-    s = job_status(store, job, [w.get("class_bytes", 0) for w in live])
+    s = job_status(store, job, [w.get("class_bytes", 0) for w in live],
+                   stall=lambda ready: dispatch.stall_reason(store.url, job, ready, dispatch.workers()))
     s["workers_live"] = len(live)
     s["workers_busy"] = sum(1 for w in live if w.get("task"))
     return s
@@ -220,7 +460,7 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
                 break
             if s["state"] == "cancelled":
                 raise click.ClickException(f"job {job} was cancelled")
-            if time.time() - last_advance > advance_every_s:
+            if s["state"] == "stalled" or time.time() - last_advance > advance_every_s:
                 dispatch.advance(store.url, job, store)
                 last_advance = time.time()
             time.sleep(every_s)
@@ -240,11 +480,14 @@ def status(job, store_url, broker, as_json):
     from coordinator.jobs import format_status, job_status
     from tlq_farm.staging import list_jobs
 
+    if job:
+        _check_job_id(job)
+    if broker:
+        _set_broker(broker)
     store = _open_store(store_url)
     jobs = [job] if job else list_jobs(store)
     try:
         if broker:
-            _set_broker(broker)
             out = [_status(store, j) for j in jobs]
         else:
             out = [job_status(store, j) for j in jobs]
@@ -265,16 +508,23 @@ def resume(job, store_url, broker, device):
     """Enqueue whatever JOB still needs (after a Redis flush, a lost worker or a stopped laptop)."""
     from tlq_farm.staging import load_manifest
 
+    _check_job_id(job)
+    if broker:
+        _set_broker(broker)
+    else:
+        _check_device(device)
     store = _open_store(store_url)
     try:
         load_manifest(store, job)
         if not broker:
             from tlq_farm.steps import run_embedded
 
-            run_embedded(store, job, device=device, log=lambda m: click.echo(m, err=True))
+            try:
+                run_embedded(store, job, device=device, log=lambda m: click.echo(m, err=True))
+            except KeyboardInterrupt:
+                _interrupted(store, job, "run the same command again")
             click.echo(f"job {job}: done; fetch it with `tlq-farm export {job} --out DIR`")
             return
-        _set_broker(broker)
         from worker import dispatch
 
         out = dispatch.advance(store.url, job, store)
@@ -290,6 +540,7 @@ def cancel(job, store_url):
     """Stop JOB: its queued tasks skip and nothing new is sent; other jobs are untouched."""
     from coordinator.jobs import cancel_job
 
+    _check_job_id(job)
     store = _open_store(store_url)
     try:
         cancel_job(store, job)
@@ -301,20 +552,45 @@ def cancel(job, store_url):
 @main.command()
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL].")
 def jobs(store_url):
-    """Every job in the store, with its state."""
-    from coordinator.jobs import job_status
-    from tlq_farm.staging import describe, list_jobs, load_manifest
+    """Every job in the store, with its state; "incomplete" marks a staging that never finished."""
+    from coordinator.jobs import is_incomplete, job_folders, job_status
+    from tlq_farm.staging import describe, load_manifest
 
     store = _open_store(store_url)
-    for j in list_jobs(store):
+    folders = job_folders(store)
+    for j, raw_keys in sorted(folders.items()):
+        if is_incomplete(raw_keys, j):
+            click.echo(f"{j}  incomplete  staging never finished; `tlq-farm prune --store {store.url}` removes it")
+            continue
         s = job_status(store, j)
         p = s["progress"]
         click.echo(f"{j}  {s['state']:<9} {p['done']}/{p['total']}  {describe(load_manifest(store, j))}")
+    if not folders:
+        click.echo(f"no jobs in {store.url}")
+
+
+@main.command()
+@click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL; default ./tlq-runs].")
+@click.option("--cancelled", is_flag=True, help="Remove cancelled jobs too (their finished tasks are lost).")
+@click.option("--older-than", "older_than", default=900, show_default=True, type=click.IntRange(min=0),
+              help="Seconds since an incomplete job's last write before it is removed: a younger one may still be staging.")
+def prune(store_url, cancelled, older_than):
+    """Remove incomplete jobs (a staging that never finished) and, with --cancelled, cancelled ones."""
+    from coordinator.jobs import prune_jobs
+
+    store = _open_store(store_url)
+    removed, kept = prune_jobs(store, cancelled=cancelled, older_than_s=older_than)
+    for j, why in removed:
+        click.echo(f"removed {j}: {why}")
+    for j, why in kept:
+        click.echo(f"kept {j}: {why}")
+    if not removed and not kept:
+        click.echo(f"nothing to prune in {store.url}")
 
 
 @main.command()
 @click.option("--broker", envvar="TLQ_BROKER_URL", help="Redis URL of the farm [env TLQ_BROKER_URL].")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the workers' records as JSON.")
 def workers(broker, as_json):
     """Workers seen by the farm: host, device, memory class, current task, last seen."""
     import time
@@ -341,6 +617,8 @@ def workers(broker, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def export(job, out, store_url, overwrite):
     """Download JOB's exported checkpoint to --out."""
+    _check_job_id(job)
+    _check_out_apart(Path(out), store_folder=_store_folder(store_url))
     store = _open_store(store_url)
     try:
         _finish(store, job, Path(out), overwrite)
@@ -370,8 +648,11 @@ def _visible_gpus() -> str | None:
 @click.option("--gpus", default=None, help="Comma-separated GPU indices: one worker process per GPU (CUDA_VISIBLE_DEVICES).")
 @click.option("--max-memory", default=None, help="Cap on the memory this worker plans to use, e.g. 24g (CPU: default 90% of RAM).")
 @click.option("--threads", default=None, type=int, help="torch threads per worker process.")
-@click.option("--loglevel", default="INFO", show_default=True)
-def worker(broker, device, gpus, max_memory, threads, loglevel):
+@click.option("--loglevel", default="INFO", show_default=True, help="Celery log level: DEBUG, INFO, WARNING or ERROR.")
+@click.option("--store", "stores", multiple=True,
+              help="A store this worker serves, with everything below it (repeatable) [env TLQ_STORE_URL, "
+                   "TLQ_ALLOWED_STORES]; tasks naming any other store are refused.")
+def worker(broker, device, gpus, max_memory, threads, loglevel, stores):
     """Start a farm worker: probe the device, listen on the queues of its memory class and below."""
     import os
     import subprocess
@@ -380,6 +661,11 @@ def worker(broker, device, gpus, max_memory, threads, loglevel):
     if not broker:
         raise click.UsageError("no broker: pass --broker redis://HOST:6379/0 or set TLQ_BROKER_URL")
     env = dict(os.environ, TLQ_BROKER_URL=broker)
+    if stores:
+        env["TLQ_ALLOWED_STORES"] = ",".join(filter(None, [env.get("TLQ_ALLOWED_STORES", ""), *stores]))
+    if not (env.get("TLQ_STORE_URL") or env.get("TLQ_ALLOWED_STORES")):
+        raise click.UsageError("this worker has no store: pass --store s3://BUCKET/PREFIX (or a shared folder), "
+                               "or set TLQ_STORE_URL; it serves only the stores it is given")
     if max_memory:
         from worker.probe import parse_size
 
@@ -413,9 +699,11 @@ def worker(broker, device, gpus, max_memory, threads, loglevel):
 
 from coordinator.eval_cmd import eval_command  # noqa: E402
 from coordinator.report_cmd import report_command  # noqa: E402
+from coordinator.verify_cmd import verify_command  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(report_command)
+main.add_command(verify_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -307,14 +307,18 @@ def eval_command(model_or_export, data, reference, no_reference, limit, max_new_
         elif reference is not None:
             check_model_dir(reference, "--reference")
         source = reference or recorded_source_model(model_or_export)
+        drawn = False
         with tempfile.TemporaryDirectory(prefix="tlq-eval-") as tmp:
             if data is None:
                 if not (is_demo_model(model_or_export) or is_demo_model(source)):
                     raise EvalInputError(f"{model_or_export} is not the demo model or an export of it: pass --data "
                                          "JSONL with {image, prompt, answer} rows")
                 data = write_heldout_set(tmp, limit or DEFAULT_HELDOUT_SAMPLES)
+                drawn = True
             result = evaluate_folder(model_or_export, data, reference=None if no_reference else reference,
                                      limit=limit, device=device, max_new_tokens=max_new_tokens)
+            if drawn:  # the scenes live in a temporary folder, gone once this command ends: print no path to it
+                result["data"] = "held-out demo scenes, drawn for this run and not kept"
     except (EvalInputError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else format_result(result))

@@ -1,6 +1,9 @@
 """The worker's local object cache: hits only for the committed digest, never stale, bounded in size."""
 
-from tlq_farm.store import LocalStore
+import pytest
+from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
+
+from tlq_farm.store import CorruptObject, LocalStore
 from worker.cache import CachedStore
 
 
@@ -12,7 +15,8 @@ def test_written_objects_are_served_locally_and_rewrites_are_never_stale(tmp_pat
     store.put_bytes("a/x", b"two")  # another worker rewrites the key
     assert cached.get_bytes("a/x") == b"two" and cached.misses == 1
     assert cached.get_bytes("a/x") == b"two" and cached.hits == 2
-    store.put_bytes("a/y", b"one")  # same bytes under another key: the same cache entry
+    store.put_bytes("a/y", b"one")  # same bytes under another key: the same cache entry...
+    assert cached.get_bytes("a/y") == b"one" and (cached.hits, cached.misses) == (2, 2)  # ...once a/y is checked
     assert cached.get_bytes("a/y") == b"one" and cached.hits == 3
 
 
@@ -33,3 +37,75 @@ def test_the_cache_stays_within_its_size(tmp_path):
     assert sum(p.stat().st_size for p in files) <= 2500 and len(files) == 2
     assert cached.get_bytes("k0") == bytes([0]) * 1000  # evicted: read from the store
     assert cached.misses == 1
+
+
+# A corrupted store object behind a cache hit: found by the version check, and committed again from the
+# verified cached copy, so that the next reader of the store gets the committed bytes.
+
+PAYLOAD = bytes(range(256)) * 40
+
+
+def _raw_put(store, key, data):
+    """Overwrite the object's bytes in the bucket, behind the commit protocol's back."""
+    store.client.put_object(Bucket=store.bucket, Key=store._full(key), Body=data)
+
+
+def test_a_corrupted_s3_object_behind_a_cache_hit_is_found_and_repaired(s3_store_factory, tmp_path):
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD)
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD and cached.hits == 1
+    garbage = bytes(b ^ 0x5A for b in PAYLOAD)  # same size: only the content check can see it
+    _raw_put(store, "jobs/j/acts/x", garbage)
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
+    assert (cached.hits, cached.repairs) == (1, 1)
+    assert store.get_bytes("jobs/j/acts/x") == PAYLOAD  # the bucket holds the committed bytes again
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD and cached.hits == 2  # and hits resume
+
+
+def test_an_s3_object_missing_behind_its_marker_is_committed_again_from_the_cache(s3_store_factory, tmp_path):
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("jobs/j/calib/s", PAYLOAD)
+    store.client.delete_object(Bucket=store.bucket, Key=store._full("jobs/j/calib/s"))
+    assert cached.get_bytes("jobs/j/calib/s") == PAYLOAD and cached.repairs == 1
+    assert store.get_bytes("jobs/j/calib/s") == PAYLOAD
+
+
+def test_an_identical_rewrite_on_s3_keeps_the_cache_hit(s3_store_factory, tmp_path):
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("k", PAYLOAD)
+    store.put_bytes("k", PAYLOAD)  # a duplicate task: same bytes, same ETag
+    assert cached.get_bytes("k") == PAYLOAD and (cached.hits, cached.misses, cached.repairs) == (1, 0, 0)
+
+
+def test_a_local_object_edited_in_place_behind_a_cache_hit_is_repaired(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("a/x", PAYLOAD)
+    with open(store.path("a/x"), "r+b") as f:  # same size, same inode: only the mtime moves
+        f.seek(100)
+        f.write(b"\0\0\0")
+    assert cached.get_bytes("a/x") == PAYLOAD and cached.repairs == 1
+    assert store.path("a/x").read_bytes() == PAYLOAD
+
+
+def test_a_corrupted_object_another_key_shares_the_cache_with_is_checked_before_it_is_served(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("a/x", PAYLOAD)
+    store.put_bytes("a/y", PAYLOAD)  # written elsewhere: this cache never saw a/y's object
+    store.path("a/y").write_bytes(b"garbage")
+    assert cached.get_bytes("a/y") == PAYLOAD and cached.repairs == 1
+    assert store.get_bytes("a/y") == PAYLOAD
+
+
+def test_a_corrupted_object_with_no_cached_copy_still_raises(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=10)  # too small to keep anything
+    cached.put_bytes("a/x", PAYLOAD)
+    store.path("a/x").write_bytes(b"garbage")
+    with pytest.raises(CorruptObject, match="deleted"):
+        cached.get_bytes("a/x")
+    assert not store.is_committed("a/x") and cached.repairs == 0

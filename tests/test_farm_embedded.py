@@ -129,7 +129,7 @@ def test_cancel_stops_an_embedded_job(files, tmp_path):
 def test_cli_run_embedded_then_status_and_export(files, tmp_path):
     model, calib = files
     args = ["run", str(model), "--calib", str(calib), "--group-size", "32", "--samples", "6", "--seq-len", "512",
-            "--shard-tokens", "45", "--method", "rtn", "--store", str(tmp_path / "store"), "--quiet"]
+            "--shard-tokens", "45", "--method", "rtn", "--store", str(tmp_path / "store"), "--create-store", "--quiet"]
     runner = CliRunner()
     res = runner.invoke(main, args + ["--out", str(tmp_path / "out")], env={"TLQ_BROKER_URL": ""})
     assert res.exit_code == 0, res.output
@@ -139,6 +139,14 @@ def test_cli_run_embedded_then_status_and_export(files, tmp_path):
     res = runner.invoke(main, ["export", job, "--store", str(tmp_path / "store"), "--out", str(tmp_path / "again")])
     assert res.exit_code == 0, res.output
     assert export_bytes(tmp_path / "again") == export_bytes(tmp_path / "out")
+    # The same command again (as after a coordinator killed once the export was downloaded) finds this job's
+    # export in --out and succeeds without touching it; a folder that differs in one byte is refused.
+    before = export_bytes(tmp_path / "out")
+    res = runner.invoke(main, args + ["--out", str(tmp_path / "out")], env={"TLQ_BROKER_URL": ""})
+    assert res.exit_code == 0, res.output
+    assert export_bytes(tmp_path / "out") == before
+    cfg = tmp_path / "out" / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
     res = runner.invoke(main, args + ["--out", str(tmp_path / "out")], env={"TLQ_BROKER_URL": ""})
     assert res.exit_code != 0 and "is not empty" in res.output
     res = runner.invoke(main, ["status", "nojob", "--store", str(tmp_path / "store")])
@@ -162,7 +170,7 @@ def test_local_workers_share_a_job_and_give_the_same_bytes(files, tmp_path):
     export equals the one-process run's, and every task was computed exactly once."""
     model, calib = files
     common = ["run", str(model), "--calib", str(calib), "--group-size", "32", "--samples", "6", "--seq-len", "512",
-              "--shard-tokens", "45", "--quiet"]
+              "--shard-tokens", "45", "--quiet", "--create-store"]
     runner = CliRunner()
     one = runner.invoke(main, common + ["--store", str(tmp_path / "s1"), "--out", str(tmp_path / "o1")], env={"TLQ_BROKER_URL": ""})
     assert one.exit_code == 0, one.output

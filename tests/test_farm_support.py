@@ -44,7 +44,13 @@ def job_spec(model: Path, calib: Path, **quant) -> JobSpec:
 
 
 def export_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes; tlq_report.json's without its timings and peak memory, which no two runs share."""
+    from tlq_farm.report import comparable_report_bytes
+
+    out = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    if "tlq_report.json" in out:
+        out["tlq_report.json"] = comparable_report_bytes(out["tlq_report.json"])
+    return out
 
 
 def free_port() -> int:
@@ -79,9 +85,11 @@ class RedisServer:
         self.proc.wait(10)
 
 
-def farm_env(redis_url: str, s3_endpoint: str | None, **extra) -> dict:
+def farm_env(redis_url: str, s3_endpoint: str | None, stores: str = "s3://tlq-farm-test", **extra) -> dict:
+    """Worker environment; `stores`: the stores the workers serve (every test prefix lies below it)."""
     env = dict(os.environ, TLQ_BROKER_URL=redis_url, TLQ_TORCH_THREADS="1", TLQ_HEARTBEAT_S="0.5",
-               TLQ_ADVANCE_EVERY="3", TLQ_RUNNING_TTL="3", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+               TLQ_ADVANCE_EVERY="3", TLQ_RUNNING_TTL="3", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               TLQ_ALLOWED_STORES=stores)
     if s3_endpoint:
         env["AWS_ENDPOINT_URL"] = s3_endpoint
     env.update({k: str(v) for k, v in extra.items()})

@@ -149,3 +149,173 @@ def test_module_loss_table_and_pure_grid_helpers():
     s = weight_split(w, vis, np.ones(5))
     assert s["vision_mean"] == 1.5 and s["text_mean"] == pytest.approx(5 / 3)
     assert s["vision_share"] == pytest.approx(3 / 8) and s["vision_dropped"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------- farm runs
+
+FARM_ARGS = ["--group-size", "32", "--samples", "6", "--seq-len", "512", "--shard-tokens", "45", "--quiet"]
+
+
+def farm_run(model, calib, root, *extra):
+    """`tlq-farm run` embedded (no broker) into root/out; -> (job, CLI output, store)."""
+    from coordinator.cli import main
+    from tlq_farm.store import LocalStore
+
+    (root / "store").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["run", str(model), "--calib", str(calib), "--store", str(root / "store"),
+                                    "--out", str(root / "out"), *FARM_ARGS, *extra], env={"TLQ_BROKER_URL": ""})
+    assert res.exit_code == 0, res.output
+    return res.output.split("job ")[1].split()[0], res.output, LocalStore(root / "store")
+
+
+@pytest.fixture(scope="module")
+def farm_files(tmp_path_factory):
+    from test_farm_support import make_job_files
+
+    return make_job_files(tmp_path_factory.mktemp("farm-files"))
+
+
+@pytest.fixture(scope="module")
+def default_farm_run(farm_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("farm-default")
+    job, _, store = farm_run(*farm_files, root)
+    return root / "out", job, store
+
+
+def test_default_run_reports_times_and_peak_memory_from_its_task_records(default_farm_run):
+    from tlq_farm.steps import task_records
+
+    out, job, store = default_farm_run
+    report = json.loads((out / "tlq_report.json").read_text())
+    records = task_records(store, job)
+    for r in records:
+        assert r["cpu_s"] >= 0 and r["peak_rss_mib"] > 0 and r["peak_rss_scope"] in ("task", "process")
+        assert r["cuda_peak_mib"] is None and r["kind"] == r["task"].split("-", 1)[0]
+        assert r["block"] == (int(r["task"].split("-b")[1][:3]) if "-b" in r["task"] else None)
+    by_kind = {}
+    for r in records:
+        by_kind.setdefault(r["kind"], []).append(r)
+
+    t = report["time"]
+    # The export's own entry was taken while it ran, before its task record was written.
+    assert t["tasks"] == len(records)
+    assert sorted(e["task"] for e in report["timeline"]) == sorted(r["task"] for r in records)
+    assert set(t["stages"]) == {"embed", "groups", "weights", "stats", "solve", "propagate", "export"} == set(by_kind)
+    for kind, rs in by_kind.items():
+        if kind != "export":
+            assert t["stages"][kind] == pytest.approx(sum(r["seconds"] for r in rs))
+            assert t["stages_cpu"][kind] == pytest.approx(sum(r["cpu_s"] for r in rs))
+            assert report["peak_memory"]["kinds"][kind]["rss_mib"] == max(r["peak_rss_mib"] for r in rs)
+    assert [b["index"] for b in t["blocks"]] == [0, 1]
+    assert t["blocks"][1]["seconds"] == pytest.approx(sum(r["seconds"] for r in records if r["block"] == 1))
+    assert report["peak_memory"]["rss_mib"] == max(k["rss_mib"] for k in report["peak_memory"]["kinds"].values())
+    assert report["peak_memory"]["cuda_mib"] is None
+    starts = [e["start"] for e in report["timeline"]]
+    assert starts == sorted(starts) and starts[0] == 0.0
+    assert all(e["end"] >= e["start"] and e["worker"].startswith("embedded (") for e in report["timeline"])
+    assert t["total_s"] == pytest.approx(max(e["end"] for e in report["timeline"]))
+
+
+def test_report_of_a_default_run_export_draws_its_timeline(default_farm_run, tmp_path):
+    out, _, _ = default_farm_run
+    res = CliRunner().invoke(report_command, [str(out), "--out", str(tmp_path / "r"), "--no-importance"])
+    assert res.exit_code == 0, res.output
+    links, html = linked_pngs(tmp_path / "r" / "index.html")
+    assert "timeline.png" in links and "losses-0.png" in links
+    n = len(json.loads((out / "tlq_report.json").read_text())["timeline"])
+    assert f"{n} tasks from the export&#x27;s report, 1 worker processes" in html
+    assert "Time and peak memory per stage" in html and "<td>propagate</td>" in html
+    assert "No task records" not in html
+
+
+def test_run_fields_are_all_that_differ_between_worker_counts(farm_files, default_farm_run, tmp_path):
+    from tlq_farm.report import RUN_FIELDS, without_run_fields
+
+    out, _, _ = default_farm_run
+    farm_run(*farm_files, tmp_path, "--workers", "2")
+    one = json.loads((out / "tlq_report.json").read_text())
+    two = json.loads((tmp_path / "out" / "tlq_report.json").read_text())
+    assert without_run_fields(one) == without_run_fields(two)
+    assert set(RUN_FIELDS) <= set(one)
+    assert len({e["worker"] for e in two["timeline"]}) == 2
+
+
+def test_rtn_losses_are_null_in_the_farm_and_in_memory_reports(farm_files, tmp_path):
+    _, output, _ = farm_run(*farm_files, tmp_path / "farm", "--method", "rtn")
+    assert "total loss n/a" in output
+    from coordinator.cli import main
+
+    model, calib = farm_files
+    res = CliRunner().invoke(main, ["run", str(model), "--calib", str(calib), "--in-memory", "--method", "rtn",
+                                    "--out", str(tmp_path / "memory" / "out"), *FARM_ARGS])
+    assert res.exit_code == 0, res.output
+    assert "total loss n/a" in res.output
+    for where in ("farm", "memory"):
+        report = json.loads((tmp_path / where / "out" / "tlq_report.json").read_text())
+        assert report["modules"] and all(m["loss"] is None for m in report["modules"].values())
+        assert all(b["loss"] is None for b in report["blocks"][report["layout"]["blocks"]])
+        assert report["totals"]["loss"] is None
+        res = CliRunner().invoke(report_command, [str(tmp_path / where / "out"), "--out", str(tmp_path / where / "r"),
+                                                  "--no-importance"])
+        assert res.exit_code == 0, res.output
+        links, html = linked_pngs(tmp_path / where / "r" / "index.html")
+        assert not any(link.startswith("losses-") for link in links)
+        assert "No loss was measured" in html and "n/a (not measured)" in html
+
+
+def test_loss_sum_counts_only_measured_losses_and_tables_skip_unmeasured_ones():
+    from tlq_farm.report import format_loss, loss_sum
+
+    assert loss_sum([None, None]) is None and loss_sum([]) is None
+    assert loss_sum([1.5, None, 2.0]) == 3.5
+    assert format_loss(None) == "n/a" and format_loss(0.123456) == "0.1235"
+    report = {"layout": {"blocks": "m.layers"}, "blocks": {"m.layers": []},
+              "modules": {"m.layers.0.mlp.down_proj": {"loss": None}, "m.layers.1.mlp.down_proj": {"loss": 2.0}}}
+    (t,) = module_loss_tables(report)
+    np.testing.assert_array_equal(t.losses, [[np.nan], [2.0]])
+    report["modules"]["m.layers.1.mlp.down_proj"]["loss"] = None
+    assert module_loss_tables(report) == []
+
+
+def test_summarize_task_records_exactly():
+    from tlq_farm.report import summarize_task_records
+
+    records = [
+        {"task": "embed-s0000", "kind": "embed", "block": None, "started": 100.0, "finished": 101.0, "seconds": 1.0,
+         "cpu_s": 0.5, "peak_rss_mib": 300.0, "cuda_peak_mib": None, "host": "h", "pid": 1, "worker": "w"},
+        {"task": "stats-b000-g00-s0000", "kind": "stats", "block": 0, "started": 101.0, "finished": 103.0,
+         "seconds": 2.0, "cpu_s": 1.5, "peak_rss_mib": 500.0, "cuda_peak_mib": None, "host": "h", "pid": 2,
+         "worker": "v"},
+        {"task": "stats-b001-g00-s0000", "started": 102.0, "finished": 106.0, "seconds": 4.0, "cpu_s": 3.0,
+         "peak_rss_mib": 400.0, "host": "h", "pid": 1, "worker": "w"},   # an older record: kind and block from its name
+        {"task": "solve-b001-mlp.down_proj", "started": 90.0, "finished": 91.0, "status": "skipped"},
+    ]
+    s = summarize_task_records(records)
+    assert s["time"] == {"total_s": 6.0, "task_s": 7.0, "cpu_s": 5.0, "tasks": 3,
+                         "stages": {"embed": 1.0, "stats": 6.0}, "stages_cpu": {"embed": 0.5, "stats": 4.5},
+                         "blocks": [{"index": 0, "seconds": 2.0, "cpu_s": 1.5}, {"index": 1, "seconds": 4.0, "cpu_s": 3.0}]}
+    assert s["timeline"] == [
+        {"task": "embed-s0000", "kind": "embed", "start": 0.0, "end": 1.0, "worker": "w (h:1)"},
+        {"task": "stats-b000-g00-s0000", "kind": "stats", "start": 1.0, "end": 3.0, "worker": "v (h:2)"},
+        {"task": "stats-b001-g00-s0000", "kind": "stats", "start": 2.0, "end": 6.0, "worker": "w (h:1)"}]
+    assert s["peak_memory"] == {"rss_mib": 500.0, "cuda_mib": None,
+                                "kinds": {"embed": {"rss_mib": 300.0, "cuda_mib": None},
+                                          "stats": {"rss_mib": 500.0, "cuda_mib": None}}}
+    bars = timeline_from_report({"timeline": s["timeline"]})
+    assert [(b.lane, b.start, b.seconds, b.kind) for b in bars] == [
+        ("w (h:1)", 0.0, 1.0, "embed"), ("v (h:2)", 1.0, 2.0, "stats"), ("w (h:1)", 2.0, 4.0, "stats")]
+    assert summarize_task_records([]) == {"time": {}, "timeline": [], "peak_memory": {}}
+
+
+def test_task_meter_peak_is_per_task_where_the_mark_can_be_reset():
+    from tlq_farm.steps import TaskMeter
+
+    big = TaskMeter()
+    block = bytearray(256 << 20)
+    block[::4096] = b"\1" * len(block[::4096])  # touch every page, so it is resident
+    first = big.sample()
+    del block
+    small = TaskMeter().sample()
+    if first["peak_rss_scope"] != "task":
+        pytest.skip("this system does not let a process reset its peak-RSS mark")
+    assert first["peak_rss_mib"] - small["peak_rss_mib"] > 200

@@ -21,6 +21,7 @@ from . import block as B
 from .calib.data import load_calibration, model_inputs
 from .importance import ImportanceContext, get_strategy
 from .models.adapter import Layout, find_layout, linear_names, load_model
+from .report import format_loss, loss_sum
 from .spec import JobSpec
 
 
@@ -96,8 +97,8 @@ def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, s
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
         if log:
-            total = sum(m["loss"] for m in rep.modules.values())
-            log(f"{prefix} block {b}: {len(names)} linears, loss {total:.4g}, {rep.seconds:.1f}s")
+            total = loss_sum(m["loss"] for m in rep.modules.values())
+            log(f"{prefix} block {b}: {len(names)} linears, loss {format_loss(total)}, {rep.seconds:.1f}s")
     return results, reports
 
 
@@ -167,8 +168,9 @@ def run_local(spec: JobSpec, out_dir: str | Path, *, device: str = "cpu", progre
     calib = load_calibration(spec.calib, processor, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
     samples = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in calib.samples]
     timings["calibration data"] = time.perf_counter() - t
-    log(f"calibration: {len(samples)} samples, {calib.tokens} tokens"
-        + (f" (skipped: {', '.join(f'{v} {k}' for k, v in calib.skipped.items())})" if calib.skipped else ""))
+    log(f"calibration: {len(samples)} samples, {calib.tokens} tokens")
+    for line in calib.notes(spec.samples):
+        log(line)
 
     results: dict = {}
     block_reports: dict[str, list] = {}
@@ -237,9 +239,9 @@ def build_report(spec, layout: Layout, calib, results, block_reports, ctx, timin
                         "text_tokens": calib.tokens - vision_tokens, "skipped": calib.skipped},
         "modules": modules,
         "blocks": {prefix: [{"index": r.index, "seconds": r.seconds,
-                             "loss": sum(m["loss"] for m in r.modules.values())} for r in reps]
+                             "loss": loss_sum(m["loss"] for m in r.modules.values())} for r in reps]
                    for prefix, reps in block_reports.items()},
-        "totals": {"modules": len(results), "loss": sum(m["loss"] for m in modules.values()),
+        "totals": {"modules": len(results), "loss": loss_sum(m["loss"] for m in modules.values()),
                    "quantized_params": int(sum(r.codes.numel() for r in results.values()))},
         "time": {},
     }

@@ -9,7 +9,9 @@ back onto the image's merged patch grid.
 from __future__ import annotations
 
 import html
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,99 @@ import numpy as np
 
 # The order run_local times its stages in (tlq_report.json stores them sorted by name).
 STAGE_ORDER = ("load", "calibration data", "vision blocks", "capture", "importance pass", "decoder blocks", "export")
+# The order a farm job's task kinds run in (its report's stages are task kinds).
+KIND_ORDER = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
+# Fields of tlq_report.json that differ from run to run (wall clock, memory); every other field, like the
+# checkpoint files, is the same for any number of workers and after any crash.
+RUN_FIELDS = ("time", "timeline", "peak_memory")
+
+
+# ----------------------------------------------------------------------------------------------- fields
+
+
+def loss_sum(losses) -> float | None:
+    """Sum of the measured losses; None when none was measured (RTN has no statistics to measure on)."""
+    measured = [float(x) for x in losses if x is not None]
+    return sum(measured) if measured else None
+
+
+def format_loss(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4g}"
+
+
+def without_run_fields(report: dict) -> dict:
+    """The report without its run-dependent fields: what two runs of the same job must agree on."""
+    return {k: v for k, v in report.items() if k not in RUN_FIELDS}
+
+
+def comparable_report_bytes(data: bytes) -> bytes:
+    """tlq_report.json bytes -> canonical JSON of the report without its run-dependent fields."""
+    return json.dumps(without_run_fields(json.loads(data)), sort_keys=True).encode()
+
+
+def _task_kind(record: dict) -> str:
+    return record.get("kind") or record["task"].split("-", 1)[0]
+
+
+def _task_block(record: dict) -> int | None:
+    if record.get("block") is not None:
+        return int(record["block"])
+    m = re.search(r"-b(\d+)(?:-|$)", record["task"])
+    return int(m.group(1)) if m else None
+
+
+def _lane(record: dict) -> str:
+    """A worker process: its name, and host:pid when the record has them."""
+    where = record.get("worker") or record.get("hostname") or record.get("host", "?")
+    return f"{where} ({record.get('host', '?')}:{record.get('pid', '?')})" if "pid" in record else str(where)
+
+
+def summarize_task_records(records: list[dict]) -> dict:
+    """tlq_report.json's run fields of a farm job, from its computed task records (tlq_farm.steps.execute):
+
+    time:        total_s (first start to last end), task_s and cpu_s (summed over tasks), stages and
+                 stages_cpu (wall / CPU seconds per task kind), blocks (per decoder block), tasks (count)
+    timeline:    one entry per task, {task, kind, start, end, worker}, seconds since the first start
+    peak_memory: rss_mib and cuda_mib (the largest task peak), and the same per kind under "kinds"
+    """
+    done = [r for r in records if r.get("status", "computed") == "computed"]
+    if not done:
+        return {"time": {}, "timeline": [], "peak_memory": {}}
+    t0 = min(float(r["started"]) for r in done)
+    t1 = max(float(r["finished"]) for r in done)
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    blocks: dict[int, list[float]] = {}
+    rss: dict[str, float] = {}
+    cuda: dict[str, float] = {}
+    timeline = []
+    for r in sorted(done, key=lambda r: (float(r["started"]), r["task"])):
+        kind = _task_kind(r)
+        seconds = float(r.get("seconds", float(r["finished"]) - float(r["started"])))
+        cpu_s = float(r.get("cpu_s") or 0.0)
+        wall[kind] = wall.get(kind, 0.0) + seconds
+        cpu[kind] = cpu.get(kind, 0.0) + cpu_s
+        b = _task_block(r)
+        if b is not None:
+            acc = blocks.setdefault(b, [0.0, 0.0])
+            acc[0] += seconds
+            acc[1] += cpu_s
+        if r.get("peak_rss_mib") is not None:
+            rss[kind] = max(rss.get(kind, 0.0), float(r["peak_rss_mib"]))
+        if r.get("cuda_peak_mib") is not None:
+            cuda[kind] = max(cuda.get(kind, 0.0), float(r["cuda_peak_mib"]))
+        timeline.append({"task": r["task"], "kind": kind, "start": round(float(r["started"]) - t0, 6),
+                         "end": round(float(r["finished"]) - t0, 6), "worker": _lane(r)})
+    kinds = sorted(wall, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+    return {
+        "time": {"total_s": t1 - t0, "task_s": sum(wall.values()), "cpu_s": sum(cpu.values()), "tasks": len(done),
+                 "stages": {k: wall[k] for k in kinds}, "stages_cpu": {k: cpu[k] for k in kinds},
+                 "blocks": [{"index": b, "seconds": blocks[b][0], "cpu_s": blocks[b][1]} for b in sorted(blocks)]},
+        "timeline": timeline,
+        "peak_memory": {"rss_mib": max(rss.values()) if rss else None,
+                        "cuda_mib": max(cuda.values()) if cuda else None,
+                        "kinds": {k: {"rss_mib": rss.get(k), "cuda_mib": cuda.get(k)} for k in kinds}},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -47,9 +142,10 @@ def module_loss_tables(report: dict) -> list[LossTable]:
                 continue
             index, _, module = name[len(prefix) + 1:].partition(".")
             if index.isdigit():
-                cells[(int(index), module)] = float(entry["loss"])
-        if not cells:
-            continue
+                loss = entry.get("loss")
+                cells[(int(index), module)] = np.nan if loss is None else float(loss)
+        if not cells or all(np.isnan(v) for v in cells.values()):
+            continue  # no loss measured in this block list (RTN): nothing to draw
         blocks = sorted({b for b, _ in cells})
         modules = list(dict.fromkeys(m for _, m in sorted(cells, key=lambda bm: (bm[0], bm[1]))))
         modules = sorted(modules, key=lambda m: min(_module_rank(m), 99))
@@ -92,16 +188,18 @@ def timeline_from_task_records(records: list[dict]) -> list[Bar]:
     t0 = min(float(r["started"]) for r in records)
     bars = []
     for r in sorted(records, key=lambda r: (float(r["started"]), r["task"])):
-        where = r.get("worker") or r.get("hostname") or r.get("host", "?")
-        lane = f"{where} ({r.get('host', '?')}:{r.get('pid', '?')})" if "pid" in r else str(where)
         seconds = float(r.get("seconds", float(r["finished"]) - float(r["started"])))
-        bars.append(Bar(lane, float(r["started"]) - t0, seconds, r["task"].split("-", 1)[0], r["task"]))
+        bars.append(Bar(_lane(r), float(r["started"]) - t0, seconds, _task_kind(r), r["task"]))
     return bars
 
 
 def timeline_from_report(report: dict) -> list[Bar]:
-    """Bars of a local job: its stages one after another (lane "stages"), and its decoder blocks laid out
-    inside the "decoder blocks" stage (lane "blocks"), from tlq_report.json's time and blocks entries."""
+    """Bars of tlq_report.json. A farm job's report has a "timeline" (tasks per worker process, as
+    summarize_task_records writes it). A local job's stages run one after another (lane "stages"), with its
+    decoder blocks laid out inside the "decoder blocks" stage (lane "blocks"), from its time and blocks."""
+    if report.get("timeline"):
+        return [Bar(str(e.get("worker", "?")), float(e["start"]), float(e["end"]) - float(e["start"]),
+                    str(e.get("kind") or e["task"].split("-", 1)[0]), str(e["task"])) for e in report["timeline"]]
     stages = (report.get("time") or {}).get("stages") or {}
     names = [s for s in STAGE_ORDER if s in stages] + sorted(s for s in stages if s not in STAGE_ORDER)
     bars, t = [], 0.0
@@ -420,13 +518,38 @@ def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
+def _peak_text(peak: dict) -> str:
+    parts = [f"{name} {_fmt(peak.get(key))}" for key, name in (("rss_mib", "RSS"), ("cuda_mib", "CUDA"))
+             if peak.get(key) is not None]
+    return ", ".join(parts) or "-"
+
+
+def stage_time_rows(report: dict) -> list[list[str]]:
+    """Table rows (header first) of the report's per-stage wall and CPU seconds and peak memory: a local
+    job's stages, or a farm job's task kinds. [] when the report has no timings."""
+    t = report.get("time") or {}
+    stages = t.get("stages") or {}
+    if not stages:
+        return []
+    order = STAGE_ORDER + KIND_ORDER
+    names = [s for s in order if s in stages] + sorted(s for s in stages if s not in order)
+    cpu = t.get("stages_cpu") or {}
+    kinds = (report.get("peak_memory") or {}).get("kinds") or {}
+    rows = [["stage", "wall s", "CPU s", "peak RSS MiB"]]
+    for name in names:
+        rows.append([name, _fmt(stages[name]), _fmt(cpu.get(name)), _fmt((kinds.get(name) or {}).get("rss_mib"))])
+    rows.append(["total", _fmt(t.get("total_s")), _fmt(t.get("cpu_s")),
+                 _fmt((report.get("peak_memory") or {}).get("rss_mib"))])
+    return rows
+
+
 def build_report(report: dict, out_dir: str | Path, *, task_records: list[dict] | None = None,
                  importance: list[ImportanceMap] | None = None, importance_note: str = "",
                  title: str | None = None) -> Path:
     """Write out_dir/index.html and its PNGs from a tlq_report.json dict; returns the index path.
 
-    task_records: a farm job's task log (timeline per worker); without them the local job's stage and
-    block times are drawn. importance: maps from importance_maps() (None: the section says why not,
+    task_records: a farm job's task log (timeline per worker); without them the report's own timeline (a
+    farm export) or the local job's stage and block times are drawn. importance: maps from importance_maps() (None: the section says why not,
     with importance_note)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,23 +559,28 @@ def build_report(report: dict, out_dir: str | Path, *, task_records: list[dict] 
                       f"{'A' + str(q['act_bits']) if q.get('act_bits') else ''} g{q.get('group_size', '?')} "
                       f"{q.get('method', '?')} / {q.get('importance', '?')}")
     cal = report.get("calibration") or {}
+    totals = report.get("totals") or {}
     sections = [Section("Job", table=[
         ["field", "value"],
         ["model", str(spec.get("model", "?"))], ["calibration data", str(spec.get("calib", "?"))],
         ["model class", str(report.get("model_class", "?"))],
         ["samples / tokens", f"{cal.get('samples', '?')} / {cal.get('tokens', '?')} "
                              f"({cal.get('vision_tokens', '?')} vision, {cal.get('text_tokens', '?')} text)"],
-        ["quantized linears", str((report.get("totals") or {}).get("modules", "?"))],
-        ["total loss", _fmt((report.get("totals") or {}).get("loss"))],
+        ["quantized linears", str(totals.get("modules", "?"))],
+        ["total loss", "n/a (not measured)" if "loss" in totals and totals["loss"] is None else _fmt(totals.get("loss"))],
         ["total time (s)", _fmt((report.get("time") or {}).get("total_s"))],
+        ["peak memory (MiB)", _peak_text(report.get("peak_memory") or {})],
     ])]
 
     images = []
     for i, table in enumerate(module_loss_tables(report)):
         images.append(plot_loss_table(table, out_dir / f"losses-{i}.png").name)
-    sections.append(Section("Calibration loss per module and block",
-                            "Loss of each linear's solve (the token-weighted output error the solver minimizes), "
-                            "colour on a log scale.", images))
+    loss_text = ("Loss of each linear's solve (the token-weighted output error the solver minimizes), "
+                 "colour on a log scale.")
+    if not images:
+        loss_text = ("No loss was measured: round-to-nearest uses no calibration statistics."
+                     if q.get("method") == "rtn" else "The report holds no measured losses.")
+    sections.append(Section("Calibration loss per module and block", loss_text, images))
 
     if importance:
         imgs, rows = [], [["sample", "vision tokens", "grid", "vision mean w (block 0)", "text mean w (block 0)",
@@ -472,9 +600,18 @@ def build_report(report: dict, out_dir: str | Path, *, task_records: list[dict] 
     else:
         sections.append(Section("Token importance", importance_note or "not computed"))
 
+    time_rows = stage_time_rows(report)
+    if time_rows:
+        sections.append(Section("Time and peak memory per stage", table=time_rows))
+
     if task_records:
         bars = timeline_from_task_records(task_records)
         text = f"{len(task_records)} task records, {len({b.lane for b in bars})} worker processes."
+        lane_title = "tasks per worker"
+    elif report.get("timeline"):
+        bars = timeline_from_report(report)
+        text = (f"{len(bars)} tasks from the export's report, {len({b.lane for b in bars})} worker processes "
+                "(the task records when the export was written).")
         lane_title = "tasks per worker"
     else:
         bars = timeline_from_report(report)

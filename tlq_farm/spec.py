@@ -38,7 +38,7 @@ class QuantSpec:
         if self.bits not in (2, 3, 4, 8):
             raise SpecError(f"--bits {self.bits} is not supported: choose 2, 3, 4 or 8")
         if self.group_size != -1 and self.group_size <= 0:
-            raise SpecError(f"--group-size {self.group_size} is invalid: use a positive size such as 32, 64, 128, or -1 for per-channel")
+            raise SpecError(f"--group-size {self.group_size} is invalid: use a positive number of columns (32, 64, 128, ...), or -1 for per-channel")
         if self.act_bits not in (None, 8):
             raise SpecError(f"--act-bits {self.act_bits} is not supported: use 8 (dynamic per-token int8) or leave it unset")
         if self.method not in METHODS:
@@ -48,13 +48,13 @@ class QuantSpec:
         if self.method == "rtn" and self.importance != "uniform":
             raise SpecError("--method rtn uses no calibration statistics, so --importance must be uniform")
         if not 0 < self.damp < 1:
-            raise SpecError(f"--damp {self.damp} must lie in (0, 1): it is a fraction of mean(diag H)")
+            raise SpecError(f"--damp {self.damp:g} is out of range: use a value in (0, 1), a fraction of mean(diag H) such as 0.01")
         if self.blocksize <= 0:
-            raise SpecError("--blocksize must be positive")
+            raise SpecError(f"--blocksize {self.blocksize} is invalid: use a positive number of columns such as 128")
         if not 0 < self.tlq_keep <= 1:
-            raise SpecError(f"--tlq-keep {self.tlq_keep} must lie in (0, 1]")
+            raise SpecError(f"--tlq-keep {self.tlq_keep:g} is out of range: use a fraction of vision tokens in (0, 1], such as 0.5")
         if self.qig_steps < 1:
-            raise SpecError("--qig-steps must be at least 1")
+            raise SpecError(f"--qig-steps {self.qig_steps} is invalid: use at least 1 integration step (32 by default)")
         return self
 
 
@@ -73,9 +73,9 @@ class JobSpec:
     def validate(self) -> "JobSpec":
         self.quant.validate()
         if self.samples < 1:
-            raise SpecError(f"--samples {self.samples} must be at least 1")
+            raise SpecError(f"--samples {self.samples} is invalid: use at least 1 calibration sample (128 by default)")
         if self.seq_len < 8:
-            raise SpecError(f"--seq-len {self.seq_len} is too short: use at least 8 tokens")
+            raise SpecError(f"--seq-len {self.seq_len} is too short: use at least 8 tokens (2048 by default)")
         if self.fmt not in FORMATS:
             raise SpecError(f"--format {self.fmt!r} is unknown: choose one of {', '.join(FORMATS)}")
         q = self.quant
@@ -83,7 +83,7 @@ class JobSpec:
             raise SpecError("--act-order regroups columns, and compressed-tensors stores no g_idx: add --static-groups "
                             "(groups stay contiguous) or export with --format fake")
         if self.shard_tokens < 1:
-            raise SpecError("--shard-tokens must be positive")
+            raise SpecError(f"--shard-tokens {self.shard_tokens} is invalid: use at least 1 token per shard (8192 by default)")
         return self
 
     def to_dict(self) -> dict:
@@ -96,7 +96,13 @@ class JobSpec:
         return cls(**d)
 
 
+# Where the model and the data lie is not part of a job: their content is, through the digests.
+PATH_FIELDS = ("model", "calib")
+
+
 def fingerprint(spec: JobSpec, model_digest: str, data_digest: str) -> str:
-    """A short stable id for (model bytes, data bytes, spec): the same job gets the same id."""
-    payload = json.dumps({"spec": spec.to_dict(), "model": model_digest, "data": data_digest}, sort_keys=True)
+    """A short stable id for (model bytes, encoded data, options): the same job gets the same id, whichever
+    path (relative, absolute, a copy elsewhere) reaches its model and data."""
+    options = {k: v for k, v in spec.to_dict().items() if k not in PATH_FIELDS}
+    payload = json.dumps({"spec": options, "model": model_digest, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

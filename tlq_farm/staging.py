@@ -10,6 +10,7 @@ manifest does, and everything it names is in the store.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -29,12 +30,10 @@ class StagingError(ValueError):
 # ----------------------------------------------------------------------------------------------- model files
 
 def model_config(model_dir: str | Path):
-    import transformers
+    """The folder's config; a missing folder or an unsupported model_type is refused in one line."""
+    from .models.adapter import read_config
 
-    p = Path(model_dir)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json): pass a folder saved with save_pretrained")
-    return transformers.AutoConfig.from_pretrained(str(p))
+    return read_config(model_dir)
 
 
 def model_class_for(config):
@@ -147,13 +146,28 @@ def split_keys(module_keys: list[str], layout, n_blocks: int) -> dict[str, list[
     return pieces
 
 
-def file_digest(paths: list[Path]) -> str:
+def _sha256_of_file(path: Path) -> bytes:
     h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.digest()
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 over each file's name and the sha256 of its bytes: content only, not the folder it lies in.
+
+    Every byte is read on every run, files side by side (hashlib releases the GIL): no (size, mtime) cache,
+    since a file edited in place with both kept would then attach to the job of its old content."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(paths), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_sha256_of_file, paths))
+    h = hashlib.sha256()
+    for p, d in zip(paths, digests):
+        h.update(p.name.encode() + b"\0" + d)
     return h.hexdigest()
 
 
@@ -176,7 +190,8 @@ def sample_tensors(sample: dict) -> dict[str, torch.Tensor]:
 
 
 def job_id_for(spec: JobSpec, model_dir: Path, samples: list[dict]) -> tuple[str, str, str]:
-    """(job id, model digest, data digest): the spec fingerprint over the model and data bytes."""
+    """(job id, model digest, data digest): the spec's options over the model's file bytes and the
+    calibration samples as encoded (token ids, pixel tensors), so paths do not change the id."""
     files = [model_dir / n for n in side_files(model_dir)] + checkpoint_files(model_dir)
     model_digest = file_digest(files)
     h = hashlib.sha256()
@@ -186,10 +201,10 @@ def job_id_for(spec: JobSpec, model_dir: Path, samples: list[dict]) -> tuple[str
     return fingerprint(spec, model_digest, data_digest), model_digest, data_digest
 
 
-def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None) -> tuple[str, bool]:
+def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> tuple[str, bool]:
     """Stage `spec` into `store` -> (job id, attached). An already staged job (same model, data and spec)
-    is attached to, not staged again."""
-    from .models.adapter import find_layout
+    is attached to, not staged again. `warn` gets what the data did not give (default: `log`)."""
+    from .models.adapter import check_weights, find_layout
     from .pipeline import check_grid_fits
 
     spec.validate()
@@ -198,7 +213,10 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None) -> tuple[str, 
                         "`tlq-farm run --in-memory`")
     model_dir = Path(spec.model)
     config = model_config(model_dir)
+    check_weights(model_dir)
     calib = encode_calibration(spec)
+    for line in calib.notes(spec.samples):
+        (warn or log)(line)
     job, model_digest, data_digest = job_id_for(spec, model_dir, calib.samples)
     if store.is_committed(keys.manifest(job)):
         return job, True
@@ -209,13 +227,15 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None) -> tuple[str, 
     n_blocks = len(layout.decoder_blocks(meta))
     log(f"staging job {job}: {n_blocks} blocks, {len(calib.samples)} samples -> {store.url}")
 
-    files = side_files(model_dir)
-    for name in files:
-        store.put_file(keys.staged_file(job, name), model_dir / name)
-
+    # Every check that can refuse the checkpoint runs before the first write: a refused model leaves no
+    # job folder behind.
     where = checkpoint_key_map(checkpoint_files(model_dir))
     module_keys = list(meta.state_dict().keys())
     mapping = match_checkpoint_keys(meta, set(where), tied_keys(meta))
+
+    files = side_files(model_dir)
+    for name in files:
+        store.put_file(keys.staged_file(job, name), model_dir / name)
     pieces = split_keys(module_keys, layout, n_blocks)
     sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks}
     for piece, names in pieces.items():

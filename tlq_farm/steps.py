@@ -106,6 +106,8 @@ class JobContext:
         self._config = None
         self._meta = None
         self._groups = None
+        # Set by execute while a task runs: its task-log record as of now (the export reports itself).
+        self.current_record = None
 
     def staged_files(self) -> Path:
         """A folder holding the model's side files (config, tokenizer, processor), fetched once."""
@@ -339,8 +341,9 @@ def do_solve(ctx: JobContext, task: Task) -> None:
         stats = reduce_partials([ctx.to_device(shard_stats(get_tensors(ctx.store, keys.stats(ctx.job, b, g, s)), m))
                                  for s in range(len(ctx.manifest["shards"]))])
     res = B.solve(weight, stats, q)
-    meta = {"loss": float(res.loss), "bits": res.bits, "group_size": res.group_size, "sym": res.sym,
-            "damp_used": float(res.damp_used), "group": g}
+    # loss None: not measured (RTN has no statistics to measure it on).
+    meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
+            "sym": res.sym, "damp_used": float(res.damp_used), "group": g}
     if stats is not None:
         meta.update(tokens=int(stats["tokens"]), weight_sum=float(stats["w_sum"]))
     put_tensors(ctx.store, keys.qweights(ctx.job, b, m), qresult_to_tensors(res),
@@ -361,8 +364,12 @@ def do_propagate(ctx: JobContext, task: Task) -> None:
         put_tensors(ctx.store, keys.acts(ctx.job, "fp", b + 1, k), _acts_tensors(start, fp_out))
 
 
-def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[str, QuantResult]) -> dict:
-    """tlq_report.json of a farm job: what was computed (no timings, so the bytes are reproducible)."""
+def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[str, QuantResult],
+                records: list[dict] | None = None) -> dict:
+    """tlq_report.json of a farm job: what was computed, and from the task records `records` its time,
+    timeline and peak memory (tlq_farm.report.RUN_FIELDS, the only fields that differ between runs)."""
+    from .report import loss_sum, summarize_task_records
+
     modules = {}
     for name in sorted(results_meta):
         meta = results_meta[name]
@@ -371,9 +378,9 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[st
         if "tokens" in meta:
             entry.update(tokens=meta["tokens"], weight_sum=meta["weight_sum"], damp=meta["damp_used"])
         modules[name] = entry
-    per_block: dict[int, float] = {}
+    per_block: dict[int, list] = {}
     for e in modules.values():
-        per_block[e["block"]] = per_block.get(e["block"], 0.0) + e["loss"]
+        per_block.setdefault(e["block"], []).append(e["loss"])
     rep = {
         "spec": ctx.manifest["spec"],
         "model_class": ctx.layout.model_class,
@@ -381,8 +388,8 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[st
         "calibration": ctx.manifest["calibration"],
         "shards": ctx.manifest["shards"],
         "modules": modules,
-        "blocks": {ctx.layout.blocks: [{"index": b, "loss": per_block[b]} for b in sorted(per_block)]},
-        "totals": {"modules": len(results), "loss": sum(e["loss"] for e in modules.values()),
+        "blocks": {ctx.layout.blocks: [{"index": b, "loss": loss_sum(per_block[b])} for b in sorted(per_block)]},
+        "totals": {"modules": len(results), "loss": loss_sum(e["loss"] for e in modules.values()),
                    "quantized_params": int(sum(r.codes.numel() for r in results.values()))},
     }
     if plan.needs_global_importance(ctx.manifest):
@@ -395,6 +402,7 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[st
         if kept:
             imp["tlq_kept_tokens"] = int(sum(int(t.sum()) for t in kept))
         rep["importance"] = imp
+    rep.update(summarize_task_records(records or []))
     return rep
 
 
@@ -415,7 +423,11 @@ def do_export(ctx: JobContext, task: Task) -> None:
         out = Path(tmp) / "export"
         export_checkpoint(model, source, out, results, act_bits=ctx.spec.quant.act_bits, fmt=ctx.spec.fmt,
                           extra_config={"spec": ctx.spec.to_dict()})
-        (out / "tlq_report.json").write_bytes(json_to_bytes(farm_report(ctx, metas, results)))
+        # The job's task records so far, and this export's own (up to now: its record is written after).
+        records = task_records(ctx.store, ctx.job)
+        if ctx.current_record is not None:
+            records.append(ctx.current_record())
+        (out / "tlq_report.json").write_bytes(json_to_bytes(farm_report(ctx, metas, results, records)))
         index = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             name = path.relative_to(out).as_posix()
@@ -466,6 +478,70 @@ def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
     return ctx
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0, /proc/self/clear_refs "5")."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kib() -> tuple[int, str]:
+    """(peak RSS in KiB, scope): VmHWM since the last reset ("task"), else the process's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]), "task"
+    except (OSError, ValueError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak // 1024 if sys.platform == "darwin" else peak), "process"  # macOS counts bytes
+
+
+class TaskMeter:
+    """Wall and CPU seconds and peak memory of one task. A worker process runs one task at a time, so the
+    process's CPU time and memory marks are the task's; where the peak-RSS mark cannot be reset, the
+    record's peak_rss_scope says "process" (the peak since the process started, an upper bound)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.reset = _reset_peak_rss()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.started = time.time()
+        self._wall0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+
+    def sample(self) -> dict:
+        rss_kib, scope = _peak_rss_kib()
+        return {"started": self.started, "finished": time.time(), "seconds": time.perf_counter() - self._wall0,
+                "cpu_s": time.process_time() - self._cpu0, "peak_rss_mib": rss_kib / 1024.0,
+                "peak_rss_scope": scope if self.reset else "process",
+                "cuda_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None}
+
+
+def task_records(store: Store, job: str) -> list[dict]:
+    """The job's committed task-log records; one unreadable (being deleted, damaged) is left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(key: str) -> dict | None:
+        try:
+            return get_json(store, key)
+        except (NotCommitted, CorruptObject, ValueError):
+            return None
+
+    # Small objects, many of them on a big job: read side by side (a store round trip each).
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [r for r in pool.map(read, store.list_committed(keys.tasks_prefix(job))) if r is not None]
+
+
 def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: dict | None = None) -> str:
     """Run one task under the protocol -> 'cancelled', 'skipped', 'computed' or 'input-missing'."""
     if is_cancelled(store, job):
@@ -474,21 +550,29 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     outs = plan.outputs(task, ctx.manifest)
     if all(store.is_committed(k) for k in outs):
         return "skipped"
-    started = time.time()
+    meter = TaskMeter(device)
+    attempt = uuid.uuid4().hex
+
+    def record() -> dict:
+        r = {"task": task.name, "kind": task.kind, "block": task.block, "attempt": attempt, **meter.sample(),
+             "host": socket.gethostname(), "pid": os.getpid(),
+             "estimate_bytes": plan.estimate_memory(task, ctx.manifest, ctx.groups if task.kind != "embed"
+                                                    and task.kind != "groups" else None)}
+        r.update(worker or {})
+        return r
+
     torch.manual_seed(ctx.spec.seed)
     _fault_sleep(task.kind)
     _fault_crash(task.name)
+    ctx.current_record = record
     try:
         BODIES[task.kind](ctx, task)
     except (NotCommitted, CorruptObject):
         # An input vanished or was found corrupt (and deleted): the reconciler reschedules its producer.
         return "input-missing"
-    record = {"task": task.name, "attempt": uuid.uuid4().hex, "started": started, "finished": time.time(),
-              "seconds": time.time() - started, "host": socket.gethostname(), "pid": os.getpid(),
-              "estimate_bytes": plan.estimate_memory(task, ctx.manifest, ctx.groups if task.kind != "embed"
-                                                     and task.kind != "groups" else None)}
-    record.update(worker or {})
-    put_json(store, keys.task_log(job, f"{task.name}--{record['attempt']}"), record)
+    finally:
+        ctx.current_record = None
+    put_json(store, keys.task_log(job, f"{task.name}--{attempt}"), record())
     return "computed"
 
 

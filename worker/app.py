@@ -31,6 +31,35 @@ WORKERS_KEY = "tlq:workers"
 JOBS_KEY = "tlq:jobs"
 
 
+def normalize_store_url(url: str) -> str:
+    """A store URL in one spelling: s3://BUCKET/PREFIX without trailing slashes, or an absolute folder path."""
+    text = str(url).strip()
+    if text.startswith("s3://"):
+        return "s3://" + "/".join(part for part in text[len("s3://"):].split("/") if part)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return os.path.realpath(os.path.expanduser(text))
+
+
+def allowed_stores() -> list[str]:
+    """The stores this worker serves: TLQ_STORE_URL and the comma-separated TLQ_ALLOWED_STORES (each with
+    everything below it). Task messages name their store, and whoever can write to Redis can send one."""
+    urls = [os.environ.get("TLQ_STORE_URL", "")] + os.environ.get("TLQ_ALLOWED_STORES", "").split(",")
+    return [normalize_store_url(u) for u in urls if u.strip()]
+
+
+def store_refusal(store_url: str, allowed: list[str] | None = None) -> str | None:
+    """Why this worker must not touch `store_url`, or None when it is one of its stores (or below one)."""
+    allowed = allowed_stores() if allowed is None else allowed
+    if not allowed:
+        return ("this worker has no store configured: set TLQ_STORE_URL (or TLQ_ALLOWED_STORES) to the "
+                "store(s) it may read and write, or pass `tlq-farm worker --store URL`")
+    url = normalize_store_url(store_url)
+    if any(url == a or url.startswith(a.rstrip("/") + "/") for a in allowed):
+        return None
+    return f"store {store_url} is not among this worker's stores ({', '.join(allowed)}; TLQ_STORE_URL / TLQ_ALLOWED_STORES)"
+
+
 def broker_url() -> str:
     return os.environ.get("TLQ_BROKER_URL") or "redis://localhost:6379/0"
 
@@ -83,6 +112,14 @@ app.conf.update(
 _redis = None
 
 
+def use_broker(url: str) -> None:
+    """Point this process's app at another broker: the settings and every cached connection."""
+    global _redis
+    app.conf.broker_url = url
+    _redis = None
+    app._after_fork()  # drops the connection and producer pools bound to the old URL
+
+
 def redis_client():
     """The Redis of the broker URL (dedup marks, heartbeats, active jobs)."""
     global _redis
@@ -107,7 +144,7 @@ class WorkerState:
 
     def record(self) -> dict:
         return {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), **self.info,
-                "task": self.current, "last_seen": time.time(), "started": self.started}
+                "task": self.current, "last_seen": time.time(), "started": self.started, "heartbeat_s": HEARTBEAT_S}
 
     def beat(self) -> None:
         r = redis_client()
@@ -123,10 +160,15 @@ def _heartbeat_loop() -> None:
     from worker import dispatch
 
     last_advance = 0.0
+    live_before: set[str] = set()
     while not STATE.stop.wait(HEARTBEAT_S):
         try:
             STATE.beat()
-            if time.time() - last_advance >= ADVANCE_EVERY_S:
+            # A worker that just went silent held a task: send it again now, not at the next round.
+            live_now = {w["id"] for w in dispatch.workers() if dispatch.is_live(w)}
+            lost_worker = bool(live_before - live_now)
+            live_before = live_now
+            if lost_worker or time.time() - last_advance >= ADVANCE_EVERY_S:
                 last_advance = time.time()
                 dispatch.advance_active_jobs()
         except Exception as error:  # a heartbeat must never kill the worker; the next beat tries again

@@ -1,23 +1,38 @@
 """A size-bounded local cache of store objects, by content: what a worker wrote or read is not downloaded again.
 
-Entries are named by sha256, so a cached copy is valid for any key whose commit marker names that digest;
-the marker is still read on every get (a rewrite or a corrupt-and-deleted object is seen at once). The
+Entries are named by sha256, so a cached copy serves any key whose commit marker names that digest; the
+marker is still read on every get (a rewrite or a corrupt-and-deleted object is seen at once). The
 oldest-used files go first when the cache exceeds its size.
+
+A hit also checks that the store's object is still the one that was verified, so that damage in the store
+does not hide behind the cache: beside each entry lies, per store key, the object's version token
+(Store._object_version: the S3 ETag and size, a file's size, mtime and inode) taken when this cache wrote or
+downloaded it. A hit compares it with a fresh lookup (one HEAD request on S3). When the token differs or
+is unknown, the object is read through the store's verifying path: a sound object is served and its token
+kept; a corrupt one is deleted by the store, and is committed again from the cached copy, which hashes to
+the marker's digest and so is the committed content itself. The job goes on with the same bytes, with no
+recomputation, even for staged checkpoint pieces and calibration samples, which no task can recompute.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 from pathlib import Path
 
-from tlq_farm.store import Store
+from tlq_farm.store import CorruptObject, Store, keys
+
+log = logging.getLogger(__name__)
 
 
 class CachedStore:
     """`store` with get_bytes served from a local folder when the committed digest is cached there.
 
     Every other attribute is the wrapped store's; put_bytes writes through and keeps a copy.
+    hits: reads served from the cache; misses: reads that downloaded the object; repairs: corrupt store
+    objects committed again from the cache.
     """
 
     def __init__(self, store: Store, folder: str | os.PathLike, max_bytes: int):
@@ -27,12 +42,37 @@ class CachedStore:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.repairs = 0
 
     def __getattr__(self, name):
         return getattr(self._store, name)
 
     def _path(self, digest: str) -> Path:
         return self.folder / digest[:2] / digest
+
+    def _version_path(self, digest: str, key: str) -> Path:
+        # Per (store, key): one cached content may stand for several keys, each with its own object.
+        name = hashlib.sha256(f"{self._store.url}\n{key}".encode()).hexdigest()[:32]
+        return self.folder / digest[:2] / f"{digest}.keys" / name
+
+    def _version(self, key: str) -> str | None:
+        return self._store._object_version(keys.check_key(key))
+
+    def _remember(self, digest: str, key: str, version: str | None) -> None:
+        """Record the version of the store's object `key` whose content is the cached `digest`."""
+        if version is None or not self._path(digest).exists():
+            return
+        path = self._version_path(digest, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(version)
+        os.replace(tmp, path)
+
+    def _recorded(self, digest: str, key: str) -> str | None:
+        try:
+            return self._version_path(digest, key).read_text()
+        except OSError:
+            return None
 
     def _keep(self, digest: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
@@ -54,10 +94,15 @@ class CachedStore:
                 break
             total -= p.stat().st_size
             p.unlink(missing_ok=True)
+            shutil.rmtree(p.with_name(f"{p.name}.keys"), ignore_errors=True)
 
     def put_bytes(self, key: str, data: bytes) -> str:
         digest = self._store.put_bytes(key, data)
         self._keep(digest, bytes(data))
+        # Looked up after the write: a concurrent rewrite in between leaves a token that no longer matches,
+        # which costs one verifying read later, never a false hit.
+        if self._path(digest).exists():
+            self._remember(digest, key, self._version(key))
         return digest
 
     def get_bytes(self, key: str) -> bytes:
@@ -69,14 +114,40 @@ class CachedStore:
             data = path.read_bytes()
         except OSError:  # not cached, or evicted by another process meanwhile
             data = None
+        if data is not None and hashlib.sha256(data).hexdigest() != info.sha256:
+            path.unlink(missing_ok=True)  # a damaged cache file: fetch the object again
+            data = None
         if data is not None:
-            if hashlib.sha256(data).hexdigest() == info.sha256:
+            version = self._version(key)
+            if version is not None and version == self._recorded(info.sha256, key):
                 self.hits += 1
                 os.utime(path)
                 return data
-            path.unlink(missing_ok=True)  # a damaged cache file: fetch the object again
+            return self._confirm(key, data, info.sha256)
+        return self._fetch(key)
+
+    def _fetch(self, key: str) -> bytes:
+        # The token is taken before the read: if the object changes in between, it is stale and the next
+        # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
+        version = self._version(key)
         self.misses += 1
         data = self._store.get_bytes(key)
-        self._keep(hashlib.sha256(data).hexdigest(), data)
+        digest = hashlib.sha256(data).hexdigest()
+        self._keep(digest, data)
+        self._remember(digest, key, version)
         return data
 
+    def _confirm(self, key: str, cached: bytes, digest: str) -> bytes:
+        """The store's object behind a cached copy changed or was never seen: check it, repair it if corrupt."""
+        try:
+            return self._fetch(key)
+        except CorruptObject as error:
+            if self._store.commit_info(key) is not None:
+                return self._fetch(key)  # a newer write committed meanwhile: read that one
+            # The marker read just before named `digest`, and a task writes the same bytes whenever it runs,
+            # so the cached copy is exactly what the deleted object should have held.
+            log.warning("%s; committing it again from the verified local copy %s", error, digest[:12])
+            self._store.put_bytes(key, cached)
+            self._remember(digest, key, self._version(key))
+            self.repairs += 1
+            return cached

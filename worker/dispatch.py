@@ -3,10 +3,17 @@
 Sending the same task twice is harmless (the second run skips); dedup marks in Redis keep it rare: a task
 is not sent while it is marked queued or running. The marks are only an optimisation: flushing Redis
 loses them, and `resume` (advance) sends whatever is ready and not committed again.
+
+A queued mark is trusted only while there is evidence that its task is somewhere: its message waits in a
+queue a live worker consumes, or a worker took it moments ago (kombu's unacked index), or a live worker's
+heartbeat renews its running mark. A worker killed between taking a message and starting the task leaves
+none of these, so the next advance (every worker's heartbeat, `resume`, a following coordinator) sends
+the task again instead of waiting for the mark's TTL.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -56,28 +63,129 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
         r.hdel(JOBS_KEY, active_field(store_url, job))
         return {"job": job, "state": "done", "sent": 0}
     r.hset(JOBS_KEY, active_field(store_url, job), "1")
-    live = {w["id"]: w for w in workers() if time.time() - w.get("last_seen", 0) < 3 * HEARTBEAT_S + 1}
+    records = {w["id"]: w for w in workers()}
+    live = {i: w for i, w in records.items() if is_live(w)}
     if idle_worker in live:
         live[idle_worker] = dict(live[idle_worker], task=None)
     sent = []
+    evidence = InFlight(r, records)
     for task in rec.ready:
         task_id = task.task_id(job)
         mark = mark_id(store_url, task_id)
-        if r.exists(running_key(mark)):
+        if evidence.running(mark):
             continue
-        if not r.set(queued_key(mark), "1", nx=True, ex=REQUEUE_AFTER):
-            continue
+        if not r.set(queued_key(mark), repr(time.time()), nx=True, ex=REQUEUE_AFTER):
+            if not evidence.lost(mark):
+                continue
+            r.set(queued_key(mark), repr(time.time()), ex=REQUEUE_AFTER)  # lost: send it again
         need = plan.memory_class(plan.estimate_memory(task, manifest, groups))
         queue = plan.queue_name(need)
         preferred = affine_worker(r, store_url, job, task, need, live)
         if preferred:
             live[preferred] = dict(live[preferred], task=task_id)  # one task per worker and advance
             # Short mark: if that worker does not take it soon, the next advance sends it to its class queue.
-            r.set(queued_key(mark), "1", ex=AFFINITY_WAIT_S)
+            r.set(queued_key(mark), repr(time.time()), ex=AFFINITY_WAIT_S)
             queue = personal_queue(preferred)
         app.send_task(RUN_TASK, args=[store_url, job, task.to_dict()], task_id=task_id, queue=queue)
         sent.append(task.name)
     return {"job": job, "state": "running", "sent": len(sent), "ready": len(rec.ready), "missing": rec.missing}
+
+
+# A queued mark younger than this needs no evidence: its message may be between the sender and the queue,
+# or between a worker's pop and its running mark.
+GRACE_S = float(os.environ.get("TLQ_QUEUED_GRACE_S", max(2 * HEARTBEAT_S, 5.0)))
+# kombu's Redis transport: each queue is a list of that name; a taken, unacknowledged message sits in the
+# hash UNACKED (delivery tag -> [message, exchange, routing key]), with its delivery time in UNACKED_INDEX.
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def message_mark(message: dict) -> str | None:
+    """The mark id (store URL + task id) of a Celery message of RUN_TASK, None for any other message."""
+    headers = message.get("headers") or {}
+    if headers.get("task") != RUN_TASK:
+        return None
+    try:
+        body = message["body"]
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return mark_id(args[0], headers["id"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+class InFlight:
+    """Which tasks are demonstrably somewhere, read from Redis once per advance and only when needed."""
+
+    def __init__(self, r, records: dict):
+        self.r = r
+        self.records = records
+        self.live = {i for i, w in records.items() if is_live(w)}
+        self._marks: set[str] | None = None
+
+    def marks(self) -> set[str]:
+        if self._marks is None:
+            queues = [plan.queue_name(c) for c in plan.MEMORY_CLASSES] + [personal_queue(w) for w in self.live]
+            found: set[str] = set()
+            for queue in queues:
+                for raw in self.r.lrange(queue, 0, -1):
+                    found.add(_raw_mark(raw))
+            just_taken = self.r.zrangebyscore(UNACKED_INDEX, time.time() - GRACE_S, "+inf")
+            for raw in self.r.hmget(UNACKED, just_taken) if just_taken else []:
+                if raw:
+                    found.add(_raw_mark(raw, unacked=True))
+            self._marks = found - {None}
+        return self._marks
+
+    def lost(self, mark: str) -> bool:
+        """A task marked queued that is in no queue, was not just taken, and runs nowhere."""
+        sent = self.r.get(queued_key(mark))
+        try:
+            age = time.time() - float(sent) if sent else GRACE_S + 1
+        except ValueError:
+            age = GRACE_S + 1  # a mark written before marks carried their time
+        if age <= GRACE_S or self.running(mark):
+            return False
+        return mark not in self.marks()
+
+    def running(self, mark: str) -> bool:
+        """Marked running by a worker that is live, or unknown here (its mark's TTL then decides).
+
+        A worker whose heartbeat went stale is dead: its running marks go at once, not after their TTL."""
+        owner = self.r.get(running_key(mark))
+        if owner is None:
+            return False
+        owner = owner.decode()
+        if owner in self.records and owner not in self.live:
+            self.r.delete(running_key(mark))
+            return False
+        return True
+
+
+def _raw_mark(raw: bytes, unacked: bool = False) -> str | None:
+    try:
+        message = json.loads(raw)
+        return message_mark(message[0] if unacked else message)
+    except (ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def stall_reason(store_url: str, job: str, ready: list, records: list[dict]) -> str | None:
+    """Why a job with ready tasks makes no progress, or None while some ready task is somewhere.
+
+    records: the workers' heartbeat records (live or not)."""
+    if not ready:
+        return None
+    if not any(is_live(w) for w in records):
+        return "no live worker: start one with `tlq-farm worker`"
+    r = redis_client()
+    evidence = InFlight(r, {w["id"]: w for w in records})
+    for task in ready:
+        mark = mark_id(store_url, task.task_id(job))
+        if evidence.running(mark) or (r.exists(queued_key(mark)) and not evidence.lost(mark)):
+            return None
+    return (f"{len(ready)} ready task(s) are in no queue and run nowhere (lost with a worker or with Redis); "
+            f"`tlq-farm resume {job}` sends them again")
 
 
 # Kinds that read a shard's activations: sent to the worker that wrote them when it is idle.
@@ -98,15 +206,25 @@ def affine_worker(r, store_url: str, job: str, task, need: int, live: dict) -> s
 
 def advance_active_jobs() -> None:
     """advance() every job Redis lists as active (what a worker's heartbeat does now and then)."""
+    from worker.app import store_refusal
+
     r = redis_client()
     for field in r.hkeys(JOBS_KEY):
         url, _, job = field.decode().rpartition("\n")
-        advance(url, job)
+        if store_refusal(url) is None:  # another farm's store on this broker: not this worker's to touch
+            advance(url, job)
 
 
 def active_field(store_url: str, job: str) -> str:
     """Field of the active-jobs hash: store URL and job id (a job id is unique only within its store)."""
     return f"{store_url}\n{job}"
+
+
+def is_live(record: dict, now: float | None = None) -> bool:
+    """A worker is live while its heartbeat is fresh: younger than two of its own intervals (one beat may be
+    late). A live worker taken for dead only costs a task computed twice, to the same bytes."""
+    age = (now or time.time()) - record.get("last_seen", 0)
+    return age < 2 * float(record.get("heartbeat_s") or HEARTBEAT_S)
 
 
 def workers() -> list[dict]:

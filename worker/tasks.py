@@ -1,8 +1,14 @@
-"""Celery tasks: thin wrappers around tlq_farm.steps (run one task) and dispatch.advance."""
+"""Celery tasks: thin wrappers around tlq_farm.steps (run one task) and dispatch.advance.
+
+Fault injection for tests: TLQ_FAULT_CRASH_TAKEN="<task name>" exits the worker (as a kill would) right
+after it took that task's message and before it marks the task running, once per TLQ_FAULT_CRASH_FLAG file.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -13,22 +19,28 @@ from tlq_farm.plan import Task
 from tlq_farm.store import StoreUnavailable
 
 from worker import dispatch
-from worker.app import STATE, affinity_key, app, mark_id, queued_key, redis_client, running_key
+from worker.app import STATE, affinity_key, app, mark_id, queued_key, redis_client, running_key, store_refusal
 
 RETRIED = (StoreUnavailable, OperationalError, RedisConnectionError, RedisTimeoutError)
+log = logging.getLogger("tlq_farm.worker")
 RETRY = dict(autoretry_for=RETRIED, retry_backoff=2, retry_backoff_max=120, retry_jitter=True, max_retries=30)
 
 
 @app.task(name=dispatch.RUN_TASK, **RETRY)
 def run_task(store_url: str, job: str, task: dict) -> str:
     """Run one farm task (cancel check, skip if committed, compute, commit), then advance the job."""
-    store = dispatch.store_for(store_url)
+    refusal = store_refusal(store_url)
+    if refusal:
+        log.warning("refused task %s of job %s: %s", task.get("kind"), job, refusal)
+        return "refused"
     t = Task.from_dict(task)
+    _fault_crash_taken(t.name)
     mark = mark_id(store_url, t.task_id(job))
     r = redis_client()
     STATE.current = mark
     r.set(running_key(mark), STATE.id, ex=int(os.environ.get("TLQ_RUNNING_TTL", 30)))
     r.delete(queued_key(mark))
+    store = dispatch.store_for(store_url)
     try:
         status = steps.execute(store, job, t, device=STATE.info.get("device", "cpu"),
                                worker={"worker": STATE.id, "class_bytes": STATE.info.get("class_bytes")})
@@ -43,4 +55,19 @@ def run_task(store_url: str, job: str, task: dict) -> str:
 
 @app.task(name=dispatch.ADVANCE_TASK, **RETRY)
 def advance(store_url: str, job: str) -> dict:
+    refusal = store_refusal(store_url)
+    if refusal:
+        log.warning("refused to advance job %s: %s", job, refusal)
+        return {"job": job, "state": "refused", "sent": 0}
     return dispatch.advance(store_url, job)
+
+
+def _fault_crash_taken(name: str) -> None:
+    if os.environ.get("TLQ_FAULT_CRASH_TAKEN") != name:
+        return
+    flag = os.environ.get("TLQ_FAULT_CRASH_FLAG")
+    if flag and Path(flag).exists():
+        return
+    if flag:
+        Path(flag).write_text(name)
+    os._exit(137)

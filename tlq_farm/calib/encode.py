@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .data import CalibError
+
 IGNORE_INDEX = -100
+
+
+class NoChatTemplate(CalibError):
+    """The model's processor or tokenizer has no chat template, so no prompt can be rendered."""
 
 
 class SampleTooLong(ValueError):
@@ -29,6 +35,17 @@ class SampleTooLong(ValueError):
 def _tokenizer_of(processor):
     """The text tokenizer inside a processor, or the object itself when it is a tokenizer."""
     return getattr(processor, "tokenizer", None) or processor
+
+
+def require_chat_template(processor) -> None:
+    """Raise NoChatTemplate unless `processor` (a VLM processor, or a tokenizer) has a chat template."""
+    if getattr(processor, "chat_template", None):
+        return
+    name = getattr(_tokenizer_of(processor), "name_or_path", None) or type(processor).__name__
+    raise NoChatTemplate(
+        f"the model {name} has no chat template, and calibration prompts are rendered with it: add a "
+        "chat_template.jinja to the model folder (or save its processor / tokenizer with chat_template set)"
+    )
 
 
 def is_multimodal_processor(processor) -> bool:
@@ -139,11 +156,7 @@ def encode_example(processor, images: list, prompt: str, answer: str | None, *, 
             f"got {len(images)} image(s) but {type(processor).__name__} is a text-only tokenizer; "
             "load the model's processor (AutoProcessor) or drop the images from the sample"
         )
-    if multimodal and getattr(processor, "chat_template", None) is None:
-        raise ValueError(
-            f"{type(processor).__name__} has no chat template; save one with the processor "
-            "(chat_template.jinja) so that prompts are rendered as the model was trained"
-        )
+    require_chat_template(processor)
     tokenizer = _tokenizer_of(processor)
 
     prompt_messages = build_messages(len(images), prompt, None, multimodal=multimodal)

@@ -2,8 +2,9 @@
 
 A VLM is read as: prefix (vision tower, projector, embeddings: everything that runs before the first decoder
 block), a list of decoder blocks, and a head (final norm + lm_head). We look for the structure instead of
-class names, so an architecture not listed in the docs mostly works; EXPLICIT holds overrides for the models
-whose structure is ambiguous.
+class names; EXPLICIT holds overrides for the models whose structure is ambiguous. A model is accepted only
+when its config's model_type is one of SUPPORTED_MODEL_TYPES: an encoder such as BERT has blocks and a head
+too, and would otherwise be "quantized" as if it were a causal language model.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
 # model class name -> (blocks path, norm path, vision blocks path); only where structure is not enough.
 EXPLICIT: dict[str, tuple[str, str, str | None]] = {}
 
+# The config model_types that are tested end to end (tlq_farm.models.tiny builds one of each).
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "llama", "qwen2", "qwen3")
+
 
 class UnsupportedModel(ValueError):
-    """The model's decoder blocks or head could not be located."""
+    """A model tlq-farm cannot quantize: its architecture, or its decoder blocks or head could not be located."""
+
+
+class CorruptCheckpoint(UnsupportedModel):
+    """A weights file of the model folder that cannot be read (truncated, or not a safetensors file)."""
 
 
 @dataclass(frozen=True)
@@ -118,22 +126,75 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def read_config(path):
+    """The transformers config of model folder `path`, refused with one line when the folder is missing, its
+    config.json unreadable, or its model_type not one of SUPPORTED_MODEL_TYPES."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist: pass a folder saved with save_pretrained")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json): pass a folder saved with save_pretrained")
+    try:
+        raw = json.loads((p / "config.json").read_text())
+        model_type, classes = raw.get("model_type"), raw.get("architectures") or []
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise UnsupportedModel(f"{p / 'config.json'} is not a readable JSON config ({type(e).__name__}): "
+                               "re-save the model with save_pretrained") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = f" ({', '.join(map(str, classes))})" if classes else ""
+        raise UnsupportedModel(f"{path}: model_type {model_type!r}{arch} is not supported; tlq-farm quantizes "
+                               f"{', '.join(SUPPORTED_MODEL_TYPES)}: pass a checkpoint of one of these")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(p))
+    except Exception as e:  # transformers' config validation raises several types; each means a bad config.json
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UnsupportedModel(f"{p / 'config.json'} is not a valid {model_type} config ({why}): re-save the model "
+                               "with save_pretrained from the installed transformers") from None
+
+
+def check_weights(path) -> None:
+    """Open the header of every .safetensors file of `path`, so that a truncated or garbage file is refused
+    with its name before anything is loaded or staged (safetensors also checks that the header's offsets
+    cover the file exactly, which catches a cut-off download)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CorruptCheckpoint(f"weights file {f} cannot be read ({why}): it is truncated or not a "
+                                    "safetensors file; copy it again or re-save the model with save_pretrained") from None
+
+
 def load_model(path: str, *, dtype=torch.float32, device: str = "cpu"):
     """Load (model, processor-or-tokenizer) from a local folder with transformers' Auto classes."""
     import transformers
-    from pathlib import Path
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json): pass a folder saved with save_pretrained")
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = read_config(path)
+    check_weights(path)
     is_vlm = hasattr(config, "vision_config")
-    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    kw = dict(dtype=dtype, attn_implementation="sdpa", output_loading_info=True)
     if is_vlm:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
+        model, info = transformers.AutoModelForImageTextToText.from_pretrained(path, **kw)
         processor = transformers.AutoProcessor.from_pretrained(path)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
         processor = transformers.AutoTokenizer.from_pretrained(path)
+    # transformers fills weights missing from the checkpoint with random values and only warns: a
+    # quantized random model must not pass for the user's (staging refuses the same checkpoint too).
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CorruptCheckpoint(f"the checkpoint in {path} has no tensor for {missing[0]!r} (and {len(missing) - 1} "
+                                "more): it does not match the model's config; check that config.json and the "
+                                ".safetensors files belong together")
     model.eval().to(device)
     return model, processor

@@ -265,6 +265,17 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "to replace its contents")
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give folder and everything in it the modes a plain open / mkdir would (0666 / 0777 & ~umask):
+    writers that go through a private temporary file (0600) would leave the export unreadable to others."""
+    from ..store.base import current_umask
+
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _publish(tmp_dir: Path, out_dir: Path) -> None:
     """Move the finished tmp_dir to out_dir; an existing out_dir is moved aside first and deleted after."""
     old = None
@@ -369,6 +380,7 @@ def export_checkpoint(model: nn.Module, source_dir: str | Path, out_dir: str | P
             ModelCompressor(quantization_config=qconfig).update_config(str(tmp_dir))
         summary = quant_summary(qresults, act_bits, fmt, extra_config)
         (tmp_dir / QUANT_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _usual_modes(tmp_dir)
         _publish(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

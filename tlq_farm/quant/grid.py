@@ -23,7 +23,7 @@ class QuantResult:
     zero:   int32 [out, n_groups]
     g_idx:  int32 [in], the group of each input column (identity order unless act-order regrouped them)
     loss:   the weighted output error of the final weights, tr(E H E^T) / 2 with E = weight - W (GPTAQ: the
-            asymmetric objective, see gptq_quantize); RTN: the same when H is given, else 0
+            asymmetric objective, see gptq_quantize); RTN: the same when H is given, else None (not measured)
     perm:   column order used by act-order (None when natural order)
     damp_used: the relative damping the solver actually used (after any escalation); 0 for RTN
     """
@@ -33,7 +33,7 @@ class QuantResult:
     scale: torch.Tensor
     zero: torch.Tensor
     g_idx: torch.Tensor
-    loss: float
+    loss: float | None
     bits: int
     group_size: int
     sym: bool

@@ -9,7 +9,8 @@ from .grid import QuantResult, check_grid_args, dequantize_grouped, find_params,
 
 def rtn_quantize(W: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                  H: torch.Tensor | None = None) -> QuantResult:
-    """Quantize W [out, in] group by group. With H given, loss is the GPTQ objective tr(E H E^T) / 2."""
+    """Quantize W [out, in] group by group. With H given, loss is the GPTQ objective tr(E H E^T) / 2; without
+    it nothing measures the error, and loss is None."""
     out_f, in_f = W.shape
     check_grid_args(in_f, bits, group_size)
     W = W.to(torch.float32)
@@ -25,7 +26,7 @@ def rtn_quantize(W: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: 
         codes[:, cols] = quantize_codes(W[:, cols], s, z, bits)
     g_idx = natural_g_idx(in_f, group_size)
     Wq = dequantize_grouped(codes, scale, zero, g_idx)
-    loss = 0.0
+    loss = None
     if H is not None:
         E = (Wq - W).to(torch.float64)
         loss = float(((E @ H.to(torch.float64)) * E).sum() / 2)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -53,6 +54,15 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or used (network, credentials, bucket, permissions, disk)."""
 
 
+class StoreMissing(StoreUnavailable):
+    """The store itself (its folder or bucket) does not exist; `what` says so without a remedy, for callers
+    that know the right one ("bucket 'x' does not exist at URL")."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
 @dataclass(frozen=True)
 class Commit:
     """Content of a commit marker."""
@@ -64,6 +74,25 @@ class Commit:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read at call time (a caller may change it). /proc shows it without changing it;
+    elsewhere os.umask must set it to read it, so the two calls are serialized."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
@@ -143,6 +172,14 @@ class Store(ABC):
     def _download_file(self, raw_key: str, path: Path) -> bool:
         """Write the object into the file `path`; False when the object does not exist."""
 
+    def _object_version(self, raw_key: str) -> str | None:
+        """A token that changes whenever the object's bytes may have changed, or None when it does not exist.
+
+        Lets a reader holding a verified copy check that the stored object is still that one without
+        reading it. This default reads and hashes the object; stores override it with a metadata lookup."""
+        data = self._read_raw(raw_key)
+        return None if data is None else f"sha256:{sha256_hex(data)}:{len(data)}"
+
     def _write_guard(self, key: str) -> contextlib.AbstractContextManager:
         """Held while the companions of `key` change; stores with locks serialize writers here."""
         return contextlib.nullcontext()
@@ -200,6 +237,9 @@ class Store(ABC):
             os.close(handle)
             partial = Path(name)
             try:
+                # mkstemp creates 0600; the file is the caller's, with the usual mode (an export must be
+                # readable by the account that serves it when the umask allows).
+                os.chmod(partial, 0o666 & ~current_umask())
                 if not self._download_file(key, partial):
                     partial.unlink(missing_ok=True)
                     return None
@@ -250,6 +290,12 @@ class Store(ABC):
             self._delete_raw(raw)
 
     # ------------------------------------------------------------------------------ flags
+
+    def list_raw(self, prefix: str = "") -> list[str]:
+        """Sorted raw keys under `prefix`, committed or not (objects, companions, flags): what a cleanup
+        has to remove, including the pieces of a write that never committed."""
+        keys.check_prefix(prefix)
+        return sorted(self._list_raw(prefix))
 
     def exists_raw(self, key: str) -> bool:
         """Whether an object exists under `key`, committed or not (flags such as cancel)."""

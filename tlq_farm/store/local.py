@@ -3,8 +3,10 @@
 Each write goes to a temporary file in the target's own folder, is fsynced and then renamed over the
 target with os.replace, so a reader sees the old file or the new one, never a torn one. Writers of the
 same key (several processes, possibly on several machines sharing the folder) are serialized by an
-advisory lock per key, so the object, its checksum and its marker always come from the same write: the
-last complete write wins. Readers take the same lock shared while they read a marker and its object.
+advisory lock on the key's stripe (one of LOCK_STRIPES lock files, chosen by a hash of the key), so the
+object, its checksum and its marker always come from the same write: the last complete write wins.
+Readers take the same lock shared while they read a marker and its object. Keys that share a stripe only
+wait for each other a little more; no code path holds two store locks at once, so sharing cannot deadlock.
 
 Temporary files and the lock folder start with a dot; keys never do, so listings never show them.
 """
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tlq_farm.store import keys
-from tlq_farm.store.base import FILE_CHUNK, Store, StoreUnavailable
+from tlq_farm.store.base import FILE_CHUNK, Store, StoreMissing, StoreUnavailable
 
 try:
     import fcntl
@@ -29,6 +31,8 @@ except ImportError:  # not POSIX: rename stays atomic, only same-key writers are
     fcntl = None
 
 LOCK_FOLDER = ".locks"
+# The lock folder holds at most this many files, whatever the number of keys.
+LOCK_STRIPES = 256
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -110,10 +114,20 @@ def _local_errors(root: Path, action: str) -> Iterator[None]:
 
 
 class LocalStore(Store):
-    """An object store in the folder `root` (created if missing); keys are paths below it."""
+    """An object store in the folder `root`; keys are paths below it.
 
-    def __init__(self, root: str | os.PathLike):
+    create=True makes a missing folder; create=False raises StoreMissing instead (nothing is created).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
+        if not create:
+            if self.root.is_dir():
+                return
+            if self.root.exists():
+                raise StoreUnavailable(f"store folder {self.root} is a file, not a folder: point the store elsewhere")
+            raise StoreMissing(f"store folder {self.root} does not exist: check the path, or create the store",
+                               what=f"store folder {self.root} does not exist")
         with _local_errors(self.root, "create the store folder"):
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -153,6 +167,15 @@ class LocalStore(Store):
 
     def _exists_raw(self, raw_key: str) -> bool:
         return self._file(raw_key).is_file()
+
+    def _object_version(self, raw_key: str) -> str | None:
+        # Every write renames a new file into place (new inode); an edit in place moves the mtime.
+        with _local_errors(self.root, f"look up {raw_key!r}"):
+            try:
+                st = self._file(raw_key).stat()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
     def _list_raw(self, prefix: str) -> list[str]:
         # Walk only the deepest folder the prefix names; its last part may be a partial file name.
@@ -205,9 +228,11 @@ class LocalStore(Store):
         if fcntl is None:
             yield
             return
-        # One lock file per key, named by a hash so keys of any depth share one flat folder. Lock files
-        # are never deleted: deleting a lock file another process holds would split the lock in two.
-        lock_path = self.root / LOCK_FOLDER / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".lock")
+        # One lock file per stripe, the stripe chosen by a hash of the key, so the folder stays bounded
+        # however many keys a store holds. Lock files are never deleted: deleting a lock file another
+        # process holds would split the lock in two.
+        stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
+        lock_path = self.root / LOCK_FOLDER / f"stripe-{stripe:03d}.lock"
         with _local_errors(self.root, f"lock {key!r}"):
             lock_path.parent.mkdir(exist_ok=True)
             handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from tlq_farm.store.base import Store, StoreError, StoreUnavailable, sha256_file
+from tlq_farm.store.base import Store, StoreError, StoreMissing, StoreUnavailable, sha256_file
 
 MiB = 1 << 20
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
@@ -30,6 +30,7 @@ _CREDENTIAL_CODES = {
     "403",
 }
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_MISSING_BUCKET_CODES = {"404", "NoSuchBucket", "NotFound"}
 
 
 _loader = None
@@ -68,7 +69,7 @@ class S3Store(Store):
     endpoint_url: an S3-compatible service (MinIO...); defaults to AWS_ENDPOINT_URL, else AWS itself.
     region: defaults to AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.
     Credentials come from the usual boto3 chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles...).
-    Nothing is created implicitly: call ensure_bucket() to create a missing bucket.
+    Nothing is created implicitly: check_bucket() says whether the bucket exists, ensure_bucket() creates it.
     """
 
     def __init__(
@@ -186,17 +187,32 @@ class S3Store(Store):
 
     # ---------------------------------------------------------------------------------- bucket
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket when it does not exist (the only thing S3Store ever creates)."""
+    def _bucket_exists(self) -> bool:
         from botocore.exceptions import ClientError
 
         with self._errors(f"check bucket {self.bucket!r}"):
             try:
                 self.client.head_bucket(Bucket=self.bucket)
-                return
+                return True
             except ClientError as error:
-                if _error_code(error) not in {"404", "NoSuchBucket", "NotFound"}:
+                if _error_code(error) not in _MISSING_BUCKET_CODES:
                     raise
+        return False
+
+    def check_bucket(self) -> None:
+        """Raise StoreMissing when the bucket does not exist (and StoreUnavailable when it cannot be
+        reached or is refused); creates nothing."""
+        if not self._bucket_exists():
+            where = self.endpoint_url or "AWS S3"
+            raise StoreMissing(f"bucket {self.bucket!r} does not exist at {where}: check the bucket name, or "
+                               "create it (S3Store.ensure_bucket())", what=f"bucket {self.bucket!r} does not exist at {where}")
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist (the only thing S3Store ever creates)."""
+        from botocore.exceptions import ClientError
+
+        if self._bucket_exists():
+            return
         arguments: dict = {"Bucket": self.bucket}
         if self.region != "us-east-1":
             arguments["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
@@ -226,6 +242,18 @@ class S3Store(Store):
     def _delete_raw(self, raw_key: str) -> None:
         with self._errors(f"delete {raw_key!r}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._full(raw_key))
+
+    def _object_version(self, raw_key: str) -> str | None:
+        # The ETag changes whenever the content does; where it is no content hash it changes on every write,
+        # which costs a reader one re-read. A missing bucket answers 404 here too: the re-read says why.
+        with self._errors(f"look up {raw_key!r}"):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self._full(raw_key))
+            except Exception as error:
+                if self._is_missing_key(error):
+                    return None
+                raise
+        return f"{head.get('ETag', '')}:{head.get('ContentLength', '')}"
 
     def _exists_raw(self, raw_key: str) -> bool:
         # A one-key listing, not HEAD: HEAD answers a bare 404 for a missing bucket too, which would
