@@ -113,3 +113,21 @@ def test_shared_input_statistics_equal_separate_ones(tiny_models, calib_jsonl):
     mixed = B.accumulate_stats(blocks[0], inputs, per, group)
     assert not torch.equal(mixed["self_attn.q_proj"]["H"], mixed["self_attn.k_proj"]["H"])
     assert torch.equal(mixed["self_attn.k_proj"]["H"], mixed["self_attn.v_proj"]["H"])
+
+
+def test_read_config_accepts_decoders_by_kind_not_by_list(tmp_path):
+    """A decoder-only type outside the tested list passes the gate (its structure decides after);
+    encoders and encoder-decoders are refused with the tested types named."""
+    import transformers
+
+    from tlq_farm.models.adapter import SUPPORTED_MODEL_TYPES, UnsupportedModel, read_config
+
+    mistral = tmp_path / "mistral"
+    transformers.MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, intermediate_size=64).save_pretrained(mistral)
+    assert read_config(mistral).model_type == "mistral"
+    for name, config in [("bert", transformers.BertConfig()), ("bart", transformers.BartConfig())]:
+        config.save_pretrained(tmp_path / name)
+        with pytest.raises(UnsupportedModel, match=rf"model_type '{name}' is not supported; tlq-farm quantizes "
+                                                   rf"{', '.join(SUPPORTED_MODEL_TYPES)}: pass a checkpoint"):
+            read_config(tmp_path / name)

@@ -2,9 +2,10 @@
 
 A VLM is read as: prefix (vision tower, projector, embeddings: everything that runs before the first decoder
 block), a list of decoder blocks, and a head (final norm + lm_head). We look for the structure instead of
-class names; EXPLICIT holds overrides for the models whose structure is ambiguous. A model is accepted only
-when its config's model_type is one of SUPPORTED_MODEL_TYPES: an encoder such as BERT has blocks and a head
-too, and would otherwise be "quantized" as if it were a causal language model.
+class names, so an architecture not listed in the docs mostly works; EXPLICIT holds overrides for the models
+whose structure is ambiguous. What structure cannot tell is whether a model generates text left to right: an
+encoder such as BERT has blocks and a head too. So a model_type must be one transformers builds as a causal
+LM or an image-text-to-text model, and not an encoder or encoder-decoder (is_decoder_model_type).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ EXPLICIT: dict[str, tuple[str, str, str | None]] = {}
 
 # The config model_types that are tested end to end (tlq_farm.models.tiny builds one of each).
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "llama", "qwen2", "qwen3")
+
+
+def is_decoder_model_type(model_type, is_encoder_decoder: bool = False) -> bool:
+    """Whether transformers builds `model_type` as a decoder-only causal LM or image-text-to-text model.
+
+    The masked-LM mapping holds the encoders (BERT, RoBERTa, ...) that the causal-LM mapping also lists
+    as decoders; encoder-decoders say so in their config."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return True
+    if is_encoder_decoder or model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False
+    return model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 class UnsupportedModel(ValueError):
@@ -128,7 +143,7 @@ def block_output(out) -> torch.Tensor:
 
 def read_config(path):
     """The transformers config of model folder `path`, refused with one line when the folder is missing, its
-    config.json unreadable, or its model_type not one of SUPPORTED_MODEL_TYPES."""
+    config.json unreadable, or its model_type not a decoder-only model (is_decoder_model_type)."""
     import json
     from pathlib import Path
 
@@ -142,13 +157,16 @@ def read_config(path):
     try:
         raw = json.loads((p / "config.json").read_text())
         model_type, classes = raw.get("model_type"), raw.get("architectures") or []
+        encoder_decoder = bool(raw.get("is_encoder_decoder"))
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise UnsupportedModel(f"{p / 'config.json'} is not a readable JSON config ({type(e).__name__}): "
                                "re-save the model with save_pretrained") from None
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not is_decoder_model_type(model_type, encoder_decoder):
         arch = f" ({', '.join(map(str, classes))})" if classes else ""
         raise UnsupportedModel(f"{path}: model_type {model_type!r}{arch} is not supported; tlq-farm quantizes "
-                               f"{', '.join(SUPPORTED_MODEL_TYPES)}: pass a checkpoint of one of these")
+                               f"{', '.join(SUPPORTED_MODEL_TYPES)}: pass a checkpoint of one of these (or of "
+                               "another decoder-only language or vision-language model; an encoder such as BERT "
+                               "or an encoder-decoder such as T5 cannot be)")
     try:
         return transformers.AutoConfig.from_pretrained(str(p))
     except Exception as e:  # transformers' config validation raises several types; each means a bad config.json
