@@ -155,15 +155,8 @@ def job_folders(store: Store) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for raw in store.list_raw(prefix):
         found.setdefault(raw[len(prefix):].split("/", 1)[0], []).append(raw)
-    return {job: raw_keys for job, raw_keys in found.items() if _valid_job_id(job)}
-
-
-def _valid_job_id(job: str) -> bool:
-    try:
-        keys.job_prefix(job)
-    except ValueError:  # a folder no job wrote (named by hand): not ours to show or remove
-        return False
-    return True
+    # A folder no job wrote (named by hand) is not ours to show or remove.
+    return {job: raw_keys for job, raw_keys in found.items() if keys.is_job_id(job)}
 
 
 def is_incomplete(raw_keys: list[str], job: str) -> bool:

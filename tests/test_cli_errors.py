@@ -28,7 +28,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from s3_server import moto_s3  # noqa: F401  (fixture)
-from test_farm_support import ROOT, RedisServer, free_port, job_spec, make_job_files
+from test_farm_support import ROOT, RedisServer, free_port, job_spec, make_job_files, redis_server  # noqa: F401
 
 from coordinator.cli import main
 from tlq_farm.staging import stage_job
@@ -62,33 +62,11 @@ def staged(files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def open_redis():
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def locked_redis():
     """A redis-server that wants PASSWORD."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind",
-                             "127.0.0.1", "--requirepass", PASSWORD], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            time.sleep(0.05)
-    yield port, client
-    proc.terminate()
-    proc.wait(10)
+    server = RedisServer(password=PASSWORD)
+    yield server.port, server.client
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -343,13 +321,13 @@ def test_bad_command_line(case: Case, request, tmp_path, monkeypatch, files):
 
 
 def test_run_create_store_makes_the_bucket_and_stages_into_it(files, tmp_path, monkeypatch, moto_s3,  # noqa: F811
-                                                               open_redis):
+                                                               redis_server):
     monkeypatch.chdir(tmp_path)
     bucket = "tlq-cli-created"
     assert bucket not in buckets(moto_s3)
     result = CliRunner(env={**BASE_ENV, "AWS_ENDPOINT_URL": moto_s3}).invoke(
         main, [str(a) for a in run_args(Ctx(tmp_path, *files), "--store", f"s3://{bucket}/runs", "--create-store",
-                                       "--broker", open_redis.url, "--detach")])
+                                       "--broker", redis_server.url, "--detach")])
     assert result.exit_code == 0, result.output
     job = result.stdout.strip()
     assert bucket in buckets(moto_s3)

@@ -25,8 +25,8 @@ from tlq_farm.store import LocalStore, keys, open_store
 from tlq_farm.store.tensors import get_json
 
 from s3_server import moto_s3  # noqa: F401  (fixture)
-from test_farm_support import (ROOT, RedisServer, export_bytes, farm_env, job_spec, make_job_files, start_worker,
-                               wait_for)
+from test_farm_support import (ROOT, export_bytes, farm_env, job_spec, make_job_files,  # noqa: F401
+                               redis_server, start_worker, wait_for)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(240)
@@ -38,13 +38,6 @@ SHORT = {"true_sequential": False}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return make_job_files(tmp_path_factory.mktemp("farm"))
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

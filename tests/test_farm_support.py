@@ -62,13 +62,15 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on a free port (no persistence), so flushes touch nobody else."""
 
-    def __init__(self):
+    def __init__(self, password: str | None = None):
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
         self.port = free_port()
+        auth = ["--requirepass", password] if password else []
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                                      "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+                                      "--bind", "127.0.0.1", *auth], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         import redis
 
         self.client = redis.Redis.from_url(self.url)
@@ -83,6 +85,14 @@ class RedisServer:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A private redis-server for one test module (import this fixture into the module)."""
+    server = RedisServer()
+    yield server
+    server.stop()
 
 
 def farm_env(redis_url: str, s3_endpoint: str | None, stores: str = "s3://tlq-farm-test", **extra) -> dict:

@@ -18,6 +18,7 @@ import torch
 from . import plan
 from .spec import JobSpec, SpecError, fingerprint
 from .store import Store, keys
+from .store.base import sha256_file
 from .store.tensors import get_json, put_json, put_tensors, tensors_to_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -146,16 +147,6 @@ def split_keys(module_keys: list[str], layout, n_blocks: int) -> dict[str, list[
     return pieces
 
 
-def _sha256_of_file(path: Path) -> bytes:
-    h = hashlib.sha256()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.digest()
-
-
 def file_digest(paths: list[Path]) -> str:
     """sha256 over each file's name and the sha256 of its bytes: content only, not the folder it lies in.
 
@@ -164,7 +155,7 @@ def file_digest(paths: list[Path]) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(paths), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_sha256_of_file, paths))
+        digests = [bytes.fromhex(hex_digest) for hex_digest, _size in pool.map(sha256_file, paths)]
     h = hashlib.sha256()
     for p, d in zip(paths, digests):
         h.update(p.name.encode() + b"\0" + d)

@@ -453,8 +453,9 @@ def _fault_sleep(kind: str) -> None:
             time.sleep(float(s))
 
 
-def _fault_crash(name: str) -> None:
-    target = os.environ.get("TLQ_FAULT_CRASH")
+def fault_crash(name: str, variable: str = "TLQ_FAULT_CRASH") -> None:
+    """Tests' crash hook: exit as a kill would when $variable names this task, once per TLQ_FAULT_CRASH_FLAG."""
+    target = os.environ.get(variable)
     if target and target == name:
         flag = os.environ.get("TLQ_FAULT_CRASH_FLAG")
         if flag and Path(flag).exists():
@@ -563,7 +564,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
 
     torch.manual_seed(ctx.spec.seed)
     _fault_sleep(task.kind)
-    _fault_crash(task.name)
+    fault_crash(task.name)
     ctx.current_record = record
     try:
         BODIES[task.kind](ctx, task)

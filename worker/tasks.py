@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,7 +33,7 @@ def run_task(store_url: str, job: str, task: dict) -> str:
         log.warning("refused task %s of job %s: %s", task.get("kind"), job, refusal)
         return "refused"
     t = Task.from_dict(task)
-    _fault_crash_taken(t.name)
+    steps.fault_crash(t.name, "TLQ_FAULT_CRASH_TAKEN")
     mark = mark_id(store_url, t.task_id(job))
     r = redis_client()
     STATE.current = mark
@@ -60,14 +59,3 @@ def advance(store_url: str, job: str) -> dict:
         log.warning("refused to advance job %s: %s", job, refusal)
         return {"job": job, "state": "refused", "sent": 0}
     return dispatch.advance(store_url, job)
-
-
-def _fault_crash_taken(name: str) -> None:
-    if os.environ.get("TLQ_FAULT_CRASH_TAKEN") != name:
-        return
-    flag = os.environ.get("TLQ_FAULT_CRASH_FLAG")
-    if flag and Path(flag).exists():
-        return
-    if flag:
-        Path(flag).write_text(name)
-    os._exit(137)

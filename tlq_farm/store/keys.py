@@ -108,8 +108,12 @@ def is_reserved(raw_key: str) -> bool:
     return raw_key.endswith(RESERVED_SUFFIXES)
 
 
+def is_job_id(job) -> bool:
+    return isinstance(job, str) and _JOB_ID.fullmatch(job) is not None
+
+
 def _job(job: str) -> str:
-    if not isinstance(job, str) or not _JOB_ID.fullmatch(job):
+    if not is_job_id(job):
         raise ValueError(
             f"job id {job!r} is invalid: use 1-64 characters of lowercase letters, digits and '-', "
             "starting with a letter or digit"

@@ -225,15 +225,19 @@ class S3Store(Store):
 
     # ---------------------------------------------------------------------------------- primitives
 
-    def _read_raw(self, raw_key: str) -> bytes | None:
-        with self._errors(f"read {raw_key!r}"):
+    def _unless_missing(self, what: str, call):
+        """call(), or None when S3 says the key does not exist; other errors as _errors says."""
+        with self._errors(what):
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._full(raw_key))
+                return call()
             except Exception as error:
                 if self._is_missing_key(error):
                     return None
                 raise
-            return response["Body"].read()
+
+    def _read_raw(self, raw_key: str) -> bytes | None:
+        return self._unless_missing(f"read {raw_key!r}", lambda: self.client.get_object(
+            Bucket=self.bucket, Key=self._full(raw_key))["Body"].read())
 
     def _write_raw(self, raw_key: str, data: bytes) -> None:
         with self._errors(f"write {raw_key!r}"):
@@ -246,14 +250,9 @@ class S3Store(Store):
     def _object_version(self, raw_key: str) -> str | None:
         # The ETag changes whenever the content does; where it is no content hash it changes on every write,
         # which costs a reader one re-read. A missing bucket answers 404 here too: the re-read says why.
-        with self._errors(f"look up {raw_key!r}"):
-            try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self._full(raw_key))
-            except Exception as error:
-                if self._is_missing_key(error):
-                    return None
-                raise
-        return f"{head.get('ETag', '')}:{head.get('ContentLength', '')}"
+        head = self._unless_missing(f"look up {raw_key!r}", lambda: self.client.head_object(
+            Bucket=self.bucket, Key=self._full(raw_key)))
+        return None if head is None else f"{head.get('ETag', '')}:{head.get('ContentLength', '')}"
 
     def _exists_raw(self, raw_key: str) -> bool:
         # A one-key listing, not HEAD: HEAD answers a bare 404 for a missing bucket too, which would
