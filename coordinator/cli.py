@@ -233,6 +233,9 @@ def main() -> None:
 @click.option("--format", "fmt", type=click.Choice(["compressed", "fake"]), default="compressed", show_default=True,
               help="compressed: a compressed-tensors checkpoint; fake: plain dequantized weights.")
 @click.option("--shard-tokens", default=8192, show_default=True, type=int, help="Calibration tokens per shard (shards are fixed by the job, not by the workers).")
+@click.option("--partition-tokens", default=0, show_default=True, type=int,
+              help="Calibration tokens per statistics partition; 0 chooses from the model's shapes (a partition's "
+                   "statistics never outweigh its activations). Larger partitions move fewer bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (embedded and in-memory runs).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -245,8 +248,8 @@ def main() -> None:
 @click.option("--workers", "n_workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
-        static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, device,
-        overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
+        static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, partition_tokens,
+        device, overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
     """Quantize MODEL_DIR (default: the bundled demo VLM) and export it.
 
     With no broker the job's tasks run here, through the same store and reconciler as on a farm; with
@@ -262,7 +265,7 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
                   importance=importance, act_order=act_order, static_groups=static_groups, damp=damp, blocksize=blocksize,
                   true_sequential=true_sequential, quantize_vision=quantize_vision, tlq_keep=tlq_keep, qig_steps=qig_steps)
     spec = JobSpec(model=str(model_dir), calib=str(calib), quant=q, samples=samples, seq_len=seq_len, seed=seed, fmt=fmt,
-                   shard_tokens=shard_tokens)
+                   shard_tokens=shard_tokens, partition_tokens=partition_tokens)
     out_dir = Path(out) if out else _default_out(model_dir, q)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if not broker or in_memory or quantize_vision:  # the device is used only where this process computes
@@ -553,7 +556,7 @@ def cancel(job, store_url):
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL].")
 def jobs(store_url):
     """Every job in the store, with its state; "incomplete" marks a staging that never finished."""
-    from coordinator.jobs import is_incomplete, job_folders, job_status
+    from coordinator.jobs import is_incomplete, is_old_format, job_folders, job_status
     from tlq_farm.staging import describe, load_manifest
 
     store = _open_store(store_url)
@@ -561,6 +564,10 @@ def jobs(store_url):
     for j, raw_keys in sorted(folders.items()):
         if is_incomplete(raw_keys, j):
             click.echo(f"{j}  incomplete  staging never finished; `tlq-farm prune --store {store.url}` removes it")
+            continue
+        if is_old_format(store, j):
+            click.echo(f"{j}  old-format  staged by an earlier version; run it again to stage it anew, "
+                       f"`tlq-farm prune --old-format --store {store.url}` removes it")
             continue
         s = job_status(store, j)
         p = s["progress"]
@@ -572,14 +579,17 @@ def jobs(store_url):
 @main.command()
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL; default ./tlq-runs].")
 @click.option("--cancelled", is_flag=True, help="Remove cancelled jobs too (their finished tasks are lost).")
+@click.option("--old-format", "old_format", is_flag=True,
+              help="Remove jobs staged by an earlier version in another store format (this version cannot run them).")
 @click.option("--older-than", "older_than", default=900, show_default=True, type=click.IntRange(min=0),
               help="Seconds since an incomplete job's last write before it is removed: a younger one may still be staging.")
-def prune(store_url, cancelled, older_than):
-    """Remove incomplete jobs (a staging that never finished) and, with --cancelled, cancelled ones."""
+def prune(store_url, cancelled, old_format, older_than):
+    """Remove incomplete jobs (a staging that never finished), with --cancelled cancelled ones, with
+    --old-format those staged in another store format."""
     from coordinator.jobs import prune_jobs
 
     store = _open_store(store_url)
-    removed, kept = prune_jobs(store, cancelled=cancelled, older_than_s=older_than)
+    removed, kept = prune_jobs(store, cancelled=cancelled, old_format=old_format, older_than_s=older_than)
     for j, why in removed:
         click.echo(f"removed {j}: {why}")
     for j, why in kept:

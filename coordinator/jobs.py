@@ -171,10 +171,18 @@ def last_write(store: Store, job: str, raw_keys: list[str]) -> float | None:
     return max(times, default=None)
 
 
-def prune_jobs(store: Store, *, cancelled: bool = False, older_than_s: float = 900.0,
+def is_old_format(store: Store, job: str) -> bool:
+    """A job staged in a store format this version does not read."""
+    from tlq_farm.staging import store_format
+
+    return store_format(load_manifest(store, job, any_format=True)) != keys.STORE_FORMAT
+
+
+def prune_jobs(store: Store, *, cancelled: bool = False, old_format: bool = False, older_than_s: float = 900.0,
                now: float | None = None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Remove incomplete jobs (and, with cancelled=True, cancelled ones) -> (removed, kept), each a list of
-    (job, why). An incomplete job written to less than older_than_s ago is kept: its staging may still run."""
+    """Remove incomplete jobs (and, with cancelled=True, cancelled ones; with old_format=True, jobs staged in
+    another store format) -> (removed, kept), each a list of (job, why). An incomplete job written to less
+    than older_than_s ago is kept: its staging may still run."""
     now = time.time() if now is None else now
     removed, kept = [], []
     for job, raw_keys in sorted(job_folders(store).items()):
@@ -185,6 +193,8 @@ def prune_jobs(store: Store, *, cancelled: bool = False, older_than_s: float = 9
                                   "running (pass --older-than 0 to remove it anyway)"))
                 continue
             why = "incomplete (staging never finished)"
+        elif old_format and is_old_format(store, job):
+            why = "staged in an older store format"
         elif cancelled and steps.is_cancelled(store, job):
             why = "cancelled"
         else:

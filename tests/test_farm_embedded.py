@@ -37,8 +37,10 @@ def embedded_export(store, spec, out):
 
 
 @pytest.mark.parametrize("quant", [dict(), dict(importance="vlmq"), dict(importance="tlq"),
-                                   dict(method="gptaq", importance="modality", act_bits=8)],
-                         ids=["gptq-uniform", "gptq-vlmq", "gptq-tlq", "gptaq-modality-a8"])
+                                   dict(method="gptaq", importance="modality", act_bits=8),
+                                   dict(partition_tokens=43), dict(method="gptaq", partition_tokens=43)],
+                         ids=["gptq-uniform", "gptq-vlmq", "gptq-tlq", "gptaq-modality-a8", "gptq-2-partitions",
+                              "gptaq-2-partitions"])
 def test_embedded_export_is_the_in_memory_reference_bytes(files, tmp_path, quant):
     spec = job_spec(*files, **quant)
     _, farm = embedded_export(LocalStore(tmp_path / "store"), spec, tmp_path / "farm")

@@ -39,8 +39,10 @@ def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
 def job_spec(model: Path, calib: Path, **quant) -> JobSpec:
     """6 samples of ~21 tokens in 3 shards of at most 45 tokens."""
     seed = quant.pop("seed", 0)
+    partition_tokens = quant.pop("partition_tokens", 0)
     q = QuantSpec(**{"group_size": 32, "qig_steps": 4, **quant})
-    return JobSpec(model=str(model), calib=str(calib), quant=q, samples=6, seq_len=512, shard_tokens=45, seed=seed)
+    return JobSpec(model=str(model), calib=str(calib), quant=q, samples=6, seq_len=512, shard_tokens=45, seed=seed,
+                   partition_tokens=partition_tokens)
 
 
 def export_bytes(folder: Path) -> dict[str, bytes]:

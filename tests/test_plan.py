@@ -10,10 +10,10 @@ from tlq_farm.store import keys
 JOB = "job-1"
 
 
-def manifest(n_blocks=2, n_shards=3, method="gptq", importance="uniform"):
+def manifest(n_blocks=2, n_shards=3, method="gptq", importance="uniform", tokens=1000):
     spec = JobSpec(model="m", calib="c", quant=QuantSpec(method=method, importance=importance), samples=2 * n_shards)
     return {"job": JOB, "spec": spec.to_dict(), "n_blocks": n_blocks, "n_samples": 2 * n_shards,
-            "shards": [[2 * k, 2 * k + 2] for k in range(n_shards)], "shard_tokens": [100] * n_shards,
+            "shards": [[2 * k, 2 * k + 2] for k in range(n_shards)], "shard_tokens": [tokens] * n_shards,
             "shard_input_bytes": [1000] * n_shards, "files": ["config.json"],
             "sizes": {"embed": 10_000, "head": 5_000, "blocks": [20_000] * n_blocks, "hidden": 64}}
 
@@ -75,6 +75,48 @@ def test_after_all_embeds_the_groups_then_block0_weights_then_group0_stats():
     commit(committed, m, ready)
     ready = plan.reconcile(m, committed, g).ready
     assert [t.name for t in ready] == ["stats-b000-g00-s0000", "stats-b000-g00-s0001", "stats-b000-g00-s0002"]
+
+
+def test_partitions_hold_at_least_a_partial_of_activations_and_a_light_tail_joins():
+    assert plan.partition_starts([10, 10, 10, 10], 10) == [0, 1, 2, 3]
+    assert plan.partition_starts([10, 10, 10, 10, 10], 20) == [0, 2]   # the tail (10 < 20) joins [2, 4)
+    assert plan.partition_starts([10, 10, 10, 10], 20) == [0, 2]
+    assert plan.partition_starts([5, 5, 5], 1000) == [0]               # lighter than one partial: one
+    assert plan.partition_starts([30, 1, 1, 30], 20) == [0, 1]
+    with pytest.raises(ValueError, match="no shards"):
+        plan.partition_starts([], 10)
+
+
+def test_shared_inputs_share_a_partial_and_the_partition_follows_the_blocks_bytes():
+    """q/k share an input: one Gram of 64^2 float32 (16 KiB) for both; o has its own: 32 KiB of partials
+    per block, against 64 x 4 B of activations per token."""
+    g = groups()
+    g["blocks"][0]["inputs"] = [["self_attn.q_proj", "self_attn.k_proj"], ["self_attn.o_proj"]]
+    q = manifest()["spec"]["quant"]
+    grps, classes, cols = g["blocks"][0]["groups"], g["blocks"][0]["inputs"], g["blocks"][0]["in_features"]
+    assert plan.group_owners(grps[0], classes, False) == ["self_attn.q_proj"]
+    assert plan.group_owners(grps[0], classes, True) == grps[0]
+    assert plan.partial_bytes(q, grps[0], classes, cols) == 4 * 64 * 64
+    # 32 KiB / 256 B per token = 128 tokens per partition.
+    assert plan.block_partitions([64, 64, 64, 64, 80], 64, q, grps, classes, cols) == [0, 2]
+    assert plan.block_partitions([128] * 3, 64, q, grps, classes, cols) == [0, 1, 2]
+    # Three owners (per-linear weights) need 1.5x the tokens; GPTAQ's three Grams over two chains, 1.5x.
+    assert plan.block_partitions([64] * 6, 64, {**q, "importance": "vlmq"}, grps, classes, cols) == [0, 3]
+    assert plan.block_partitions([128] * 6, 64, {**q, "method": "gptaq"}, grps, classes, cols) == [0, 2, 4]
+
+
+def test_a_partition_of_shards_is_one_stats_task_reading_each_shard():
+    m, g = manifest(tokens=100), groups()  # 25.6 KB of activations per shard, partials of 32 KB
+    assert plan.stat_partitions(m, g, 0) == [0]
+    stats = [t for t in plan.all_tasks(m, g) if t.kind == "stats" and t.block == 0 and t.group == 0]
+    assert [t.name for t in stats] == ["stats-b000-g00-s0000"]
+    ins = plan.inputs(stats[0], m, g)
+    assert all(keys.acts(JOB, "q", 0, k) in ins and keys.token_weights(JOB, 0, k) in ins for k in range(3))
+    solve = Task("solve", block=0, group=0, module="self_attn.q_proj")
+    assert [k for k in plan.inputs(solve, m, g) if "/stats/" in k] == [keys.stats(JOB, 0, 0, 0)]
+    committed = staged(m)
+    run_to_end(m, g, committed)
+    assert not any(keys.stats(JOB, 0, 0, k) in committed for k in (1, 2))
 
 
 def test_a_missing_shard_blocks_the_solve():
@@ -165,4 +207,6 @@ def test_memory_classes_route_to_the_smallest_fitting_class():
     export = plan.estimate_memory(Task("export"), m, g)
     solve = plan.estimate_memory(Task("solve", block=0, group=0, module="self_attn.q_proj"), m, g)
     assert export == 3 * (10_000 + 5_000 + 40_000)
-    assert solve == 4 * 8 * 64 * 64 + 16 * 64 * 64
+    # float64 total of q's Gram + the group's partial (q and k, 2 x float32, held twice) + the solver's
+    # float64 work + the weight's copies.
+    assert solve == 8 * 64 * 64 + 2 * (2 * 4 * 64 * 64) + 4 * 8 * 64 * 64 + 16 * 64 * 64

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .models.adapter import Layout, block_output
-from .quant import QuantResult, fake_quant_per_token, finalize_hessian, gptq_quantize, hessian_partial, reduce_partials, rtn_quantize
+from .quant import QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finish_sums, gptq_quantize, rtn_quantize, start_sums
 from .spec import QuantSpec
 
 SampleInput = tuple[torch.Tensor, dict]
@@ -172,9 +172,9 @@ def propagate(block: nn.Module, inputs: list[SampleInput], *, act_bits: int | No
 # ----------------------------------------------------------------------------------------------- groups
 
 @torch.no_grad()
-def sequential_groups(block: nn.Module, sample: SampleInput, names: list[str]) -> list[list[str]]:
-    """True-sequential groups found from the data flow: linears fed the very same input tensor form one group
-    (q/k/v, gate/up), in the order the forward first reaches them (qkv -> o -> gate/up -> down)."""
+def input_classes(block: nn.Module, sample: SampleInput, names: list[str]) -> list[list[str]]:
+    """Linears fed the very same input tensor (q/k/v, gate/up), in the order the forward first reaches
+    them (qkv -> o -> gate/up -> down); linears the forward never uses are left out."""
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [block.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: calls.append((n, args[0]))) for n in names]
@@ -183,21 +183,29 @@ def sequential_groups(block: nn.Module, sample: SampleInput, names: list[str]) -
     finally:
         for h in handles:
             h.remove()
-    groups: list[list[str]] = []
+    classes: list[list[str]] = []
     inputs: list[torch.Tensor] = []
     done: set[str] = set()
     for n, x in calls:
         if n in done:
             continue
         done.add(n)
-        for g, gx in zip(groups, inputs):
-            if gx is x:
-                g.append(n)
+        for c, cx in zip(classes, inputs):
+            if cx is x:
+                c.append(n)
                 break
         else:
-            groups.append([n])
+            classes.append([n])
             inputs.append(x)
-    missing = [n for n in names if n not in done]
+    return classes
+
+
+def sequential_groups(block: nn.Module, sample: SampleInput, names: list[str],
+                      classes: list[list[str]] | None = None) -> list[list[str]]:
+    """True-sequential groups found from the data flow: one group per shared input (input_classes)."""
+    groups = [list(c) for c in (classes if classes is not None else input_classes(block, sample, names))]
+    used = {n for g in groups for n in g}
+    missing = [n for n in names if n not in used]
     if missing:
         groups.append(missing)  # linears the forward never used: quantize them last, on no data (RTN)
     return groups
@@ -210,32 +218,59 @@ def _weights_for(token_weights, name: str, i: int) -> torch.Tensor:
     return w[i]
 
 
-@torch.no_grad()
-def accumulate_stats(block: nn.Module, q_inputs: list[SampleInput], token_weights, names: list[str], *,
-                     act_bits: int | None = None, act_names: list[str] | None = None,
-                     fp_block: nn.Module | None = None, fp_inputs: list[SampleInput] | None = None,
-                     need_fp_gram: bool = False) -> dict[str, dict]:
-    """Partial statistics of the named linears over the given samples, summed in sample order.
+def stat_owners(stats: dict[str, dict]) -> dict[str, str]:
+    """name -> the first name whose statistics are the very same object (linears that share a Gram)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(s), n) for n, s in stats.items()}
 
-    token_weights: a list with one [T] tensor per sample, or a dict module name ('*' for the rest) -> list.
+
+@torch.no_grad()
+def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str], *,
+                     act_bits: int | None = None, act_names: list[str] | None = None,
+                     fp_block: nn.Module | None = None, fp_inputs=None, need_fp_gram: bool = False,
+                     dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """Statistics of the named linears over the given samples, summed in place in sample order.
+
+    q_inputs (and fp_inputs): sample inputs, a list or any iterable (shards streamed as they are read).
+    token_weights: one [T] tensor per sample, or a dict module name ('*' for the rest) -> per-sample tensors.
     With fp_block / fp_inputs the GPTAQ cross term D is accumulated from the full-precision block's inputs.
+    Linears fed the same input with the same token weights (q/k/v, gate/up) share one set of running sums,
+    returned as the same dict under each name (stat_owners tells them apart). Linears no sample reached
+    are absent. Only the running sums stay alive: no per-sample partial is kept.
     """
     current_w: dict[str, torch.Tensor] = {}
     fp_x: dict[str, torch.Tensor] = {}
-    partials: dict[str, list[dict]] = {n: [] for n in names}
-    # Linears fed the very same input tensor with the very same token weights (q/k/v, gate/up) have the
-    # same statistics: compute them once per sample. Keyed by object identity, valid within one forward.
-    shared: dict[tuple, dict] = {}
+    sums: dict[str, dict] = {}      # owner -> running sums
+    owner: dict[str, str] = {}      # name -> owner, fixed by the first sample that reaches the name
+    seen: dict[tuple, str] = {}     # within one sample: input identity -> the owner that added it
+    sample_no = [0]
+
+    raw_x: dict[str, torch.Tensor] = {}
+
+    def raw_hook(name):
+        # Runs before activation fake-quantization: linears fed the same tensor are recognised by it even
+        # when each gets its own (equal) quantized copy. Kept until the sample ends, so no id is reused.
+        def hook(_m, args):
+            raw_x[name] = args[0]
+        return hook
 
     def q_hook(name):
         def hook(_m, args):
             x = args[0]
             xf = fp_x.get(name)
-            key = (id(x), id(current_w[name]), None if xf is None else id(xf))
-            if key not in shared:
-                # x is kept alive with its entry, so its id cannot be reused by another tensor meanwhile.
-                shared[key] = (x, hessian_partial(x, current_w[name], xf, need_fp_gram=need_fp_gram))
-            partials[name].append(shared[key][1])
+            key = (id(raw_x[name]), id(current_w[name]), None if xf is None else id(xf))
+            if name not in owner:
+                owner[name] = seen.get(key, name)
+            o = owner[name]
+            if o == name:
+                if o not in sums:
+                    sums[o] = start_sums(x.shape[-1], cross=fp_block is not None, need_fp_gram=need_fp_gram,
+                                         dtype=dtype, device=x.device)
+                add_tokens(sums[o], x, current_w[name], xf)
+                seen[key] = name
+            elif seen.get(key) != o:
+                raise RuntimeError(f"{name} shared its input with {o} on an earlier sample but not on sample "
+                                   f"{sample_no[0]}: the block's data flow changed between samples")
         return hook
 
     def fp_hook(name):
@@ -244,26 +279,32 @@ def accumulate_stats(block: nn.Module, q_inputs: list[SampleInput], token_weight
         return hook
 
     all_act = act_names or []
+    fp_iter = iter(fp_inputs) if fp_inputs is not None else None
     with act_fake_quant(block, all_act, act_bits):
-        handles = [block.get_submodule(n).register_forward_pre_hook(q_hook(n)) for n in names]
+        handles = [block.get_submodule(n).register_forward_pre_hook(raw_hook(n), prepend=True) for n in names]
+        handles += [block.get_submodule(n).register_forward_pre_hook(q_hook(n)) for n in names]
         if fp_block is not None:
             handles += [fp_block.get_submodule(n).register_forward_pre_hook(fp_hook(n)) for n in names]
         try:
             for i, (h, kw) in enumerate(q_inputs):
+                sample_no[0] = i
                 views: dict[int, torch.Tensor] = {}
                 for n in names:
                     w = _weights_for(token_weights, n, i)
                     current_w[n] = views.setdefault(id(w), w.reshape(h.shape[:-1]))
                 if fp_block is not None:
-                    fh, fkw = fp_inputs[i]
+                    fh, fkw = next(fp_iter)
                     run_block(fp_block, fh, fkw)
                 run_block(block, h, kw)
                 fp_x.clear()
-                shared.clear()
+                raw_x.clear()
+                seen.clear()
         finally:
             for hd in handles:
                 hd.remove()
-    return {n: reduce_partials(p) for n, p in partials.items()}
+    for s in sums.values():
+        finish_sums(s)
+    return {n: sums[owner[n]] for n in names if n in owner}
 
 
 # ----------------------------------------------------------------------------------------------- solve

@@ -44,15 +44,18 @@ def _progress(enabled: bool):
 
 def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, strategy=None, ctx=None,
                      fp_captured: list[B.Captured] | None = None, bar=None, log=None,
-                     shards: list[tuple[int, int]] | None = None) -> tuple[dict, list[BlockReport]]:
+                     shards: list[tuple[int, int]] | None = None, shard_tokens: list[int] | None = None
+                     ) -> tuple[dict, list[BlockReport]]:
     """Quantize every block of a block list in order, each on the outputs of the quantized blocks before it.
 
-    shards: sample ranges whose partial statistics are summed in shard order (float64), as the farm does;
-    None: one shard of every sample.
+    shards, shard_tokens: the job's shards (sample ranges) and their token counts: statistics are summed over
+    the farm's partitions of them (plan.block_partitions), then in partition order (float64), as the farm
+    does; None: one shard of every sample.
     Returns (QuantResult per full module name, per-block reports). The blocks' weights are replaced in place
     by their dequantized values (the model becomes the fake-quantized model).
     """
-    shards = shards or [(0, len(captured))]
+    if shards is None:
+        shards, shard_tokens = [(0, len(captured))], [0]
     q = spec.quant
     need_fp = q.method == "gptaq" or bool(strategy is not None and strategy.NEEDS_FP_CHAIN)
     q_chain = [c.hidden for c in captured]
@@ -78,19 +81,23 @@ def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, s
         else:
             weights = strategy.block_weights(ctx, b, block, names, q_inputs, fp_inputs) if strategy else [
                 torch.ones(h.shape[:-1]).reshape(-1) for h in q_chain]
-            groups = B.sequential_groups(block, q_inputs[0], names) if q.true_sequential else [names]
+            classes = B.input_classes(block, q_inputs[0], names)
+            groups = B.sequential_groups(block, None, names, classes) if q.true_sequential else [names]
+            parts = block_partitions(shards, shard_tokens, q_chain[0].shape[-1], q, groups, classes,
+                                     {n: block.get_submodule(n).in_features for n in names}, spec.partition_tokens)
             for gi, group in enumerate(groups):
-                stats = sharded_stats(block, q_inputs, weights, group, shards, act_bits=q.act_bits, act_names=names,
+                stats = sharded_stats(block, q_inputs, weights, group, parts, act_bits=q.act_bits, act_names=names,
                                       fp_block=fp_block if q.method == "gptaq" else None,
                                       fp_inputs=fp_inputs if q.method == "gptaq" else None,
                                       need_fp_gram=q.method == "gptaq")
                 for n in group:
-                    res = B.solve(block.get_submodule(n).weight.detach().float(), stats[n], q)
+                    res = B.solve(block.get_submodule(n).weight.detach().float(), stats.get(n), q)
                     B.apply_qweight(block, n, res)
                     results[f"{prefix}.{b}.{n}"] = res
-                    rep.modules[n] = {"loss": res.loss, "group": gi, "tokens": int(stats[n]["tokens"]),
-                                      "weight_sum": float(stats[n]["w_sum"]),
-                                      "damp": getattr(res, "damp_used", None)}
+                    rep.modules[n] = {"loss": res.loss, "group": gi}
+                    if n in stats:
+                        rep.modules[n].update(tokens=int(stats[n]["tokens"]), weight_sum=float(stats[n]["w_sum"]),
+                                              damp=getattr(res, "damp_used", None))
         q_chain = B.propagate(block, q_inputs, act_bits=q.act_bits, act_names=names)
         if need_fp:
             fp_chain = B.propagate(fp_block, fp_inputs)
@@ -108,14 +115,37 @@ def _shard_weights(weights, start: int, end: int):
     return weights[start:end]
 
 
-def sharded_stats(block, q_inputs, weights, names, shards, *, fp_inputs=None, **kw) -> dict[str, dict]:
-    """accumulate_stats over each shard, then the shards' partials summed in shard order (float64)."""
+def block_partitions(shards: list[tuple[int, int]], shard_tokens: list[int], hidden: int, q,
+                     groups: list[list[str]], classes, in_features, partition_tokens: int = 0
+                     ) -> list[tuple[int, int]]:
+    """The farm's statistics partitions of one block (tlq_farm.plan.block_partitions) as sample ranges."""
+    from .plan import block_partitions as starts_of
+
+    starts = starts_of(shard_tokens, hidden, {"method": q.method, "importance": q.importance}, groups, classes,
+                       in_features, partition_tokens)
+    ends = starts[1:] + [len(shards)]
+    return [(shards[a][0], shards[e - 1][1]) for a, e in zip(starts, ends)]
+
+
+def sharded_stats(block, q_inputs, weights, names, partitions, *, fp_inputs=None, **kw) -> dict[str, dict]:
+    """accumulate_stats over each partition (in place, float32), then the partitions' partials summed in
+    partition order (float64): the farm's arithmetic, step for step."""
     from .quant import reduce_partials
 
-    per_shard = [B.accumulate_stats(block, q_inputs[a:b], _shard_weights(weights, a, b), names,
-                                    fp_inputs=fp_inputs[a:b] if fp_inputs is not None else None, **kw)
-                 for a, b in shards]
-    return {n: reduce_partials([p[n] for p in per_shard]) for n in names}
+    per_part = [B.accumulate_stats(block, q_inputs[a:b], _shard_weights(weights, a, b), names,
+                                   fp_inputs=fp_inputs[a:b] if fp_inputs is not None else None, **kw)
+                for a, b in partitions]
+    reduced: dict[tuple, dict] = {}
+    out: dict[str, dict] = {}
+    for n in names:
+        parts = [p[n] for p in per_part if n in p]
+        if not parts:
+            continue  # no sample reached this linear
+        key = tuple(id(x) for x in parts)  # linears sharing a Gram share its reduction too
+        if key not in reduced:
+            reduced[key] = reduce_partials(parts)
+        out[n] = reduced[key]
+    return out
 
 
 def shards_of(samples: list[dict], shard_tokens: int) -> list[tuple[int, int]]:
@@ -205,8 +235,11 @@ def run_local(spec: JobSpec, out_dir: str | Path, *, device: str = "cpu", progre
         timings["importance pass"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    tokens = [int(s["attention_mask"].sum()) for s in samples]
+    shards = shards_of(samples, spec.shard_tokens)
     res, reps = calibrate_blocks(blocks, captured, spec, prefix=layout.blocks, strategy=strategy, ctx=ctx,
-                                 fp_captured=fp_captured, bar=bar, log=log, shards=shards_of(samples, spec.shard_tokens))
+                                 fp_captured=fp_captured, bar=bar, log=log, shards=shards,
+                                 shard_tokens=[sum(tokens[a:b]) for a, b in shards])
     results.update(res)
     block_reports[layout.blocks] = reps
     timings["decoder blocks"] = time.perf_counter() - t

@@ -7,8 +7,9 @@ A job is a fixed set of tasks, each with input keys and output keys in the store
                         true-sequential groups (the rest of the DAG is known once this is committed)
     importance          (modality, tlq) one global forward + backward pass over every block and shard
     weights(b, k)       token weights of block b on shard k
-    stats(b, g, k)      partial statistics of group g of block b over shard k
-    solve(b, g, m)      quantized weights of module m (group g of block b), from the stats of every shard
+    stats(b, g, k)      partial statistics of group g of block b over the partition of shards that starts
+                        at shard k (stat_partitions: fixed by shapes and token counts, not by workers)
+    solve(b, g, m)      quantized weights of module m (group g of block b), from every partition's stats
     propagate(b, k)     quantized block b on shard k -> acts/q/block-(b+1)/shard-k (and the fp chain)
     export              every qweight -> the checkpoint
 
@@ -25,6 +26,11 @@ from .store import keys
 
 GLOBAL_IMPORTANCE = ("modality", "tlq")
 FP_CHAIN_IMPORTANCE = ("vlmq",)
+# Strategies whose token weights differ per linear: linears sharing an input do not share a Gram then.
+PER_MODULE_IMPORTANCE = ("vlmq",)
+# Bytes per element of stored activations and of partial statistics (float32 running sums).
+ACT_BYTES = 4
+SUM_BYTES = 4
 KINDS = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
 
 # Memory classes: budgets of 4^k MiB, from 1 MiB to 1 TiB. A worker listens on every class up to its own.
@@ -51,6 +57,78 @@ def shard_ranges(token_counts: list[int], shard_tokens: int) -> list[tuple[int, 
         used += n
     ranges.append((start, len(token_counts)))
     return ranges
+
+
+# ----------------------------------------------------------------------------------------------- partitions
+
+def partition_starts(shard_bytes: list[int], partial_bytes: int) -> list[int]:
+    """First shard of each statistics partition: consecutive shards, each partition holding at least
+    `partial_bytes` of activations (a partition's partial then never outweighs the activations it sums);
+    a lighter tail joins the partition before it. One partition when the whole job is lighter."""
+    if not shard_bytes:
+        raise ValueError("no shards to partition")
+    starts, acc = [0], 0
+    for k, n in enumerate(shard_bytes):
+        if acc >= partial_bytes:
+            starts.append(k)
+            acc = 0
+        acc += n
+    if len(starts) > 1 and acc < partial_bytes:
+        starts.pop()
+    return starts
+
+
+def group_owners(members: list[str], classes: list[list[str]] | None, per_module: bool) -> list[str]:
+    """The linears of a group that carry a partial of their own: one per shared input (q/k/v and gate/up
+    share theirs; `classes` lists linears fed the same tensor), every linear when token weights differ per
+    linear (`per_module`)."""
+    if per_module or not classes:
+        return list(members)
+    first = {n: c[0] for c in classes for n in c}
+    owners: list[str] = []
+    for n in members:
+        o = first.get(n, n)
+        o = o if o in members else n
+        if o not in owners:
+            owners.append(o)
+    return owners
+
+
+def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_groups: list[list[str]],
+                     classes: list[list[str]] | None, in_features: dict[str, int],
+                     partition_tokens: int = 0) -> list[int]:
+    """First shard of each statistics partition of one block, shared by all its true-sequential groups (see
+    partition_starts): a partition holds at least the bytes of the block's partials (every group's, per
+    owner H and for GPTAQ also D and Hfp, float32 [in, in]) in the activations a stats task reads (the q
+    chain's, and the fp chain's for GPTAQ). partition_tokens > 0: at least that many tokens instead."""
+    if partition_tokens > 0:
+        return partition_starts(shard_tokens, partition_tokens)
+    per_token = hidden * ACT_BYTES * (2 if quant["method"] == "gptaq" else 1)
+    partials = sum(partial_bytes(quant, members, classes, in_features) for members in block_groups)
+    return partition_starts([n * per_token for n in shard_tokens], partials)
+
+
+def stat_partitions(manifest: dict, groups: dict, b: int) -> list[int]:
+    """First shard of each statistics partition of block b: fixed by the job's shapes and token counts,
+    never by the workers."""
+    block = groups["blocks"][b]
+    return block_partitions(manifest["shard_tokens"], manifest["sizes"]["hidden"], manifest["spec"]["quant"],
+                            block["groups"], block.get("inputs"), block["in_features"],
+                            manifest["spec"].get("partition_tokens", 0))
+
+
+def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | None,
+                  in_features: dict[str, int], element_bytes: int = SUM_BYTES) -> int:
+    """Bytes of one partial of a group: per owner, H (+ D and Hfp for GPTAQ) as [in, in]."""
+    grams = 3 if quant["method"] == "gptaq" else 1
+    owners = group_owners(members, classes, quant["importance"] in PER_MODULE_IMPORTANCE)
+    return sum(grams * element_bytes * in_features[o] ** 2 for o in owners)
+
+
+def partition_shards(starts: list[int], n_shards: int, start: int) -> range:
+    """The shards of the partition that begins at shard `start`."""
+    i = starts.index(start)
+    return range(start, starts[i + 1] if i + 1 < len(starts) else n_shards)
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -136,14 +214,16 @@ def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
     if task.kind == "stats":
         earlier = [keys.qweights(job, b, m) for g in range(task.group) for m in groups["blocks"][b]["groups"][g]]
         gptaq = manifest["spec"]["quant"]["method"] == "gptaq"
-        return staged + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
-                         keys.token_weights(job, b, k), keys.acts(job, "q", b, k)] + (
-            _chain_in(job, "fp", b, k, fp) if gptaq else []) + earlier
+        shards = partition_shards(stat_partitions(manifest, groups, b), n_shards, k)
+        return staged + [keys.plan_groups(job), keys.staged_block(job, b)] + [
+            x for s in shards for x in [keys.block_kwargs(job, s), keys.token_weights(job, b, s),
+                                        keys.acts(job, "q", b, s)] + (_chain_in(job, "fp", b, s, fp) if gptaq else [])
+        ] + earlier
     if task.kind == "solve":
         if manifest["spec"]["quant"]["method"] == "rtn":
             return [keys.plan_groups(job), keys.staged_block(job, b)]
         return [keys.plan_groups(job), keys.staged_block(job, b)] + [
-            keys.stats(job, b, task.group, s) for s in range(n_shards)]
+            keys.stats(job, b, task.group, s) for s in stat_partitions(manifest, groups, b)]
     if task.kind == "propagate":
         return staged + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
                          keys.acts(job, "q", b, k)] + _chain_in(job, "fp", b, k, fp) + [
@@ -196,7 +276,7 @@ def all_tasks(manifest: dict, groups: dict | None) -> list[Task]:
             continue
         tasks += [Task("weights", block=b, shard=k) for k in range(n_shards)]
         for g, members in enumerate(block_groups):
-            tasks += [Task("stats", block=b, group=g, shard=k) for k in range(n_shards)]
+            tasks += [Task("stats", block=b, group=g, shard=k) for k in stat_partitions(manifest, groups, b)]
             tasks += [Task("solve", block=b, group=g, module=m) for m in members]
         if b < n_blocks - 1:
             tasks += [Task("propagate", block=b, shard=k) for k in range(n_shards)]
@@ -293,10 +373,12 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     acts = shard_acts[task.shard] if task.shard is not None else max(shard_acts)
     all_acts = sum(shard_acts)
 
-    def hessians(names: list[str]) -> int:
-        per = 3 if manifest["spec"]["quant"]["method"] == "gptaq" else 1
-        cols = groups["blocks"][task.block]["in_features"] if groups else {}
-        return sum(per * 8 * cols.get(m, sizes["hidden"]) ** 2 for m in names)
+    quant = manifest["spec"]["quant"]
+
+    def partial(members: list[str], element_bytes: int = SUM_BYTES) -> int:
+        blk = groups["blocks"][task.block] if groups else {}
+        cols = {m: blk.get("in_features", {}).get(m, sizes["hidden"]) for m in members}
+        return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes)
 
     if task.kind == "embed":
         return int(model + manifest["shard_input_bytes"][task.shard] + 4 * acts)
@@ -308,11 +390,20 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "weights":
         return int(3 * block + 12 * acts)
     if task.kind == "stats":
+        # One shard of each chain alive at a time; the running sums, and two copies while they are written.
         members = groups["blocks"][task.block]["groups"][task.group] if groups else []
-        return int(2 * block + 4 * acts + 2 * hessians(members))
+        if groups:
+            shards = partition_shards(stat_partitions(manifest, groups, task.block),
+                                      len(manifest["shards"]), task.shard)
+            acts = max(shard_acts[k] for k in shards)
+        return int(2 * block + 4 * acts * (2 if quant["method"] == "gptaq" else 1) + 3 * partial(members))
     if task.kind == "solve":
+        # The float64 total, one stored partial (its bytes and its tensors) of the whole group, the solver's
+        # float64 work on H, and the weight with its codes and dequantized copy.
         out_in = groups["blocks"][task.block]["shapes"][task.module] if groups else [sizes["hidden"]] * 2
-        return int(4 * hessians([task.module]) + 16 * out_in[0] * out_in[1])
+        members = groups["blocks"][task.block]["groups"][task.group] if groups else [task.module]
+        cols = out_in[1]
+        return int(partial([task.module], 8) + 2 * partial(members) + 4 * 8 * cols ** 2 + 16 * out_in[0] * cols)
     if task.kind == "propagate":
         return int(2 * block + 6 * acts)
     if task.kind == "export":

@@ -69,6 +69,9 @@ class JobSpec:
     fmt: str = "compressed"
     # Shards are fixed by token count, never by the number of workers: same shards, same bytes.
     shard_tokens: int = 8192
+    # Calibration tokens per statistics partition; 0: chosen from the job's shapes (plan.block_partitions).
+    # More partitions spread a block's statistics over more workers where links are fast.
+    partition_tokens: int = 0
 
     def validate(self) -> "JobSpec":
         self.quant.validate()
@@ -84,6 +87,9 @@ class JobSpec:
                             "(groups stay contiguous) or export with --format fake")
         if self.shard_tokens < 1:
             raise SpecError(f"--shard-tokens {self.shard_tokens} is invalid: use at least 1 token per shard (8192 by default)")
+        if self.partition_tokens < 0:
+            raise SpecError(f"--partition-tokens {self.partition_tokens} is invalid: use 0 (chosen from the model's "
+                            "shapes) or a number of tokens per statistics partition")
         return self
 
     def to_dict(self) -> dict:
@@ -103,6 +109,10 @@ PATH_FIELDS = ("model", "calib")
 def fingerprint(spec: JobSpec, model_digest: str, data_digest: str) -> str:
     """A short stable id for (model bytes, encoded data, options): the same job gets the same id, whichever
     path (relative, absolute, a copy elsewhere) reaches its model and data."""
+    from .store.keys import STORE_FORMAT
+
     options = {k: v for k, v in spec.to_dict().items() if k not in PATH_FIELDS}
-    payload = json.dumps({"spec": options, "model": model_digest, "data": data_digest}, sort_keys=True)
+    # The store format is part of the id: a new format stages a new job instead of reading an old one's objects.
+    payload = json.dumps({"spec": options, "model": model_digest, "data": data_digest, "format": STORE_FORMAT},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

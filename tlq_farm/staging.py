@@ -257,6 +257,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     manifest = {
         "job": job,
         "spec": spec.to_dict(),
+        "format": keys.STORE_FORMAT,
         "model_digest": model_digest,
         "data_digest": data_digest,
         "n_blocks": n_blocks,
@@ -293,14 +294,33 @@ def read_tensors(where: dict[str, Path], mapping: dict[str, str], names: list[st
     return out
 
 
-def load_manifest(store: Store, job: str) -> dict:
+def store_format(manifest: dict) -> int:
+    """The store format a manifest was staged in (1: before formats were recorded)."""
+    return int(manifest.get("format", 1))
+
+
+def check_format(manifest: dict) -> dict:
+    """The manifest, if this version can run its job; else StagingError saying to stage it again."""
+    found = store_format(manifest)
+    if found != keys.STORE_FORMAT:
+        job = manifest.get("job", "?")
+        raise StagingError(
+            f"job {job} was staged in store format {found}, and this version of tlq-farm reads format "
+            f"{keys.STORE_FORMAT}: its objects cannot be reused. Stage it again: run `tlq-farm run` with the same "
+            f"model, data and options (a new job id), then remove the old one with `tlq-farm prune --old-format`")
+    return manifest
+
+
+def load_manifest(store: Store, job: str, *, any_format: bool = False) -> dict:
+    """The committed manifest of `job`, refused (check_format) when staged in another store format."""
     from .store import NotCommitted
 
     try:
-        return get_json(store, keys.manifest(job))
+        manifest = get_json(store, keys.manifest(job))
     except NotCommitted:
         raise StagingError(f"job {job} has no manifest in {store.url}: it was never staged there (check "
                            "--store / TLQ_STORE_URL, or list jobs with `tlq-farm jobs`)") from None
+    return manifest if any_format else check_format(manifest)
 
 
 def list_jobs(store: Store) -> list[str]:

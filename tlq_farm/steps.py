@@ -12,6 +12,7 @@ when that task starts computing, once per TLQ_FAULT_CRASH_FLAG file (the flag is
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import socket
 import tempfile
@@ -28,7 +29,7 @@ from .plan import Task
 from .quant import QuantResult, reduce_partials
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
-from .store.tensors import get_json, get_tensors, get_tensors_metadata, put_json, put_tensors
+from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors
 
 SEP = "|"
 
@@ -83,8 +84,8 @@ def qresult_to_tensors(res: QuantResult) -> dict[str, torch.Tensor]:
 def qresult_from_store(store: Store, key: str) -> tuple[QuantResult, dict]:
     import json
 
-    t = get_tensors(store, key)
-    meta = json.loads(get_tensors_metadata(store, key)["tlq"])
+    t, metadata = get_tensors_and_metadata(store, key)
+    meta = json.loads(metadata["tlq"])
     res = QuantResult(weight=t["weight"], codes=t["codes"], scale=t["scale"], zero=t["zero"], g_idx=t["g_idx"],
                       loss=meta["loss"], bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
                       perm=t.get("perm"), damp_used=meta["damp_used"])
@@ -97,8 +98,10 @@ class JobContext:
     """What every task of one job shares: manifest, spec, config and the meta-device module tree."""
 
     def __init__(self, store: Store, job: str, device: str = "cpu"):
+        from .staging import check_format
+
         self.store, self.job, self.device = store, job, device
-        self.manifest = get_json(store, keys.manifest(job))
+        self.manifest = check_format(get_json(store, keys.manifest(job)))
         self.spec = JobSpec.from_dict(self.manifest["spec"])
         self.layout = Layout(**self.manifest["layout"])
         self._files_dir = tempfile.TemporaryDirectory(prefix=f"tlq-{job}-")
@@ -239,10 +242,12 @@ def do_groups(ctx: JobContext, task: Task) -> None:
     for b in range(ctx.manifest["n_blocks"]):
         blk = ctx.block(b)
         names = linear_names(blk)
-        groups = (B.sequential_groups(blk, (sample.hidden, sample.kwargs(b)), names)
+        classes = B.input_classes(blk, (sample.hidden, sample.kwargs(b)), names)
+        groups = (B.sequential_groups(blk, None, names, classes)
                   if ctx.spec.quant.true_sequential and ctx.spec.quant.method != "rtn" else [names])
         mods = {n: blk.get_submodule(n) for n in names}
-        blocks.append({"names": names, "groups": groups,
+        # inputs: linears fed the same tensor, which share one Gram (plan.stat_owners).
+        blocks.append({"names": names, "groups": groups, "inputs": classes,
                        "in_features": {n: int(m.in_features) for n, m in mods.items()},
                        "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}})
     put_json(ctx.store, keys.plan_groups(ctx.job), {"blocks": blocks})
@@ -308,24 +313,49 @@ def do_weights(ctx: JobContext, task: Task) -> None:
     put_tensors(ctx.store, keys.token_weights(ctx.job, b, k), per_sample_to_tensors("*", weights))
 
 
+def _partition_weights(parts: list) -> list | dict:
+    """Per-sample token weights of consecutive shards joined into one list (or dict name -> list)."""
+    if isinstance(parts[0], dict):
+        return {n: [w for p in parts for w in p[n]] for n in parts[0]}
+    return [w for p in parts for w in p]
+
+
 def do_stats(ctx: JobContext, task: Task) -> None:
+    """Statistics of one group over one partition: its shards streamed through the block one at a time,
+    summed in place; linears sharing a Gram store it once (metadata "owners" says whose)."""
+    import json
+
     q = ctx.spec.quant
-    b, g, k = task.block, task.group, task.shard
+    b, g = task.block, task.group
     groups = ctx.groups["blocks"][b]["groups"]
+    shards = plan.partition_shards(plan.stat_partitions(ctx.manifest, ctx.groups, b),
+                                   len(ctx.manifest["shards"]), task.shard)
     blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]])
-    q_cap = ctx.captured("q", b, k)
-    weights = per_sample_from_tensors(ctx.to_device(get_tensors(ctx.store, keys.token_weights(ctx.job, b, k))))
+    weights = _partition_weights([per_sample_from_tensors(ctx.to_device(get_tensors(
+        ctx.store, keys.token_weights(ctx.job, b, k)))) for k in shards])
     gptaq = q.method == "gptaq"
-    fp_block = ctx.block(b) if gptaq else None
-    fp_inputs = _inputs(ctx.captured("fp", b, k), b) if gptaq else None
-    stats = B.accumulate_stats(blk, _inputs(q_cap, b), weights, groups[g], act_bits=q.act_bits,
-                               act_names=ctx.names(b), fp_block=fp_block, fp_inputs=fp_inputs, need_fp_gram=gptaq)
-    put_tensors(ctx.store, keys.stats(ctx.job, b, g, k),
-                {f"{m}{SEP}{name}": t for m, s in stats.items() for name, t in s.items()})
+
+    def chain(name: str):
+        for k in shards:  # one shard's activations alive at a time
+            yield from _inputs(ctx.captured(name, b, k), b)
+
+    stats = B.accumulate_stats(blk, chain("q"), weights, groups[g], act_bits=q.act_bits, act_names=ctx.names(b),
+                               fp_block=ctx.block(b) if gptaq else None, fp_inputs=chain("fp") if gptaq else None,
+                               need_fp_gram=gptaq)
+    owners = B.stat_owners(stats)
+    put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard),
+                {f"{m}{SEP}{name}": t for m in set(owners.values()) for name, t in stats[m].items()},
+                metadata={"tlq": json.dumps({"owners": owners}, sort_keys=True)})
 
 
-def shard_stats(tensors: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
-    prefix = module + SEP
+def stored_partial(tensors: dict[str, torch.Tensor], metadata: dict[str, str], module: str) -> dict | None:
+    """One module's statistics in a stored partial (None: no sample reached it)."""
+    import json
+
+    owner = json.loads(metadata["tlq"])["owners"].get(module)
+    if owner is None:
+        return None
+    prefix = owner + SEP
     return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
@@ -337,9 +367,17 @@ def do_solve(ctx: JobContext, task: Task) -> None:
     weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b))[f"{m}.weight"].float().to(ctx.device)
     stats = None
     if q.method != "rtn":
-        # Shard order, float64: the same sum for any number of workers.
-        stats = reduce_partials([ctx.to_device(shard_stats(get_tensors(ctx.store, keys.stats(ctx.job, b, g, s)), m))
-                                 for s in range(len(ctx.manifest["shards"]))])
+        def partials():
+            # One partition's partial read at a time, added in partition order (float64): the same sum for
+            # any number of workers.
+            for p in plan.stat_partitions(ctx.manifest, ctx.groups, b):
+                part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p)), m)
+                if part is not None:
+                    yield ctx.to_device(part)
+
+        parts = partials()
+        first = next(parts, None)  # None: no calibration token reached this linear (RTN)
+        stats = None if first is None else reduce_partials(itertools.chain([first], parts))
     res = B.solve(weight, stats, q)
     # loss None: not measured (RTN has no statistics to measure it on).
     meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
@@ -600,7 +638,9 @@ def reconcile_job(store: Store, job: str, cache: dict | None = None
     cache: a dict kept by the caller; the manifest and groups (immutable once committed) are read once."""
     cache = {} if cache is None else cache
     committed = committed_keys(store, job)
-    manifest = cache.get(("manifest", store.url, job)) or get_json(store, keys.manifest(job))
+    from .staging import check_format
+
+    manifest = cache.get(("manifest", store.url, job)) or check_format(get_json(store, keys.manifest(job)))
     cache[("manifest", store.url, job)] = manifest
     groups = cache.get(("groups", store.url, job))
     if groups is None:

@@ -3,16 +3,19 @@
 from .actquant import fake_quant_per_token
 from .gptq import gptq_quantize
 from .grid import QuantResult, dequantize_grouped
-from .hessian import finalize_hessian, hessian_partial, reduce_partials
+from .hessian import add_tokens, finalize_hessian, finish_sums, hessian_partial, reduce_partials, start_sums
 from .rtn import rtn_quantize
 
 __all__ = [
     "QuantResult",
+    "add_tokens",
     "dequantize_grouped",
     "fake_quant_per_token",
     "finalize_hessian",
+    "finish_sums",
     "gptq_quantize",
     "hessian_partial",
     "reduce_partials",
     "rtn_quantize",
+    "start_sums",
 ]

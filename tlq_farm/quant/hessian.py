@@ -1,8 +1,9 @@
 """Token-weighted second-order statistics of a linear layer's inputs, as sums that shards can add up.
 
-One calibration shard gives a partial (sums over its tokens); partials are reduced in shard order in
-float64, and finalize_hessian turns the sums into GPTQ's normalisation H = 2 sum_t w_t x_t x_t^T / sum_t w_t
-(all-ones weights give the paper's H = 2 X X^T / n).
+Running sums are kept in place per linear input (start_sums / add_tokens / finish_sums), in float32 on
+the device by default: consumer GPUs run FP64 at 1/64 of FP32. A partition of the calibration shards gives
+one partial; partials are reduced in a fixed order in float64, and finalize_hessian turns the sums into
+GPTQ's normalisation H = 2 sum_t w_t x_t x_t^T / sum_t w_t (all-ones weights give the paper's H = 2 X X^T / n).
 
 Names: x_q (x~) is the layer input on the quantized chain, x_fp (x) the same input on the full-precision
 chain; token_weights (w_t >= 0) say how much each token counts.
@@ -10,16 +11,15 @@ chain; token_weights (w_t >= 0) say how much each token counts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-_SUMMED_KEYS = ("H", "D", "Hfp", "w_sum", "tokens")
-
-
-def _flatten_tokens(x: torch.Tensor, name: str) -> torch.Tensor:
-    """[..., in] -> [tokens, in] float64."""
+def _flatten_tokens(x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """[..., in] -> [tokens, in] in the accumulation dtype."""
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape [..., in_features], got a scalar")
-    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return x.reshape(-1, x.shape[-1]).to(dtype)
 
 
 def _check_token_weights(token_weights: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
@@ -40,19 +40,81 @@ def _check_token_weights(token_weights: torch.Tensor, leading_shape: torch.Size)
     return w
 
 
-def _weighted_gram(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum_t w_t a_t b_t^T for rows a_t, b_t ([tokens, in]) -> [in, in]."""
-    return (a * w.unsqueeze(1)).T @ b
+def _symmetrize_(m: torch.Tensor) -> None:
+    """Make m exactly symmetric in place: (a*w)^T a rounds its two triangles differently."""
+    m.copy_((m + m.T) * 0.5)
 
 
-def _symmetrized(m: torch.Tensor) -> torch.Tensor:
-    """Exactly symmetric copy: (a*w)^T a rounds its two triangles differently."""
-    return (m + m.T) * 0.5
+def start_sums(in_features: int, *, cross: bool = False, need_fp_gram: bool = False,
+               dtype: torch.dtype = torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Zeroed running sums for one linear's input (see add_tokens); cross: GPTAQ's D, need_fp_gram: Hfp."""
+    if need_fp_gram and not cross:
+        raise ValueError("need_fp_gram=True needs the cross term too (x_fp, the full-precision chain's inputs)")
+    sums = {"H": torch.zeros(in_features, in_features, dtype=dtype, device=device)}
+    if cross:
+        sums["D"] = torch.zeros_like(sums["H"])
+    if need_fp_gram:
+        sums["Hfp"] = torch.zeros_like(sums["H"])
+    sums["w_sum"] = torch.zeros((), dtype=torch.float64, device=device)
+    sums["tokens"] = torch.zeros((), dtype=torch.int64, device=device)
+    return sums
+
+
+def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: torch.Tensor,
+               x_fp: torch.Tensor | None = None) -> None:
+    """Add one batch of tokens to running sums in place, in the sums' dtype (no per-batch partial is kept).
+
+    x_q: layer inputs on the quantized chain, [..., in]; token_weights: w_t >= 0, shape x_q.shape[:-1];
+    x_fp: the same inputs on the full-precision chain, needed when the sums hold D. Tokens of weight 0 are
+    dropped before any arithmetic, so they leave the sums exactly as if absent.
+    """
+    dtype = sums["H"].dtype
+    if ("D" in sums) != (x_fp is not None):
+        raise ValueError("these sums were started with cross=%s but x_fp is %s: give x_fp exactly when the "
+                         "GPTAQ cross term is accumulated" % ("D" in sums, "missing" if x_fp is None else "given"))
+    if x_fp is not None and tuple(x_fp.shape) != tuple(x_q.shape):
+        raise ValueError(
+            f"x_fp has shape {tuple(x_fp.shape)} but x_q has {tuple(x_q.shape)}: both chains must give the "
+            f"same tokens of the same layer"
+        )
+    if x_q.dim() >= 1 and x_q.shape[-1] != sums["H"].shape[0]:
+        raise ValueError(f"x_q has {x_q.shape[-1]} input features but the sums hold {sums['H'].shape[0]}")
+    Xq = _flatten_tokens(x_q, "x_q", dtype)
+    w = _check_token_weights(token_weights, x_q.shape[:-1])
+    kept = w > 0
+    n_kept = int(kept.sum())
+    whole = n_kept == w.numel()
+    if not whole:
+        Xq, w = Xq[kept], w[kept]
+    if not bool(torch.isfinite(Xq).all()):
+        raise ValueError("x_q contains NaN or inf on tokens of nonzero weight: check the quantized chain's "
+                         "activations (an earlier block may have diverged)")
+    wc = w.to(dtype).unsqueeze(1)
+    sums["H"].addmm_((Xq * wc).T, Xq)
+    if x_fp is not None:
+        Xfp = _flatten_tokens(x_fp, "x_fp", dtype)
+        Xfp = Xfp if whole else Xfp[kept]
+        if not bool(torch.isfinite(Xfp).all()):
+            raise ValueError("x_fp contains NaN or inf on tokens of nonzero weight: check the full-precision "
+                             "chain's activations")
+        sums["D"].addmm_(((Xfp - Xq) * wc).T, Xq)
+        if "Hfp" in sums:
+            sums["Hfp"].addmm_((Xfp * wc).T, Xfp)
+    sums["w_sum"] += w.sum()
+    sums["tokens"] += n_kept
+
+
+def finish_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sums as statistics: the Gram sums made exactly symmetric (in place), returned for chaining."""
+    for key in ("H", "Hfp"):
+        if key in sums:
+            _symmetrize_(sums[key])
+    return sums
 
 
 def hessian_partial(x_q: torch.Tensor, token_weights: torch.Tensor, x_fp: torch.Tensor | None = None,
-                    need_fp_gram: bool = False) -> dict[str, torch.Tensor]:
-    """Sums over one shard's tokens, in float64.
+                    need_fp_gram: bool = False, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Sums over one batch of tokens (float64 unless `dtype` says otherwise).
 
     Args:
         x_q: layer inputs on the quantized chain, [..., in] (leading dims are flattened to tokens).
@@ -62,60 +124,42 @@ def hessian_partial(x_q: torch.Tensor, token_weights: torch.Tensor, x_fp: torch.
             GPTAQ loss exact.
 
     Returns a dict of tensors:
-        "H":      sum_t w_t x~_t x~_t^T, float64 [in, in]
-        "D":      sum_t w_t (x_t - x~_t) x~_t^T, float64 [in, in] (only with x_fp)
-        "Hfp":    sum_t w_t x_t x_t^T, float64 [in, in] (only with need_fp_gram)
+        "H":      sum_t w_t x~_t x~_t^T, [in, in]
+        "D":      sum_t w_t (x_t - x~_t) x~_t^T, [in, in] (only with x_fp)
+        "Hfp":    sum_t w_t x_t x_t^T, [in, in] (only with need_fp_gram)
         "w_sum":  sum_t w_t, float64 scalar
         "tokens": number of tokens with w_t > 0, int64 scalar
-
-    Tokens of weight 0 are dropped before any arithmetic, so they leave the sums exactly as if absent.
     """
     if need_fp_gram and x_fp is None:
         raise ValueError("need_fp_gram=True needs x_fp, the full-precision chain's inputs to the same layer")
-    if x_fp is not None and tuple(x_fp.shape) != tuple(x_q.shape):
-        raise ValueError(
-            f"x_fp has shape {tuple(x_fp.shape)} but x_q has {tuple(x_q.shape)}: both chains must give the "
-            f"same tokens of the same layer"
-        )
-    Xq = _flatten_tokens(x_q, "x_q")
-    w = _check_token_weights(token_weights, x_q.shape[:-1])
-    kept = w > 0
-    Xq, wk = Xq[kept], w[kept]
-    if not bool(torch.isfinite(Xq).all()):
-        raise ValueError("x_q contains NaN or inf on tokens of nonzero weight: check the quantized chain's "
-                         "activations (an earlier block may have diverged)")
-    stats = {"H": _symmetrized(_weighted_gram(Xq, Xq, wk))}
-    if x_fp is not None:
-        Xfp = _flatten_tokens(x_fp, "x_fp")[kept]
-        if not bool(torch.isfinite(Xfp).all()):
-            raise ValueError("x_fp contains NaN or inf on tokens of nonzero weight: check the full-precision "
-                             "chain's activations")
-        stats["D"] = _weighted_gram(Xfp - Xq, Xq, wk)
-        if need_fp_gram:
-            stats["Hfp"] = _symmetrized(_weighted_gram(Xfp, Xfp, wk))
-    stats["w_sum"] = w.sum()
-    stats["tokens"] = kept.sum().to(torch.int64)
-    return stats
+    if x_q.dim() < 1:
+        raise ValueError("x_q must have shape [..., in_features], got a scalar")
+    sums = start_sums(x_q.shape[-1], cross=x_fp is not None, need_fp_gram=need_fp_gram, dtype=dtype,
+                      device=x_q.device)
+    add_tokens(sums, x_q, token_weights, x_fp)
+    return finish_sums(sums)
 
 
-def reduce_partials(partials: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Sum partial statistics in list order (float64, so the result only depends on that order)."""
-    if not partials:
-        raise ValueError("no partial statistics to reduce: at least one shard's stats are needed")
-    keys = set(partials[0])
-    for k, p in enumerate(partials[1:], start=1):
+def reduce_partials(partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sum partial statistics in iteration order, in float64, so the result only depends on that order.
+
+    Partials are added as they come (a generator that reads each one from a store holds one at a time)."""
+    total: dict[str, torch.Tensor] | None = None
+    keys: set[str] = set()
+    for k, p in enumerate(partials):
+        if total is None:
+            keys = set(p)
+            total = {key: (t.clone() if key == "tokens" else t.to(torch.float64, copy=True)) for key, t in p.items()}
+            continue
         if set(p) != keys:
             raise ValueError(
                 f"partial {k} has keys {sorted(p)} but partial 0 has {sorted(keys)}: all shards of a layer "
                 f"must be computed with the same options (x_fp / need_fp_gram)"
             )
-    total = {}
-    for key in partials[0]:
-        acc = partials[0][key].clone()
-        acc = acc if key == "tokens" else acc.to(torch.float64)
-        for p in partials[1:]:
-            acc = acc + (p[key] if key == "tokens" else p[key].to(torch.float64))
-        total[key] = acc
+        for key, t in p.items():
+            total[key] += t if key == "tokens" else t.to(torch.float64)
+    if total is None:
+        raise ValueError("no partial statistics to reduce: at least one shard's stats are needed")
     return total
 
 

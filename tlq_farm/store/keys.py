@@ -31,6 +31,9 @@ import operator
 import re
 
 JOBS = "jobs"
+# The layout and meaning of a job's objects. 2: statistics per partition of shards, in float32, one Gram per
+# shared input (1: per shard, float64, one per linear). A job of another format is refused, never reused.
+STORE_FORMAT = 2
 CHAINS = ("q", "fp")
 
 COMMIT_SUFFIX = ".commit"
@@ -231,7 +234,8 @@ def stats_prefix(job: str, block: int, group: int) -> str:
 
 
 def stats(job: str, block: int, group: int, shard: int) -> str:
-    """Partial Hessian statistics of one true-sequential group of a block, over one shard."""
+    """Partial Hessian statistics of one true-sequential group of a block, over the partition of shards
+    that starts at `shard` (tlq_farm.plan.stat_partitions)."""
     return stats_prefix(job, block, group) + _shard(shard) + ".safetensors"
 
 

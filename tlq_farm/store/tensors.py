@@ -85,6 +85,15 @@ def get_tensors_metadata(store: Store, key: str) -> dict[str, str]:
     return read_metadata(store.get_bytes(key))
 
 
+def get_tensors_and_metadata(store: Store, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata map) of one committed object, in one read."""
+    data = store.get_bytes(key)
+    try:
+        return load(data), read_metadata(data)
+    except Exception as error:  # the checksum matched, so the writer stored something that is not safetensors
+        raise StoreError(f"{key!r} in {store.url} is not a safetensors object: {error}") from error
+
+
 def json_to_bytes(value: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, fixed indentation, no NaN, a final newline."""
     try:

@@ -1,0 +1,168 @@
+"""Statistics in the store: partitions fixed by bytes, one Gram per shared input, in-place float32 sums that
+match a float64 reference, solves that reduce partials as they read them, and old-format jobs refused."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from coordinator.cli import main
+from tlq_farm import block as B
+from tlq_farm import plan, steps
+from tlq_farm.quant import finalize_hessian, hessian_partial, reduce_partials
+from tlq_farm.staging import stage_job
+from tlq_farm.store import LocalStore, keys
+from tlq_farm.store.tensors import get_json, get_tensors_and_metadata, put_json
+
+from test_farm_support import job_spec, make_job_files
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_job_files(tmp_path_factory.mktemp("stats-store"))
+
+
+@pytest.fixture(scope="module", params=[0, 43], ids=["auto-partitions", "2-partitions"])
+def done_job(files, tmp_path_factory, request):
+    """A finished gptq job on a folder store: one partition per block (chosen by bytes), or two (shards
+    [0, 2) and [2, 3) with --partition-tokens 43)."""
+    store = LocalStore(tmp_path_factory.mktemp("stats-store-job") / "store")
+    job, _ = stage_job(store, job_spec(*files, partition_tokens=request.param))
+    assert steps.run_embedded(store, job)
+    manifest = get_json(store, keys.manifest(job))
+    groups = get_json(store, keys.plan_groups(job))
+    assert plan.stat_partitions(manifest, groups, 0) == ([0] if request.param == 0 else [0, 2])
+    return store, job
+
+
+def _nbytes(store, key):
+    return sum(t.numel() * t.element_size() for t in get_tensors_and_metadata(store, key)[0].values())
+
+
+def test_stored_statistics_follow_the_plan_and_never_outweigh_their_activations(done_job):
+    store, job = done_job
+    manifest = get_json(store, keys.manifest(job))
+    groups = get_json(store, keys.plan_groups(job))
+    committed = steps.committed_keys(store, job)
+    n_shards = len(manifest["shards"])
+    for b in range(manifest["n_blocks"]):
+        acts = sum(_nbytes(store, keys.acts(job, "q", b, k)) for k in range(n_shards))
+        starts = plan.stat_partitions(manifest, groups, b)
+        total = 0
+        for g, members in enumerate(groups["blocks"][b]["groups"]):
+            found = sorted(k for k in range(n_shards) if keys.stats(job, b, g, k) in committed)
+            assert found == starts, (b, g)
+            one = plan.partial_bytes(manifest["spec"]["quant"], members, groups["blocks"][b]["inputs"],
+                                     groups["blocks"][b]["in_features"])
+            stored = [_nbytes(store, keys.stats(job, b, g, k)) for k in starts]
+            # Each partial is the planned size (plus two scalars per owner), and the partials together
+            # weigh no more than the activations they sum, unless a single partial already does.
+            owners = plan.group_owners(members, groups["blocks"][b]["inputs"], False)
+            assert all(s == one + 16 * len(owners) for s in stored), (b, g, stored, one)
+            total += sum(stored)
+        # Chosen by bytes, the block's partials together weigh no more than the activations they sum,
+        # unless a single partition's already do (then there is one partition).
+        if not manifest["spec"]["partition_tokens"]:
+            assert total <= acts or len(starts) == 1, (b, total, acts)
+
+
+def test_linears_fed_one_input_store_one_gram(done_job):
+    store, job = done_job
+    groups = get_json(store, keys.plan_groups(job))
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert qkv in groups["blocks"][0]["inputs"] and qkv in groups["blocks"][0]["groups"]
+    g = groups["blocks"][0]["groups"].index(qkv)
+    tensors, meta = get_tensors_and_metadata(store, keys.stats(job, 0, g, 0))
+    owners = json.loads(meta["tlq"])["owners"]
+    assert owners == {n: "self_attn.q_proj" for n in qkv}
+    assert sorted(tensors) == ["self_attn.q_proj|H", "self_attn.q_proj|tokens", "self_attn.q_proj|w_sum"]
+    assert tensors["self_attn.q_proj|H"].dtype == torch.float32
+    # Every solve of the group saw the same tokens: the sum over all shards.
+    manifest = get_json(store, keys.manifest(job))
+    for n in qkv:
+        _, qmeta = steps.qresult_from_store(store, keys.qweights(job, 0, n))
+        assert qmeta["tokens"] == manifest["calibration"]["tokens"]
+
+
+def _block_inputs(files, n):
+    from tlq_farm.calib.data import load_calibration, model_inputs
+    from tlq_farm.models.adapter import find_layout, load_model
+
+    model, calib_path = files
+    m, processor = load_model(str(model))
+    layout = find_layout(m)
+    blocks = layout.decoder_blocks(m)
+    samples = load_calibration(str(calib_path), processor, samples=n, seq_len=512, seed=0).samples
+    caps = [B.capture(m, blocks, model_inputs(s)) for s in samples]
+    return blocks[0], [(c.hidden, c.kwargs(0)) for c in caps]
+
+
+def test_in_place_float32_sums_match_a_float64_reference_and_stream(files):
+    blk, inputs = _block_inputs(files, 4)
+    names = ["self_attn.q_proj", "mlp.gate_proj"]
+    weights = [torch.rand(h.shape[:-1].numel(), generator=torch.Generator().manual_seed(i)) for i, (h, _) in
+               enumerate(inputs)]
+    stats = B.accumulate_stats(blk, inputs, weights, names)
+    # float64 reference: each sample's own Gram of the captured linear input, summed afterwards.
+    seen: dict[str, list] = {n: [] for n in names}
+    hooks = [blk.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0])) for n in names]
+    with torch.no_grad():
+        for h, kw in inputs:
+            B.run_block(blk, h, kw)
+    for hd in hooks:
+        hd.remove()
+    for n in names:
+        ref = reduce_partials(hessian_partial(x, w.reshape(x.shape[:-1])) for x, w in zip(seen[n], weights))
+        assert stats[n]["H"].dtype == torch.float32
+        got, want = finalize_hessian(reduce_partials([stats[n]]))[0], finalize_hessian(ref)[0]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        assert torch.equal(stats[n]["H"], stats[n]["H"].T)
+        assert int(stats[n]["tokens"]) == int(ref["tokens"])
+    # A generator of inputs (shards streamed as read) gives the same bytes as a list.
+    streamed = B.accumulate_stats(blk, (x for x in inputs), weights, names)
+    assert all(torch.equal(streamed[n]["H"], stats[n]["H"]) for n in names)
+
+
+def test_reduce_partials_takes_a_generator_and_keeps_one_at_a_time():
+    parts = [{"H": torch.full((2, 2), float(i), dtype=torch.float32), "w_sum": torch.tensor(1.0, dtype=torch.float64),
+              "tokens": torch.tensor(3)} for i in range(4)]
+    made = []
+
+    def gen():
+        for p in parts:
+            made.append(p)
+            yield p
+
+    total = reduce_partials(gen())
+    assert total["H"].dtype == torch.float64 and float(total["H"][0, 0]) == 6.0
+    assert int(total["tokens"]) == 12 and len(made) == 4
+    assert parts[0]["H"][0, 0] == 0.0  # the first partial is copied, not summed into
+    with pytest.raises(ValueError, match="no partial statistics"):
+        reduce_partials(iter([]))
+
+
+def test_a_job_of_an_older_store_format_is_refused_with_what_to_do(files, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    manifest = get_json(store, keys.manifest(job))
+    del manifest["format"]
+    store.delete(keys.manifest(job))
+    put_json(store, keys.manifest(job), manifest)
+    url = str(tmp_path / "store")
+    res = CliRunner().invoke(main, ["resume", job, "--store", url])
+    assert res.exit_code != 0
+    assert "store format 1" in res.output and "Stage it again" in res.output and "prune --old-format" in res.output
+    with pytest.raises(ValueError, match="Stage it again"):
+        steps.run_embedded(store, job)
+    assert not any("/stats/" in k or "/acts/" in k for k in steps.committed_keys(store, job))
+    listed = CliRunner().invoke(main, ["jobs", "--store", url])
+    assert listed.exit_code == 0 and f"{job}  old-format" in listed.output
+    kept = CliRunner().invoke(main, ["prune", "--store", url])
+    assert f"removed {job}" not in kept.output
+    pruned = CliRunner().invoke(main, ["prune", "--old-format", "--store", url])
+    assert pruned.exit_code == 0 and f"removed {job}: staged in an older store format" in pruned.output
+    assert not store.is_committed(keys.manifest(job))
