@@ -131,3 +131,40 @@ def test_read_config_accepts_decoders_by_kind_not_by_list(tmp_path):
         with pytest.raises(UnsupportedModel, match=rf"model_type '{name}' is not supported; tlq-farm quantizes "
                                                    rf"{', '.join(SUPPORTED_MODEL_TYPES)}: pass a checkpoint"):
             read_config(tmp_path / name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_embed_with_blocks_on_meta_records_what_the_full_forward_does(tmp_path, tiny_models, calib_jsonl, arch):
+    """The embed task builds the prefix only (decoder blocks on the meta device, passed through): block 0's
+    inputs and every block's kwargs equal those of the whole model's own forward, loaded from disk."""
+    from tlq_farm import steps
+    from tlq_farm.calib.data import load_calibration, model_inputs
+    from tlq_farm.models.adapter import find_layout, load_model
+    from tlq_farm.plan import Task
+    from tlq_farm.spec import JobSpec, QuantSpec
+    from tlq_farm.staging import stage_job
+    from tlq_farm.store import LocalStore, keys
+    from tlq_farm.store.tensors import get_tensors
+
+    src = tiny_models(arch)
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, JobSpec(model=str(src), calib=str(calib_jsonl), samples=2, seq_len=512,
+                                              quant=QuantSpec(group_size=32)))
+    assert steps.execute(store, job, Task("embed", shard=0)) == "computed"
+    ctx = steps.JobContext(store, job)
+    prefix = ctx.prefix_model()
+    blocks = ctx.layout.decoder_blocks(prefix)
+    assert all(p.is_meta for p in blocks.parameters())
+    assert not any(p.is_meta for n, p in prefix.named_parameters() if not n.startswith(ctx.layout.blocks + "."))
+
+    model, proc = load_model(str(src))
+    samples = load_calibration(str(calib_jsonl), proc, samples=2, seq_len=512, seed=0).samples
+    full = [B.capture(model, find_layout(model).decoder_blocks(model), model_inputs(s)) for s in samples]
+    acts = get_tensors(store, keys.acts(job, "q", 0, 0))
+    kwargs = get_tensors(store, keys.block_kwargs(job, 0))
+    want = {}
+    for i, c in enumerate(full):
+        assert torch.equal(acts[f"s{i:06d}"], c.hidden)
+        want.update(steps.captured_to_tensors(i, c))
+    assert sorted(kwargs) == sorted(want)
+    assert all(torch.equal(kwargs[k], want[k]) for k in want)

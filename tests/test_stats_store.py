@@ -1,5 +1,6 @@
-"""Statistics in the store: partitions fixed by bytes, one Gram per shared input, in-place float32 sums that
-match a float64 reference, solves that reduce partials as they read them, and old-format jobs refused."""
+"""Objects in the store stay small: statistics partitions fixed by bytes, one Gram per shared input, in-place
+float32 sums that match a float64 reference, solves that reduce partials as they read them, qweights as
+packed codes; and jobs of an older store format refused."""
 
 import json
 
@@ -166,3 +167,30 @@ def test_a_job_of_an_older_store_format_is_refused_with_what_to_do(files, tmp_pa
     pruned = CliRunner().invoke(main, ["prune", "--old-format", "--store", url])
     assert pruned.exit_code == 0 and f"removed {job}: staged in an older store format" in pruned.output
     assert not store.is_committed(keys.manifest(job))
+
+
+@pytest.mark.parametrize("bits,cols", [(2, 64), (2, 6), (3, 64), (4, 64), (4, 7), (8, 64)])
+def test_packed_codes_round_trip(bits, cols):
+    from tlq_farm.quant.grid import codes_per_byte, pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2**bits, (5, cols), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, cols // codes_per_byte(bits, cols))
+    assert torch.equal(unpack_codes(packed, bits, cols), codes)
+    assert codes_per_byte(4, 64) == 2 and codes_per_byte(2, 64) == 4 and codes_per_byte(2, 6) == 1 and codes_per_byte(4, 7) == 1
+
+
+def test_qweights_are_packed_codes_and_rebuild_the_solvers_weight(done_job):
+    """A 4-bit linear costs half a byte per weight plus its grid, not a float32 copy and int32 codes; the
+    weight rebuilt on read is what the export holds (the embedded export tests compare it bit for bit)."""
+    store, job = done_job
+    groups = get_json(store, keys.plan_groups(job))
+    for m, (out_f, in_f) in groups["blocks"][0]["shapes"].items():
+        key = keys.qweights(job, 0, m)
+        tensors, _ = get_tensors_and_metadata(store, key)
+        assert "weight" not in tensors and tensors["codes"].dtype == torch.uint8
+        grid = tensors["scale"].numel() * 4 + tensors["zero"].numel() * 4 + in_f * 4
+        assert _nbytes(store, key) == out_f * in_f // 2 + grid, m
+        res, _ = steps.qresult_from_store(store, key)
+        assert res.weight.shape == (out_f, in_f) and res.weight.dtype == torch.float32
+        assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= 15

@@ -88,10 +88,18 @@ class Captured:
         return self.kwargs_sets[self.kw_index[b]]
 
 
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.no_grad()
-def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict) -> Captured:
+def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict, run_blocks: bool = True) -> Captured:
     """Run the model's own prefix (vision tower, projector, embeddings, rotary/mrope) and record what enters
-    the block list. The forward stops after the last block's inputs are seen, so the head never runs."""
+    the block list. The forward stops after the last block's inputs are seen, so the head never runs.
+
+    run_blocks=False: each block passes its input through untouched (its weights may be on the meta device).
+    What block b > 0 receives besides its hidden states (masks, position embeddings) is built by the model
+    before the first block and does not depend on the hidden states, so it is recorded the same."""
     seen: dict[int, dict] = {}
     first_hidden: list[torch.Tensor] = []
 
@@ -111,6 +119,9 @@ def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict) -> Capt
         return hook
 
     handles = [blk.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, blk in enumerate(blocks)]
+    if not run_blocks:
+        for blk in blocks:
+            blk.forward = _pass_through
     try:
         model(**model_inputs)
     except _StopForward:
@@ -118,6 +129,9 @@ def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict) -> Capt
     finally:
         for h in handles:
             h.remove()
+        if not run_blocks:
+            for blk in blocks:
+                del blk.forward
     if len(seen) != len(blocks):
         raise RuntimeError(f"the forward reached {len(seen)} of {len(blocks)} blocks: the model skipped blocks")
     sets: list[dict] = []

@@ -381,7 +381,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes)
 
     if task.kind == "embed":
-        return int(model + manifest["shard_input_bytes"][task.shard] + 4 * acts)
+        # The prefix and head only (blocks on the meta device), built and then filled from the staged pieces.
+        return int(2 * (sizes["embed"] + sizes["head"]) + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
         return int(2 * block + 4 * acts)
     if task.kind == "importance":

@@ -11,6 +11,7 @@ when that task starts computing, once per TLQ_FAULT_CRASH_FLAG file (the flag is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -27,6 +28,7 @@ from . import plan
 from .models.adapter import Layout, linear_names
 from .plan import Task
 from .quant import QuantResult, reduce_partials
+from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
 from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors
@@ -75,7 +77,9 @@ def per_sample_from_tensors(tensors: dict[str, torch.Tensor]):
 
 
 def qresult_to_tensors(res: QuantResult) -> dict[str, torch.Tensor]:
-    out = {"weight": res.weight, "codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx}
+    """A quantized linear as stored: packed codes, scales, zeros, g_idx (+ perm), no dequantized copy; the
+    weight is scale * (code - zero), recomputed on read bit for bit (the solvers compute it so)."""
+    out = {"codes": pack_codes(res.codes, res.bits), "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx}
     if res.perm is not None:
         out["perm"] = res.perm
     return out
@@ -86,13 +90,30 @@ def qresult_from_store(store: Store, key: str) -> tuple[QuantResult, dict]:
 
     t, metadata = get_tensors_and_metadata(store, key)
     meta = json.loads(metadata["tlq"])
-    res = QuantResult(weight=t["weight"], codes=t["codes"], scale=t["scale"], zero=t["zero"], g_idx=t["g_idx"],
-                      loss=meta["loss"], bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
-                      perm=t.get("perm"), damp_used=meta["damp_used"])
+    codes = unpack_codes(t["codes"], meta["bits"], t["g_idx"].numel())
+    res = QuantResult(weight=dequantize_grouped(codes, t["scale"], t["zero"], t["g_idx"]), codes=codes,
+                      scale=t["scale"], zero=t["zero"], g_idx=t["g_idx"], loss=meta["loss"], bits=meta["bits"],
+                      group_size=meta["group_size"], sym=meta["sym"], perm=t.get("perm"), damp_used=meta["damp_used"])
     return res, meta
 
 
 # ----------------------------------------------------------------------------------------------- model pieces
+
+@contextlib.contextmanager
+def _construct_on_meta(cls: type):
+    """Modules of class `cls` built inside this context get their parameters on the meta device."""
+    original = cls.__init__
+
+    def init(self, *args, **kwargs):
+        with torch.device("meta"):
+            original(self, *args, **kwargs)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+
 
 class JobContext:
     """What every task of one job shares: manifest, spec, config and the meta-device module tree."""
@@ -167,6 +188,22 @@ class JobContext:
             B.apply_qweight(blk, m, res)
         return blk
 
+    def prefix_model(self) -> torch.nn.Module:
+        """The model with its decoder blocks on the meta device (embed): the prefix (vision tower, projector,
+        embeddings, rotary) and the head are real, built as the full model builds them; the blocks hold no
+        memory. Falls back to the full model where the vision tower's blocks are of the decoder's class."""
+        from .staging import model_class_for
+
+        block_cls = type(self.meta.get_submodule(self.layout.blocks)[0])
+        vision = self.meta.get_submodule(self.layout.vision_blocks) if self.layout.vision_blocks else None
+        if vision is not None and len(vision) and isinstance(vision[0], block_cls):
+            return self.full_model()
+        torch.manual_seed(self.spec.seed)
+        with _construct_on_meta(block_cls), torch.device(self.device):
+            model = model_class_for(self.config).from_config(self.config, dtype=torch.float32,
+                                                             attn_implementation="sdpa")
+        return model.eval().requires_grad_(False)
+
     def full_model(self) -> torch.nn.Module:
         """The whole float model (export, embed): built from the config, filled with every staged piece."""
         from .staging import model_class_for
@@ -223,12 +260,12 @@ def do_embed(ctx: JobContext, task: Task) -> None:
     from .calib.data import model_inputs
 
     start, end = ctx.manifest["shards"][task.shard]
-    model = ctx.full_model()
+    model = ctx.prefix_model()
     ctx.load_pieces(model, blocks=False)
     blocks = ctx.layout.decoder_blocks(model)
     kwargs, hidden = {}, []
     for i, s in enumerate(ctx.samples(start, end)):
-        c = B.capture(model, blocks, model_inputs(s))
+        c = B.capture(model, blocks, model_inputs(s), run_blocks=False)
         kwargs.update(captured_to_tensors(start + i, c))
         hidden.append(c.hidden)
     put_tensors(ctx.store, keys.block_kwargs(ctx.job, task.shard), kwargs)

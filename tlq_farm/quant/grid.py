@@ -97,6 +97,37 @@ def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return scale[:, g] * (codes.to(torch.float32) - zero[:, g].to(torch.float32))
 
 
+def codes_per_byte(bits: int, columns: int) -> int:
+    """How many codes pack_codes puts in one byte: 8 // bits for 2 and 4 bits when the columns divide
+    evenly, else one (3-bit and 8-bit codes take a byte each)."""
+    per = 8 // bits if bits in (2, 4) else 1
+    return per if columns % per == 0 else 1
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [out, in] in [0, 2^bits - 1] -> uint8 [out, in / codes_per_byte]; code j of a byte sits
+    at bits [j * bits, (j + 1) * bits)."""
+    per = codes_per_byte(bits, codes.shape[-1])
+    c = codes.to(torch.uint8)
+    if per == 1:
+        return c.contiguous()
+    c = c.reshape(*c.shape[:-1], -1, per)
+    out = c[..., 0].clone()
+    for j in range(1, per):
+        out |= c[..., j] << (j * bits)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """The inverse of pack_codes -> int32 codes [out, columns]."""
+    per = codes_per_byte(bits, columns)
+    if per == 1:
+        return packed.to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    c = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return c.reshape(*packed.shape[:-1], columns).to(torch.int32)
+
+
 def natural_g_idx(columns: int, group_size: int) -> torch.Tensor:
     gs = columns if group_size <= 0 else group_size
     return (torch.arange(columns) // gs).to(torch.int32)

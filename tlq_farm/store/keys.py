@@ -32,7 +32,8 @@ import re
 
 JOBS = "jobs"
 # The layout and meaning of a job's objects. 2: statistics per partition of shards, in float32, one Gram per
-# shared input (1: per shard, float64, one per linear). A job of another format is refused, never reused.
+# shared input; qweights as packed codes without a dequantized copy (1: statistics per shard, float64, one per
+# linear; qweights with a float32 weight and int32 codes). A job of another format is refused, never reused.
 STORE_FORMAT = 2
 CHAINS = ("q", "fp")
 
