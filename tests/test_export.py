@@ -299,3 +299,78 @@ def test_vlm_compressed_export_with_processor(tmp_path):
     with torch.no_grad():
         got, want = loaded(**sample).logits, reference(**sample).logits
     assert rel_err(got, want) <= LOGIT_RTOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streamed writing: parts, shards, the file format
+
+
+def test_streamed_safetensors_are_the_librarys_bytes(tmp_path):
+    """Our writer lays out a file exactly as safetensors does: every dtype, scalars, empty tensors, names
+    that sort differently from their insertion order."""
+    from safetensors.torch import save, save_file
+
+    from tlq_farm.quant.export import TensorEntry, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.w": torch.randn(3, 5, generator=g), "a.bias": torch.randn(7, generator=g).to(torch.bfloat16),
+               "m.codes": torch.randint(0, 9, (4, 4), generator=g, dtype=torch.int32), "b.half": torch.randn(2, 2).half(),
+               "c.flag": torch.tensor([True, False]), "d.shape": torch.tensor([64, 32]), "e.empty": torch.zeros(0, 3),
+               "f.scalar": torch.tensor(1.5, dtype=torch.float64), "g.u8": torch.arange(5, dtype=torch.uint8),
+               "h.i8": torch.arange(-3, 3, dtype=torch.int8), "i.i16": torch.arange(4, dtype=torch.int16)}
+    spill = tmp_path / "spill.safetensors"
+    save_file(tensors, str(spill))
+    entries = {n: TensorEntry(t.dtype, tuple(t.shape), spill, n) for n, t in tensors.items()}
+    write_safetensors(tmp_path / "ours.safetensors", entries, {"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: tied embeddings
+def test_an_export_from_parts_is_the_bytes_save_pretrained_writes(sources, tmp_path, kind):
+    from tlq_farm.quant.export import export_parts, quantization_config, quantized_state_dict, weight_scheme_of
+
+    model = load_float(sources[kind])
+    qresults = rtn_all(model, 4, 32, sym=False)
+    state = model.state_dict()
+    parts = [({k: v for k, v in state.items() if ".layers." not in k}, {})] + [
+        ({k: v for k, v in state.items() if f".layers.{b}." in k},
+         {n: q for n, q in qresults.items() if f".layers.{b}." in n}) for b in range(2)]
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    export_parts(meta, sources[kind], tmp_path / "parts", iter(parts))
+    _, qschemes = quantization_config(model, {n: weight_scheme_of(q) for n, q in qresults.items()}, None)
+    model.save_pretrained(tmp_path / "reference", state_dict=quantized_state_dict(state, qresults, "compressed", qschemes))
+    ours, ref = safetensors_bytes(tmp_path / "parts"), safetensors_bytes(tmp_path / "reference")
+    assert list(ours) == ["model.safetensors"] and ours == ref
+
+
+def test_a_large_export_is_sharded_with_an_index_and_loads_the_same(sources, tmp_path):
+    from tlq_farm.quant.export import export_parts
+
+    model = load_float(sources["llama"])
+    qresults = rtn_all(model, 4, 32, sym=True)
+    one = export_checkpoint(model, sources["llama"], tmp_path / "one", qresults)
+    limit = 40_000
+    sharded = export_parts(model, sources["llama"], tmp_path / "sharded", [(model.state_dict(), qresults)],
+                           max_shard_bytes=limit)
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    from safetensors import safe_open
+
+    held = {}
+    for f in files:
+        with safe_open(str(sharded / f), "pt") as h:
+            names = list(h.keys())
+            size = sum(h.get_tensor(n).numel() * h.get_tensor(n).element_size() for n in names)
+            assert size <= limit or len(names) == 1, (f, size)
+            held.update({n: f for n in names})
+    assert index["weight_map"] == held
+    with safe_open(str(one / "model.safetensors"), "pt") as h:
+        assert set(h.keys()) == set(held)
+    single = (one / "model.safetensors").read_bytes()
+    assert index["metadata"]["total_size"] == len(single) - 8 - int.from_bytes(single[:8], "little")
+    ids = input_ids()
+    a = AutoModelForCausalLM.from_pretrained(one, dtype=torch.float32, **loading_kwargs(one)).eval()
+    b = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32, **loading_kwargs(sharded)).eval()
+    assert torch.equal(logits(a, ids), logits(b, ids))

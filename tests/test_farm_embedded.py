@@ -163,7 +163,11 @@ def test_status_reports_ready_tasks_that_no_live_worker_fits(files, tmp_path):
     s = job_status(store, job, live_classes=[])
     assert s["state"] == "running" and s["ready"] == ["embed-s0000", "embed-s0001", "embed-s0002"]
     assert [u["task"] for u in s["no_worker_fits"]] == s["ready"]
-    assert "needs a worker of class 1m or larger; none is live" in format_status(s)
+    from tlq_farm import plan
+
+    need = plan.class_name(plan.memory_class(plan.estimate_memory(plan.Task("embed", shard=0),
+                                                                  get_json(store, keys.manifest(job)), None)))
+    assert f"needs a worker of class {need} or larger; none is live" in format_status(s)
     assert job_status(store, job, live_classes=[2**30])["no_worker_fits"] == []
 
 

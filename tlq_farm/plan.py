@@ -408,7 +408,9 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "propagate":
         return int(2 * block + 6 * acts)
     if task.kind == "export":
-        return int(3 * model)
+        # One part at a time (prefix, a block with its qweights, head): its float weights, the rebuilt
+        # quantized weights and codes, their compressed form, and the spill write.
+        return int(4 * max(block, sizes["embed"], sizes["head"]))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 

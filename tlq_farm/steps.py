@@ -439,7 +439,7 @@ def do_propagate(ctx: JobContext, task: Task) -> None:
         put_tensors(ctx.store, keys.acts(ctx.job, "fp", b + 1, k), _acts_tensors(start, fp_out))
 
 
-def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[str, QuantResult],
+def farm_report(ctx: JobContext, results_meta: dict[str, dict], quantized_params: int,
                 records: list[dict] | None = None) -> dict:
     """tlq_report.json of a farm job: what was computed, and from the task records `records` its time,
     timeline and peak memory (tlq_farm.report.RUN_FIELDS, the only fields that differ between runs)."""
@@ -464,8 +464,8 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[st
         "shards": ctx.manifest["shards"],
         "modules": modules,
         "blocks": {ctx.layout.blocks: [{"index": b, "loss": loss_sum(per_block[b])} for b in sorted(per_block)]},
-        "totals": {"modules": len(results), "loss": loss_sum(e["loss"] for e in modules.values()),
-                   "quantized_params": int(sum(r.codes.numel() for r in results.values()))},
+        "totals": {"modules": len(results_meta), "loss": loss_sum(e["loss"] for e in modules.values()),
+                   "quantized_params": int(quantized_params)},
     }
     if plan.needs_global_importance(ctx.manifest):
         state = get_tensors(ctx.store, keys.importance_state(ctx.job))
@@ -482,27 +482,37 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], results: dict[st
 
 
 def do_export(ctx: JobContext, task: Task) -> None:
-    from .quant.export import export_checkpoint
+    """The checkpoint, streamed: the prefix, each block with its qweights, the head, one part in memory at a
+    time (tlq_farm.quant.export.export_parts), then every file into the store."""
+    from .quant.export import export_parts
     from .store.tensors import json_to_bytes
 
-    model = ctx.full_model()
-    ctx.load_pieces(model, blocks=True)
-    results, metas = {}, {}
-    for b in range(ctx.manifest["n_blocks"]):
-        for m in ctx.names(b):
-            res, meta = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m))
-            results[f"{ctx.layout.blocks}.{b}.{m}"] = res
-            metas[f"{ctx.layout.blocks}.{b}.{m}"] = meta
+    metas: dict[str, dict] = {}
+    counted = [0]
+
+    def parts():
+        yield get_tensors(ctx.store, keys.staged_embed(ctx.job)), {}
+        for b in range(ctx.manifest["n_blocks"]):
+            prefix = f"{ctx.layout.blocks}.{b}."
+            state = {prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b)).items()}
+            qresults = {}
+            for m in ctx.names(b):
+                res, metas[prefix + m] = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m))
+                qresults[prefix + m] = res
+                counted[0] += res.codes.numel()
+            yield state, qresults
+        yield get_tensors(ctx.store, keys.staged_head(ctx.job)), {}
+
     source = ctx.staged_files()
     with tempfile.TemporaryDirectory(prefix="tlq-export-") as tmp:
         out = Path(tmp) / "export"
-        export_checkpoint(model, source, out, results, act_bits=ctx.spec.quant.act_bits, fmt=ctx.spec.fmt,
-                          extra_config={"spec": ctx.spec.to_dict()})
+        export_parts(ctx.meta, source, out, parts(), act_bits=ctx.spec.quant.act_bits, fmt=ctx.spec.fmt,
+                     extra_config={"spec": ctx.spec.to_dict()})
         # The job's task records so far, and this export's own (up to now: its record is written after).
         records = task_records(ctx.store, ctx.job)
         if ctx.current_record is not None:
             records.append(ctx.current_record())
-        (out / "tlq_report.json").write_bytes(json_to_bytes(farm_report(ctx, metas, results, records)))
+        (out / "tlq_report.json").write_bytes(json_to_bytes(farm_report(ctx, metas, counted[0], records)))
         index = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             name = path.relative_to(out).as_posix()

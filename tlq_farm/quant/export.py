@@ -172,10 +172,10 @@ def check_quant_result(name: str, module: nn.Module, q: QuantResult, fmt: str) -
 # ----------------------------------------------------------------------------------------------------------
 
 
-def quantized_state_dict(model: nn.Module, qresults: dict[str, QuantResult], fmt: str,
+def quantized_state_dict(state: dict[str, torch.Tensor], qresults: dict[str, QuantResult], fmt: str,
                          qschemes: dict[str, object]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized Linear's weight replaced by its export form."""
-    state = model.state_dict()
+    """A state dict (a whole model's or a part's) with each quantized Linear's weight replaced by its
+    export form."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module_name, _, leaf = key.rpartition(".")
@@ -191,15 +191,16 @@ def quantized_state_dict(model: nn.Module, qresults: dict[str, QuantResult], fmt
     return out
 
 
-def quantization_config(model: nn.Module, qresults: dict[str, QuantResult], act_bits: int | None):
+def quantization_config(model: nn.Module, schemes: dict[str, WeightScheme], act_bits: int | None):
     """compressed-tensors QuantizationConfig: one config group per weight scheme; every other Linear ignored.
 
-    Returns (config, scheme of each quantized module)."""
+    schemes: the weight scheme of each quantized module (weight_scheme_of). Returns (config, compressed-tensors
+    scheme of each quantized module)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     by_scheme: dict[WeightScheme, list[str]] = {}
-    for name in sorted(qresults):
-        by_scheme.setdefault(weight_scheme_of(qresults[name]), []).append(name)
+    for name in sorted(schemes):
+        by_scheme.setdefault(schemes[name], []).append(name)
     # One scheme: target the class, as llm-compressor does; several: target each layer by its exact name.
     single = len(by_scheme) == 1
     groups, per_module = {}, {}
@@ -208,7 +209,7 @@ def quantization_config(model: nn.Module, qresults: dict[str, QuantResult], act_
         groups[f"group_{index}"] = qscheme
         per_module.update({name: qscheme for name in names})
     ignore = [name for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and name not in qresults]
+              if isinstance(module, nn.Linear) and name not in schemes]
     formats = {qscheme.format for qscheme in groups.values()}
     config = QuantizationConfig(
         config_groups=groups,
@@ -219,12 +220,12 @@ def quantization_config(model: nn.Module, qresults: dict[str, QuantResult], act_
     return config, per_module
 
 
-def quant_summary(qresults: dict[str, QuantResult], act_bits: int | None, fmt: str,
+def quant_summary(schemes: dict[str, WeightScheme], act_bits: int | None, fmt: str,
                   extra_config: dict | None) -> dict:
     """The scheme summary written to tlq_quant.json (consumers read it to fake-quantize activations)."""
     by_scheme: dict[WeightScheme, list[str]] = {}
-    for name in sorted(qresults):
-        by_scheme.setdefault(weight_scheme_of(qresults[name]), []).append(name)
+    for name in sorted(schemes):
+        by_scheme.setdefault(schemes[name], []).append(name)
     schemes = [
         {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "act_order": s.act_order, "modules": names}
         for s, names in sorted(by_scheme.items(), key=lambda kv: kv[1][0])
@@ -318,6 +319,228 @@ def loading_kwargs(export_dir: str | Path) -> dict:
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Writing: one part of the model in memory at a time
+# ----------------------------------------------------------------------------------------------------------
+
+# Shards of a streamed checkpoint; a smaller model is one model.safetensors, as save_pretrained writes it.
+MAX_SHARD_BYTES = 5 * 2**30
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+# safetensors' Dtype enum order: its writer puts larger enum values first, then sorts by name.
+_SAFETENSORS_RANK = {n: i for i, n in enumerate(
+    ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor of the checkpoint waits until its shard is written: its spill file and name there."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    name: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def safetensors_layout(entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+    """(header bytes with their length prefix, names in data order) of the file safetensors writes for these
+    tensors: data ordered by dtype (safetensors' enum, last first), then by name; the JSON header compact,
+    padded with spaces to 8 bytes."""
+    for name, e in entries.items():
+        if e.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {e.dtype} cannot be written to safetensors here")
+    order = sorted(entries, key=lambda n: (-_SAFETENSORS_RANK[SAFETENSORS_DTYPES[entries[n].dtype]], n))
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name in order:
+        e = entries[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
+                        "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, contiguous, with a copy of each one that shares memory with an earlier one
+    (tied weights): safetensors refuses aliases."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        place = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        out[name] = t.clone() if t.numel() and place in seen else t
+        seen.add(place)
+    return out
+
+
+def write_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> None:
+    """Write a safetensors file tensor by tensor, each read from its spill file when its turn comes."""
+    from safetensors import safe_open
+
+    header, order = safetensors_layout(entries, metadata)
+    handles: dict[Path, object] = {}
+    with open(path, "wb") as f:
+        f.write(header)
+        for name in order:
+            e = entries[name]
+            if e.file not in handles:
+                handles[e.file] = safe_open(str(e.file), "pt")
+            t = handles[e.file].get_tensor(e.name).contiguous().reshape(-1)  # 1-D: scalars can be viewed too
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            del t
+
+
+def shard_plan(names: list[str], entries: dict[str, TensorEntry], max_shard_bytes: int) -> dict[str, list[str]]:
+    """file name -> tensor names: one model.safetensors when everything fits one shard, else consecutive
+    tensors packed greedily into model-0000k-of-0000n.safetensors (a tensor larger than a shard gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        size = entries[n].nbytes
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(n)
+        used += size
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    total = len(shards)
+    return {f"model-{i + 1:05d}-of-{total:05d}.safetensors": s for i, s in enumerate(shards)}
+
+
+def _saved_names(model: nn.Module, entries: dict[str, TensorEntry]) -> dict[str, str]:
+    """Checkpoint name -> state-dict name, as save_pretrained would save them: tied duplicates and keys to
+    ignore dropped, the model class's renames reverted (transformers' own functions, on meta tensors)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    shadow = {n: torch.empty(e.shape, dtype=e.dtype, device="meta") for n, e in entries.items()}
+    for ignore in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        shadow.pop(ignore, None)
+    # Tied weights are found by parameter identity in the model; compressed names are no parameters.
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    plain = {n: t for n, t in shadow.items() if n in params}
+    kept = remove_tied_weights_from_state_dict(dict(plain), model)
+    shadow = {n: t for n, t in shadow.items() if n not in plain or n in kept}
+    names = {id(t): n for n, t in shadow.items()}
+    reverted = revert_weight_conversion(model, dict(shadow))
+    if len(reverted) != len(shadow) or any(id(t) not in names for t in reverted.values()):
+        raise RuntimeError(f"{type(model).__name__} changes tensors (not only their names) when it is saved: its "
+                           "checkpoint cannot be written one part at a time; export it in memory")
+    return {saved: names[id(t)] for saved, t in reverted.items()}
+
+
+def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, parts, *,
+                 act_bits: int | None = None, fmt: str = "compressed", extra_config: dict | None = None,
+                 overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a quantized checkpoint to out_dir from its parts, one in memory at a time; return out_dir.
+
+    model:   the model's module tree (the meta device is enough): names, shapes, config, tied weights
+    parts:   an iterable of (state, qresults): consecutive pieces of the model's float state dict (prefix,
+             each block, head) with the QuantResults of the linears in them, keyed by module name
+    The checkpoint is the bytes save_pretrained writes for the whole quantized state dict where it fits one
+    shard (max_shard_bytes); a larger one is sharded with its model.safetensors.index.json. Each part is
+    converted, checked and spilled to a temporary file beside out_dir, then the shards are written tensor by
+    tensor. out_dir never holds a half-written checkpoint (see export_checkpoint).
+    """
+    import copy
+    import tempfile
+
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt={fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
+    if act_bits not in SUPPORTED_ACT_BITS:
+        raise ValueError(f"act_bits={act_bits!r} is not supported; choose None (weight-only) or 8")
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"source folder {source_dir} does not exist; pass the folder the model was "
+                                "loaded from")
+    _check_out_dir(out_dir, overwrite)
+    modules = dict(model.named_modules())
+    schemes: dict[str, WeightScheme] = {}
+    # A module's compressed form depends on its own scheme only; the config groups are built at the end.
+    by_scheme: dict[WeightScheme, object] = {}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_dir.mkdir()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent) as spill:
+            from safetensors.torch import save_file
+
+            entries: dict[str, TensorEntry] = {}
+            for i, (state, qresults) in enumerate(parts):
+                qschemes = {}
+                for name, q in qresults.items():
+                    if name not in modules:
+                        raise KeyError(f"qresults names modules the model does not have: {[name]}; keys must be "
+                                       "names from model.named_modules()")
+                    check_quant_result(name, modules[name], q, fmt)
+                    scheme = schemes[name] = weight_scheme_of(q)
+                    if fmt == "compressed":
+                        if scheme not in by_scheme:
+                            by_scheme[scheme] = quantization_scheme(scheme, act_bits, ["Linear"])
+                        qschemes[name] = by_scheme[scheme]
+                out = quantized_state_dict(state, qresults, fmt, qschemes)
+                if not out:
+                    continue
+                path = Path(spill) / f"part-{i:05d}.safetensors"
+                save_file(_unshared(out), str(path))
+                for n, t in out.items():
+                    entries[n] = TensorEntry(t.dtype, tuple(t.shape), path, n)
+                del state, qresults, out
+            if not schemes:
+                raise ValueError("qresults is empty: nothing was quantized, so there is nothing to export")
+            saved = _saved_names(model, entries)
+            layout = shard_plan(list(saved), {s: entries[n] for s, n in saved.items()}, max_shard_bytes)
+            # save_pretrained owns config.json and generation_config.json (dtype, architectures): it writes
+            # them from the module tree; no tensor is needed for that.
+            meta = copy.deepcopy(model) if any(p.is_meta for p in model.parameters()) else model
+            had_qconfig = hasattr(meta.config, "quantization_config")
+            saved_qconfig = getattr(meta.config, "quantization_config", None)
+            if had_qconfig:
+                del meta.config.quantization_config
+            try:
+                meta.save_pretrained(tmp_dir, state_dict={})
+            finally:
+                if had_qconfig:
+                    meta.config.quantization_config = saved_qconfig
+            for file, names in layout.items():
+                write_safetensors(tmp_dir / file, {s: entries[saved[s]] for s in names}, {"format": "pt"})
+            if len(layout) > 1:
+                total = sum(entries[n].nbytes for n in saved.values())
+                index = {"metadata": {"total_parameters": sum(p.numel() for p in model.parameters()),
+                                      "total_size": total},
+                         "weight_map": {s: f for f, names in layout.items() for s in names}}
+                (tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        copy_side_files(source_dir, tmp_dir)
+        if fmt == "compressed":
+            from compressed_tensors.compressors import ModelCompressor
+
+            qconfig, _ = quantization_config(model, schemes, act_bits)
+            ModelCompressor(quantization_config=qconfig).update_config(str(tmp_dir))
+        summary = quant_summary(schemes, act_bits, fmt, extra_config)
+        (tmp_dir / QUANT_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _usual_modes(tmp_dir)
+        _publish(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def export_checkpoint(model: nn.Module, source_dir: str | Path, out_dir: str | Path,
                       qresults: dict[str, QuantResult], *, act_bits: int | None = None, fmt: str = "compressed",
                       extra_config: dict | None = None, overwrite: bool = False) -> Path:
@@ -333,19 +556,8 @@ def export_checkpoint(model: nn.Module, source_dir: str | Path, out_dir: str | P
     overwrite:    replace a non-empty out_dir (otherwise refused)
 
     The export is written into a hidden folder beside out_dir and renamed at the end, so out_dir never
-    holds a half-written checkpoint.
+    holds a half-written checkpoint. The whole model is one part of export_parts.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt={fmt!r} is not an export format; choose one of {', '.join(FORMATS)}")
-    if act_bits not in SUPPORTED_ACT_BITS:
-        raise ValueError(f"act_bits={act_bits!r} is not supported; choose None (weight-only) or 8")
-    if not qresults:
-        raise ValueError("qresults is empty: nothing was quantized, so there is nothing to export")
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if not source_dir.is_dir():
-        raise FileNotFoundError(f"source folder {source_dir} does not exist; pass the folder the model was "
-                                "loaded from")
-    _check_out_dir(out_dir, overwrite)
     modules = dict(model.named_modules())
     missing = sorted(set(qresults) - set(modules))
     if missing:
@@ -353,36 +565,7 @@ def export_checkpoint(model: nn.Module, source_dir: str | Path, out_dir: str | P
                        "from model.named_modules()")
     for name, q in qresults.items():
         check_quant_result(name, modules[name], q, fmt)
-
-    qconfig, qschemes = (None, {})
-    if fmt == "compressed":
-        qconfig, qschemes = quantization_config(model, qresults, act_bits)
-    state = quantized_state_dict(model, qresults, fmt, qschemes)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp_dir.mkdir()
-    try:
-        # save_pretrained owns the checkpoint layout: tied weights, shards and their index, key names.
-        had_qconfig = hasattr(model.config, "quantization_config")
-        saved_qconfig = getattr(model.config, "quantization_config", None)
-        if had_qconfig:
-            del model.config.quantization_config
-        try:
-            model.save_pretrained(tmp_dir, state_dict=state)
-        finally:
-            if had_qconfig:
-                model.config.quantization_config = saved_qconfig
-        copy_side_files(source_dir, tmp_dir)
-        if qconfig is not None:
-            from compressed_tensors.compressors import ModelCompressor
-
-            ModelCompressor(quantization_config=qconfig).update_config(str(tmp_dir))
-        summary = quant_summary(qresults, act_bits, fmt, extra_config)
-        (tmp_dir / QUANT_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        _usual_modes(tmp_dir)
-        _publish(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    if not qresults:
+        raise ValueError("qresults is empty: nothing was quantized, so there is nothing to export")
+    return export_parts(model, source_dir, out_dir, [(model.state_dict(), qresults)], act_bits=act_bits, fmt=fmt,
+                        extra_config=extra_config, overwrite=overwrite)
