@@ -433,14 +433,14 @@ def _live_workers(max_age_s: float = 60.0) -> list[dict]:
         return []
 
 
-def _status(store, job) -> dict:
+def _status(store, job, io: bool = False) -> dict:
     from coordinator.jobs import job_status
 
     from worker import dispatch
 
     live = _live_workers()
     s = job_status(store, job, [w.get("class_bytes", 0) for w in live],
-                   stall=lambda ready: dispatch.stall_reason(store.url, job, ready, dispatch.workers()))
+                   stall=lambda ready: dispatch.stall_reason(store.url, job, ready, dispatch.workers()), io=io)
     s["workers_live"] = len(live)
     s["workers_busy"] = sum(1 for w in live if w.get("task"))
     return s
@@ -491,9 +491,9 @@ def status(job, store_url, broker, as_json):
     jobs = [job] if job else list_jobs(store)
     try:
         if broker:
-            out = [_status(store, j) for j in jobs]
+            out = [_status(store, j, io=True) for j in jobs]
         else:
-            out = [job_status(store, j) for j in jobs]
+            out = [job_status(store, j, io=True) for j in jobs]
     except _user_errors() as e:
         raise click.ClickException(str(e)) from e
     if as_json:

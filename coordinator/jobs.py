@@ -15,10 +15,11 @@ from tlq_farm.store import Store, keys
 from tlq_farm.store.tensors import get_json
 
 
-def job_status(store: Store, job: str, live_classes: list[int] | None = None, stall=None) -> dict:
+def job_status(store: Store, job: str, live_classes: list[int] | None = None, stall=None, io: bool = False) -> dict:
     """State, progress counts, ETA and the ready tasks no live worker can take.
 
-    stall(ready tasks) -> why they sit idle, or None: a running job with a reason is reported "stalled"."""
+    stall(ready tasks) -> why they sit idle, or None: a running job with a reason is reported "stalled".
+    io: also the store traffic so far, from every task record (tlq_farm.report.store_io; one read per task)."""
     manifest = load_manifest(store, job)
     committed = steps.committed_keys(store, job)
     groups = steps.job_groups(store, job, committed)
@@ -45,7 +46,18 @@ def job_status(store: Store, job: str, live_classes: list[int] | None = None, st
             if need > top:
                 unfit.append({"task": t.name, "class": plan.class_name(need)})
         out["no_worker_fits"] = unfit
+    if io:
+        from tlq_farm.report import store_io
+
+        out["store_io"] = store_io(steps.task_records(store, job))
     return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def format_status(s: dict) -> str:
@@ -64,6 +76,12 @@ def format_status(s: dict) -> str:
         lines.append(f"  stalled: {s['stalled']}")
     for u in s.get("no_worker_fits", []):
         lines.append(f"  waiting: {u['task']} needs a worker of class {u['class']} or larger; none is live")
+    io = s.get("store_io")
+    if io:
+        rate = "no cached reads" if io["cache_hit_rate"] is None else f"cache hit rate {io['cache_hit_rate']:.0%}"
+        lines.append(f"  store: {_size(io['read_bytes'])} read, {_size(io['written_bytes'])} written, {rate}")
+        for blk in io["blocks"]:
+            lines.append(f"    block {blk['index']}: {_size(blk['read_bytes'])} read, {_size(blk['written_bytes'])} written")
     if s["missing"]:
         lines.append(f"  missing staged inputs (run `tlq-farm run` again with the same options): {s['missing'][:3]}")
     return "\n".join(lines)

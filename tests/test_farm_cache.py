@@ -109,3 +109,22 @@ def test_a_corrupted_object_with_no_cached_copy_still_raises(tmp_path):
     with pytest.raises(CorruptObject, match="deleted"):
         cached.get_bytes("a/x")
     assert not store.is_committed("a/x") and cached.repairs == 0
+
+
+def test_files_are_served_from_the_cache_too_and_a_changed_object_is_downloaded(s3_store_factory, tmp_path):
+    """get_file (staged pieces are read as files) hits the cache like get_bytes: by digest, and only while
+    the store's object is the one this cache saw; a damaged object with no fresh copy is refused."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    store.put_bytes("jobs/j/staged/embed", PAYLOAD)
+    assert cached.get_file("jobs/j/staged/embed", tmp_path / "a").read_bytes() == PAYLOAD
+    assert (cached.hits, cached.misses) == (0, 1)
+    before = store.bytes_read
+    assert cached.get_file("jobs/j/staged/embed", tmp_path / "b").read_bytes() == PAYLOAD
+    assert (cached.hits, cached.misses, cached.hit_bytes) == (1, 1, len(PAYLOAD)) and store.bytes_read == before
+    store.put_bytes("jobs/j/staged/embed", PAYLOAD[::-1])  # rewritten: a new digest
+    assert cached.get_file("jobs/j/staged/embed", tmp_path / "c").read_bytes() == PAYLOAD[::-1]
+    assert cached.misses == 2 and store.bytes_read == before + len(PAYLOAD)
+    _raw_put(store, "jobs/j/staged/embed", bytes(len(PAYLOAD)))  # damaged behind the marker
+    with pytest.raises(CorruptObject):
+        cached.get_file("jobs/j/staged/embed", tmp_path / "d")

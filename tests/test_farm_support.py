@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -22,18 +21,10 @@ ANSWERS = ["a red cat.", "two blue cars.", "three colors."]
 
 def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
     """A tiny Qwen2-VL (2 blocks) and a JSONL calibration set of n_samples image rows."""
-    from tlq_farm.models.tiny import make_tiny, tiny_image
+    from tlq_farm.models.tiny import make_tiny, write_image_calib
 
     model = make_tiny("qwen2_vl", root / "model", seed=0)
-    images = root / "calib" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_samples):
-        tiny_image(i, 56).save(images / f"{i}.png")
-        rows.append(json.dumps({"image": f"images/{i}.png", "prompt": PROMPTS[i % 3], "answer": ANSWERS[i % 3]}))
-    calib = root / "calib" / "data.jsonl"
-    calib.write_text("\n".join(rows) + "\n")
-    return model, calib
+    return model, write_image_calib(root / "calib", n_samples, size=56, prompts=PROMPTS, answers=ANSWERS)
 
 
 def job_spec(model: Path, calib: Path, **quant) -> JobSpec:

@@ -155,7 +155,10 @@ def test_embed_with_blocks_on_meta_records_what_the_full_forward_does(tmp_path, 
     prefix = ctx.prefix_model()
     blocks = ctx.layout.decoder_blocks(prefix)
     assert all(p.is_meta for p in blocks.parameters())
-    assert not any(p.is_meta for n, p in prefix.named_parameters() if not n.startswith(ctx.layout.blocks + "."))
+    head = ctx.layout.head + "."
+    assert not any(p.is_meta for n, p in prefix.named_parameters()
+                   if not n.startswith(ctx.layout.blocks + ".") and not n.startswith(head))
+    assert all(p.is_meta for n, p in prefix.named_parameters() if n.startswith(head))
 
     model, proc = load_model(str(src))
     samples = load_calibration(str(calib_jsonl), proc, samples=2, seq_len=512, seed=0).samples

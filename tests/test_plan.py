@@ -206,7 +206,7 @@ def test_memory_classes_route_to_the_smallest_fitting_class():
     m, g = manifest(), groups()
     export = plan.estimate_memory(Task("export"), m, g)
     solve = plan.estimate_memory(Task("solve", block=0, group=0, module="self_attn.q_proj"), m, g)
-    assert export == 4 * 20_000  # one part at a time: the largest of prefix, head and a block
+    assert export == 10_000 + 4 * 20_000  # the staged prefix, and one part at a time (a block here)
     # float64 total of q's Gram + the group's partial (q and k, 2 x float32, held twice) + the solver's
     # float64 work + the weight's copies.
     assert solve == 8 * 64 * 64 + 2 * (2 * 4 * 64 * 64) + 4 * 8 * 64 * 64 + 16 * 64 * 64

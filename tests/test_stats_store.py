@@ -194,3 +194,61 @@ def test_qweights_are_packed_codes_and_rebuild_the_solvers_weight(done_job):
         res, _ = steps.qresult_from_store(store, key)
         assert res.weight.shape == (out_f, in_f) and res.weight.dtype == torch.float32
         assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= 15
+
+
+def test_a_bf16_checkpoint_is_staged_in_bf16_and_exports_what_the_in_memory_run_does(files, tmp_path):
+    """Staged pieces keep the checkpoint's dtype (half the bytes of float32); the tasks compute in float32 as
+    the in-memory run does, and the export is the same bytes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from coordinator.jobs import download_export
+    from tlq_farm.pipeline import run_local
+
+    from test_farm_support import export_bytes
+
+    model, calib = files
+    bf16 = tmp_path / "model-bf16"
+    shutil.copytree(model, bf16)
+    state = load_file(str(bf16 / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()},
+              str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    spec = job_spec(bf16, calib)
+    store = LocalStore(tmp_path / "store")
+    job, _ = stage_job(store, spec)
+    staged = get_tensors_and_metadata(store, keys.staged_block(job, 0))[0]
+    assert {t.dtype for t in staged.values()} == {torch.bfloat16}
+    manifest = get_json(store, keys.manifest(job))
+    assert manifest["sizes"]["blocks"][0] == 2 * _nbytes(store, keys.staged_block(job, 0))  # float32 in memory
+    assert steps.run_embedded(store, job)
+    download_export(store, job, tmp_path / "farm")
+    run_local(spec, tmp_path / "local", progress=False, log=lambda m: None)
+    farm, local = export_bytes(tmp_path / "farm"), export_bytes(tmp_path / "local")
+    assert [n for n in local if farm.get(n) != local[n] and n != "tlq_report.json"] == []
+
+
+def test_task_records_count_the_store_bytes_each_task_moved(done_job):
+    """A task's record carries the bytes it read and wrote; on a folder store without a cache a stats task
+    writes exactly its partial and reads at least its partition's activations; status shows the totals."""
+    from coordinator.jobs import format_status, job_status
+
+    store, job = done_job
+    manifest = get_json(store, keys.manifest(job))
+    groups = get_json(store, keys.plan_groups(job))
+    records = [r for r in steps.task_records(store, job) if r["kind"] == "stats"]
+    assert records
+    for r in records:
+        task = plan.Task("stats", block=r["block"], group=int(r["task"].split("-g")[1][:2]),
+                         shard=int(r["task"].split("-s")[1]))
+        out = keys.stats(job, task.block, task.group, task.shard)
+        assert r["store_written_bytes"] == store.commit_info(out).size
+        shards = plan.partition_shards(plan.stat_partitions(manifest, groups, task.block), len(manifest["shards"]),
+                                       task.shard)
+        acts = sum(store.commit_info(keys.acts(job, "q", task.block, k)).size for k in shards)
+        assert r["store_read_bytes"] >= acts and r["cache_hits"] == 0
+    s = job_status(store, job, io=True)
+    assert s["store_io"]["written_bytes"] == sum(r["store_written_bytes"] for r in steps.task_records(store, job))
+    assert [b["index"] for b in s["store_io"]["blocks"]] == list(range(manifest["n_blocks"]))
+    text = format_status(s)
+    assert "store: " in text and "no cached reads" in text and "block 0: " in text

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.adapter import Layout, block_output
+from .models.adapter import block_output
 from .quant import QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finish_sums, gptq_quantize, rtn_quantize, start_sums
 from .spec import QuantSpec
 
@@ -323,12 +323,14 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
 
 # ----------------------------------------------------------------------------------------------- solve
 
-def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec) -> QuantResult:
-    """Quantize one linear's weight from its reduced statistics (None: no data reached it -> RTN)."""
+def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec, consume: bool = False) -> QuantResult:
+    """Quantize one linear's weight from its reduced statistics (None: no data reached it -> RTN).
+
+    consume=True: the statistics are normalised in place and must not be used after (see finalize_hessian)."""
     if spec.method == "rtn" or stats is None or float(stats["w_sum"]) == 0.0:
-        H = finalize_hessian(stats)[0] if stats is not None and float(stats["w_sum"]) > 0 else None
+        H = finalize_hessian(stats, consume)[0] if stats is not None and float(stats["w_sum"]) > 0 else None
         return rtn_quantize(weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, H=H)
-    H, D, Hfp = finalize_hessian(stats)
+    H, D, Hfp = finalize_hessian(stats, consume)
     return gptq_quantize(weight, H, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, damp=spec.damp,
                          blocksize=spec.blocksize, act_order=spec.act_order, static_groups=spec.static_groups,
                          D=D if spec.method == "gptaq" else None, Hfp=Hfp if spec.method == "gptaq" else None)

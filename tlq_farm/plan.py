@@ -381,8 +381,9 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes)
 
     if task.kind == "embed":
-        # The prefix and head only (blocks on the meta device), built and then filled from the staged pieces.
-        return int(2 * (sizes["embed"] + sizes["head"]) + manifest["shard_input_bytes"][task.shard] + 4 * acts)
+        # The prefix only (blocks and head on the meta device), filled one tensor at a time; the head's
+        # weights while the model is built.
+        return int(sizes["embed"] + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
         return int(2 * block + 4 * acts)
     if task.kind == "importance":
@@ -408,9 +409,11 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "propagate":
         return int(2 * block + 6 * acts)
     if task.kind == "export":
-        # One part at a time (prefix, a block with its qweights, head): its float weights, the rebuilt
-        # quantized weights and codes, their compressed form, and the spill write.
-        return int(4 * max(block, sizes["embed"], sizes["head"]))
+        # One part at a time: the staged prefix or head, handed on in chunks of up to 256 MiB, or a block
+        # with its qweights: its float weights, the rebuilt quantized weights and codes, their compressed
+        # form, and the spill write.
+        outer = max(sizes["embed"], sizes["head"])
+        return int(outer + 4 * max(block, min(2**28, outer)))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 

@@ -23,7 +23,7 @@ STAGE_ORDER = ("load", "calibration data", "vision blocks", "capture", "importan
 KIND_ORDER = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
 # Fields of tlq_report.json that differ from run to run (wall clock, memory); every other field, like the
 # checkpoint files, is the same for any number of workers and after any crash.
-RUN_FIELDS = ("time", "timeline", "peak_memory")
+RUN_FIELDS = ("time", "timeline", "peak_memory", "store_io")
 
 
 # ----------------------------------------------------------------------------------------------- fields
@@ -73,10 +73,13 @@ def summarize_task_records(records: list[dict]) -> dict:
                  stages_cpu (wall / CPU seconds per task kind), blocks (per decoder block), tasks (count)
     timeline:    one entry per task, {task, kind, start, end, worker}, seconds since the first start
     peak_memory: rss_mib and cuda_mib (the largest task peak), and the same per kind under "kinds"
+    store_io:    bytes read from and written to the store (read_bytes, written_bytes), reads served by the
+                 workers' local caches (cache_hits, cache_misses, cache_hit_rate, cache_hit_bytes), and
+                 read and written bytes per decoder block under "blocks"
     """
     done = [r for r in records if r.get("status", "computed") == "computed"]
     if not done:
-        return {"time": {}, "timeline": [], "peak_memory": {}}
+        return {"time": {}, "timeline": [], "peak_memory": {}, "store_io": store_io([])}
     t0 = min(float(r["started"]) for r in done)
     t1 = max(float(r["finished"]) for r in done)
     wall: dict[str, float] = {}
@@ -104,6 +107,7 @@ def summarize_task_records(records: list[dict]) -> dict:
                          "end": round(float(r["finished"]) - t0, 6), "worker": _lane(r)})
     kinds = sorted(wall, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
     return {
+        "store_io": store_io(done),
         "time": {"total_s": t1 - t0, "task_s": sum(wall.values()), "cpu_s": sum(cpu.values()), "tasks": len(done),
                  "stages": {k: wall[k] for k in kinds}, "stages_cpu": {k: cpu[k] for k in kinds},
                  "blocks": [{"index": b, "seconds": blocks[b][0], "cpu_s": blocks[b][1]} for b in sorted(blocks)]},
@@ -112,6 +116,25 @@ def summarize_task_records(records: list[dict]) -> dict:
                         "cuda_mib": max(cuda.values()) if cuda else None,
                         "kinds": {k: {"rss_mib": rss.get(k), "cuda_mib": cuda.get(k)} for k in kinds}},
     }
+
+
+def store_io(records: list[dict]) -> dict:
+    """Store traffic of computed task records (see summarize_task_records); records without the fields
+    count as zero."""
+    def total(field: str, rs=records) -> int:
+        return int(sum(int(r.get(field) or 0) for r in rs))
+
+    per_block: dict[int, list[dict]] = {}
+    for r in records:
+        b = _task_block(r)
+        if b is not None:
+            per_block.setdefault(b, []).append(r)
+    hits, misses = total("cache_hits"), total("cache_misses")
+    return {"read_bytes": total("store_read_bytes"), "written_bytes": total("store_written_bytes"),
+            "cache_hits": hits, "cache_misses": misses, "cache_hit_bytes": total("cache_hit_bytes"),
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "blocks": [{"index": b, "read_bytes": total("store_read_bytes", rs), "written_bytes": total("store_written_bytes", rs)}
+                       for b, rs in sorted(per_block.items())]}
 
 
 # ----------------------------------------------------------------------------------------------- losses

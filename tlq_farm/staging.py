@@ -240,7 +240,8 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
             key = keys.staged_embed(job) if piece == "embed" else keys.staged_head(job)
         named = {k[len(strip):]: v for k, v in tensors.items()}
         put_tensors(store, key, named)
-        nbytes = sum(v.numel() * v.element_size() for v in named.values())
+        # What a task holds in memory once the piece is loaded into float32 modules.
+        nbytes = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in named.values())
         if piece.startswith("block-"):
             sizes["blocks"][int(piece.split("-")[1])] = nbytes
         else:
@@ -288,9 +289,9 @@ def read_tensors(where: dict[str, Path], mapping: dict[str, str], names: list[st
     for f, ns in sorted(by_file.items()):
         with safe_open(str(f), "pt") as handle:
             for n in ns:
-                t = handle.get_tensor(mapping[n])
-                # The in-memory run loads in float32; staging converts the same way.
-                out[n] = t.to(torch.float32) if t.is_floating_point() else t
+                # Staged in the checkpoint's dtype (a bf16 model stays bf16 in the store); tasks compute in
+                # float32, as the in-memory run loads it, and that conversion is exact.
+                out[n] = handle.get_tensor(mapping[n])
     return out
 
 

@@ -189,9 +189,9 @@ class JobContext:
         return blk
 
     def prefix_model(self) -> torch.nn.Module:
-        """The model with its decoder blocks on the meta device (embed): the prefix (vision tower, projector,
-        embeddings, rotary) and the head are real, built as the full model builds them; the blocks hold no
-        memory. Falls back to the full model where the vision tower's blocks are of the decoder's class."""
+        """The model with its decoder blocks and its (untied) head on the meta device (embed): the prefix
+        (vision tower, projector, embeddings, rotary) is real, built as the full model builds it; the
+        blocks and the head hold no memory. Falls back to the full model where the vision tower's blocks are of the decoder's class."""
         from .staging import model_class_for
 
         block_cls = type(self.meta.get_submodule(self.layout.blocks)[0])
@@ -202,6 +202,10 @@ class JobContext:
         with _construct_on_meta(block_cls), torch.device(self.device):
             model = model_class_for(self.config).from_config(self.config, dtype=torch.float32,
                                                              attn_implementation="sdpa")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if head is not None and inputs is not None and head.weight is not inputs.weight:
+            head.to("meta")  # the capture never reaches the head; an untied one is dropped
         return model.eval().requires_grad_(False)
 
     def full_model(self) -> torch.nn.Module:
@@ -213,16 +217,23 @@ class JobContext:
         model.eval().requires_grad_(False).to(self.device)
         return model
 
-    def load_pieces(self, model, blocks: bool) -> None:
-        state = dict(get_tensors(self.store, keys.staged_embed(self.job)))
-        state.update(get_tensors(self.store, keys.staged_head(self.job)))
-        if blocks:
-            for b in range(self.manifest["n_blocks"]):
-                state.update({f"{self.layout.blocks}.{b}.{k}": v
-                              for k, v in get_tensors(self.store, keys.staged_block(self.job, b)).items()})
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or (blocks and missing):
-            raise RuntimeError(f"staged weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    def load_staged(self, model: torch.nn.Module, key: str) -> None:
+        """Fill `model`'s tensors from the staged object `key`, one tensor at a time from a local copy of
+        the file (never the object's bytes and its tensors in memory at once, as a plain read would hold)."""
+        from safetensors import safe_open
+
+        path = self.files_dir / f".staged-{uuid.uuid4().hex}.safetensors"
+        self.store.get_file(key, path)
+        try:
+            targets = model.state_dict()
+            with safe_open(str(path), "pt") as f, torch.no_grad():
+                unexpected = [n for n in f.keys() if n not in targets]
+                if unexpected:
+                    raise RuntimeError(f"staged weights do not match the model: unexpected {unexpected[:3]}")
+                for name in f.keys():
+                    targets[name].copy_(f.get_tensor(name))
+        finally:
+            path.unlink(missing_ok=True)
 
     def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tensors.items()}
@@ -261,7 +272,8 @@ def do_embed(ctx: JobContext, task: Task) -> None:
 
     start, end = ctx.manifest["shards"][task.shard]
     model = ctx.prefix_model()
-    ctx.load_pieces(model, blocks=False)
+    # The forward stops before the final norm and the head: only the prefix's weights are needed.
+    ctx.load_staged(model, keys.staged_embed(ctx.job))
     blocks = ctx.layout.decoder_blocks(model)
     kwargs, hidden = {}, []
     for i, s in enumerate(ctx.samples(start, end)):
@@ -415,12 +427,12 @@ def do_solve(ctx: JobContext, task: Task) -> None:
         parts = partials()
         first = next(parts, None)  # None: no calibration token reached this linear (RTN)
         stats = None if first is None else reduce_partials(itertools.chain([first], parts))
-    res = B.solve(weight, stats, q)
+    counts = {} if stats is None else {"tokens": int(stats["tokens"]), "weight_sum": float(stats["w_sum"])}
+    res = B.solve(weight, stats, q, consume=True)
+    del stats
     # loss None: not measured (RTN has no statistics to measure it on).
     meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
-            "sym": res.sym, "damp_used": float(res.damp_used), "group": g}
-    if stats is not None:
-        meta.update(tokens=int(stats["tokens"]), weight_sum=float(stats["w_sum"]))
+            "sym": res.sym, "damp_used": float(res.damp_used), "group": g, **counts}
     put_tensors(ctx.store, keys.qweights(ctx.job, b, m), qresult_to_tensors(res),
                 metadata={"tlq": json.dumps(meta, sort_keys=True)})
 
@@ -490,18 +502,36 @@ def do_export(ctx: JobContext, task: Task) -> None:
     metas: dict[str, dict] = {}
     counted = [0]
 
+    def computed(state: dict) -> dict:
+        # The export holds what the tasks computed with: float32, as the in-memory run exports it.
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    def chunks(key: str):
+        # The prefix (vision tower, embeddings) can outweigh a block: handed on a few tensors at a time.
+        state, limit = get_tensors(ctx.store, key), max(max(ctx.manifest["sizes"]["blocks"] or [0]), 2**28)
+        part, used = {}, 0
+        for name in list(state):
+            t = state.pop(name)
+            part[name] = t
+            used += t.numel() * 4
+            if used >= limit:
+                yield computed(part), {}
+                part, used = {}, 0
+        if part:
+            yield computed(part), {}
+
     def parts():
-        yield get_tensors(ctx.store, keys.staged_embed(ctx.job)), {}
+        yield from chunks(keys.staged_embed(ctx.job))
         for b in range(ctx.manifest["n_blocks"]):
             prefix = f"{ctx.layout.blocks}.{b}."
-            state = {prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b)).items()}
+            state = computed({prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b)).items()})
             qresults = {}
             for m in ctx.names(b):
                 res, metas[prefix + m] = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m))
                 qresults[prefix + m] = res
                 counted[0] += res.codes.numel()
             yield state, qresults
-        yield get_tensors(ctx.store, keys.staged_head(ctx.job)), {}
+        yield from chunks(keys.staged_head(ctx.job))
 
     source = ctx.staged_files()
     with tempfile.TemporaryDirectory(prefix="tlq-export-") as tmp:
@@ -590,13 +620,42 @@ def _peak_rss_kib() -> tuple[int, str]:
     return (peak // 1024 if sys.platform == "darwin" else peak), "process"  # macOS counts bytes
 
 
+def _rss_kib() -> int | None:
+    """This process's resident memory now (VmRSS), None where /proc cannot tell."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def io_counters(store) -> dict[str, int]:
+    """Bytes this process read from and wrote to `store` so far, and the reads its local cache served
+    (a worker's CachedStore; 0 without one)."""
+    if store is None:
+        return {}
+    return {"store_read_bytes": int(getattr(store, "bytes_read", 0)),
+            "store_written_bytes": int(getattr(store, "bytes_written", 0)),
+            "cache_hits": int(getattr(store, "hits", 0) or 0), "cache_misses": int(getattr(store, "misses", 0) or 0),
+            "cache_hit_bytes": int(getattr(store, "hit_bytes", 0) or 0)}
+
+
 class TaskMeter:
     """Wall and CPU seconds and peak memory of one task. A worker process runs one task at a time, so the
     process's CPU time and memory marks are the task's; where the peak-RSS mark cannot be reset, the
     record's peak_rss_scope says "process" (the peak since the process started, an upper bound)."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", store: Store | None = None):
         self.device = device
+        self.store = store
+        self.io0 = io_counters(store)
+        start = _rss_kib()
+        # What the process held when the task began (libraries, cached job context): the task's own
+        # memory is its peak above this.
+        self.rss_start_mib = None if start is None else start / 1024.0
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.reset = _reset_peak_rss()
         if self.cuda:
@@ -609,8 +668,9 @@ class TaskMeter:
         rss_kib, scope = _peak_rss_kib()
         return {"started": self.started, "finished": time.time(), "seconds": time.perf_counter() - self._wall0,
                 "cpu_s": time.process_time() - self._cpu0, "peak_rss_mib": rss_kib / 1024.0,
-                "peak_rss_scope": scope if self.reset else "process",
-                "cuda_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None}
+                "peak_rss_scope": scope if self.reset else "process", "rss_start_mib": self.rss_start_mib,
+                "cuda_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None,
+                **{k: v - self.io0[k] for k, v in io_counters(self.store).items()}}
 
 
 def task_records(store: Store, job: str) -> list[dict]:
@@ -636,7 +696,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     outs = plan.outputs(task, ctx.manifest)
     if all(store.is_committed(k) for k in outs):
         return "skipped"
-    meter = TaskMeter(device)
+    meter = TaskMeter(device, store)
     attempt = uuid.uuid4().hex
 
     def record() -> dict:

@@ -10,6 +10,8 @@ save_pretrained so that the ordinary Auto classes load it back:
 
 from __future__ import annotations
 
+import json
+
 import string
 from pathlib import Path
 
@@ -451,6 +453,22 @@ def make_tiny(arch: str, path, *, seed: int = 0, words: list[str] | None = None,
 
 EXAMPLE_QUESTIONS = ("what is in the image?", "describe this picture.", "how many colors are there?")
 EXAMPLE_ANSWERS = ("a red cat and a tree.", "there are two blue cars.", "three colors: red, green and blue.")
+
+
+def write_image_calib(folder, n: int, *, size: int = 56, prompts=EXAMPLE_QUESTIONS, answers=EXAMPLE_ANSWERS) -> Path:
+    """A JSONL calibration set of n image rows (tiny_image(i) under folder/images, prompts and answers
+    taken in turn) -> the path of folder/data.jsonl."""
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        tiny_image(i, size).save(images / f"{i}.png")
+        rows.append(json.dumps({"image": f"images/{i}.png", "prompt": prompts[i % len(prompts)],
+                                "answer": answers[i % len(answers)]}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
 
 
 def example_messages(index: int, *, with_answer: bool = True) -> list[dict]:

@@ -45,9 +45,11 @@ def _check_square(name: str, M: torch.Tensor, columns: int) -> None:
 def fix_dead_columns(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs that never fire (H_ii == 0) carry no information: H_ii = 1 and W[:, i] = 0 (copies).
 
-    Returns (W, H, dead mask [in]).
+    Returns (W, H, dead mask [in]); W and H themselves when no column is dead (never changed in place).
     """
     dead = torch.diagonal(H) == 0
+    if not bool(dead.any()):
+        return W, H, dead  # nothing to fix: no copy of a Gram that may take gigabytes
     H = H.clone()
     W = W.clone()
     H[dead, dead] = 1
@@ -72,9 +74,11 @@ def damped_inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
         Hd = H.clone()
         Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # at most three [in, in] float64 matrices alive here besides H
         if int(info) != 0:
             continue
         Hinv = torch.cholesky_inverse(L)
+        del L
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         if int(info) != 0:
             continue
@@ -188,8 +192,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
     W_start, H_fixed, dead = fix_dead_columns(W_orig, H)
     perm = (torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True) if act_order
             else torch.arange(in_f, device=device))
-    Hp = H_fixed[perm][:, perm]
+    Hp = H_fixed[perm][:, perm] if act_order else H_fixed
     Hinv, U, damp_used = damped_inverse_factor(Hp, damp)
+    del Hp
 
     W_target = None  # W* in original order, for the loss without Hfp
     if D is not None:
@@ -199,6 +204,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
         W_target = torch.empty_like(Wp_target)
         W_target[:, perm] = Wp_target
         W_start = W_target
+    del Hinv
     Wq_work = W_start[:, perm].to(work)
     U = U.to(work)
 

@@ -163,9 +163,12 @@ def reduce_partials(partials: Iterable[dict[str, torch.Tensor]]) -> dict[str, to
     return total
 
 
-def finalize_hessian(stats: dict[str, torch.Tensor]
+def finalize_hessian(stats: dict[str, torch.Tensor], inplace: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Normalise summed stats -> (H, D, Hfp), each 2 * sum / w_sum in float64 (D, Hfp None when absent)."""
+    """Normalise summed stats -> (H, D, Hfp), each 2 * sum / w_sum in float64 (D, Hfp None when absent).
+
+    inplace=True: the float64 sums themselves become H, D, Hfp (the same values; no second copy of a Gram
+    that may take gigabytes); stats must not be used after."""
     w_sum = float(stats["w_sum"])
     if not w_sum > 0:
         raise ValueError(
@@ -174,6 +177,10 @@ def finalize_hessian(stats: dict[str, torch.Tensor]
         )
 
     def normalise(key: str) -> torch.Tensor | None:
-        return None if key not in stats else 2.0 * stats[key].to(torch.float64) / w_sum
+        if key not in stats:
+            return None
+        if inplace and stats[key].dtype == torch.float64:
+            return stats[key].mul_(2.0).div_(w_sum)
+        return 2.0 * stats[key].to(torch.float64) / w_sum
 
     return normalise("H"), normalise("D"), normalise("Hfp")

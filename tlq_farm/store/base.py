@@ -137,6 +137,11 @@ class Store(ABC):
     signals such as a job's cancel flag.
     """
 
+    # Bytes of committed objects this process moved through this store (verified reads, committed writes):
+    # a task's record carries its share (tlq_farm.steps.TaskMeter).
+    bytes_read = 0
+    bytes_written = 0
+
     # ------------------------------------------------------------------------------ raw primitives
 
     @property
@@ -202,6 +207,7 @@ class Store(ABC):
             self._delete_raw(keys.marker_key(key))
             self._write_raw(key, data)
             self._commit(key, digest, len(data))
+        self.bytes_written += len(data)
         return digest
 
     def put_file(self, key: str, path: str | os.PathLike) -> str:
@@ -214,6 +220,7 @@ class Store(ABC):
             self._delete_raw(keys.marker_key(key))
             digest, size = self._upload_file(key, source)
             self._commit(key, digest, size)
+        self.bytes_written += size
         return digest
 
     def get_bytes(self, key: str) -> bytes:
@@ -224,7 +231,9 @@ class Store(ABC):
             data = self._read_raw(key)
             return None if data is None else (data, sha256_hex(data), len(data))
 
-        return self._read_verified(key, fetch, lambda data: None)
+        data = self._read_verified(key, fetch, lambda data: None)
+        self.bytes_read += len(data)
+        return data
 
     def get_file(self, key: str, path: str | os.PathLike) -> Path:
         """Write the committed object `key` into the file `path` (verified, then renamed into place)."""
@@ -250,6 +259,7 @@ class Store(ABC):
             return partial, digest, size
 
         partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True))
+        self.bytes_read += partial.stat().st_size
         os.replace(partial, target)
         return target
 
