@@ -389,6 +389,29 @@ def test_tensor_bytes_are_deterministic_and_round_trip(store):
     assert get_tensors_metadata(store, key) == metadata
 
 
+def test_large_objects_go_through_a_file_and_are_the_same_bytes(store, monkeypatch):
+    """Above LARGE_BYTES put_tensors writes a file and fixes its header in place, and reads go one tensor at
+    a time from a file: the stored bytes and what comes back are those of the in-memory path."""
+    from tlq_farm.store import tensors as T
+    from tlq_farm.store.tensors import get_tensors_and_metadata
+
+    tensors = {"b|H": torch.randn(16, 16), "a|H": torch.randn(16, 16).double(), "a|tokens": torch.tensor(7),
+               "view": torch.arange(4.0), "half": torch.randn(3, 5).bfloat16(), "codes": torch.arange(6, dtype=torch.uint8),
+               "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 2)}
+    tensors["alias"] = tensors["view"][:2]
+    metadata = {"tlq": "{}", "b": "x"}
+    small = put_tensors(store, keys.stats(JOB, 0, 0, 0), tensors, metadata)
+    monkeypatch.setattr(T, "LARGE_BYTES", 64)
+    large = put_tensors(store, keys.stats(JOB, 0, 0, 1), tensors, metadata)
+    assert large == small == hashlib.sha256(tensors_to_bytes(tensors, metadata)).hexdigest()
+    back, meta = get_tensors_and_metadata(store, keys.stats(JOB, 0, 0, 1))
+    assert meta == metadata and sorted(back) == sorted(tensors)
+    assert all(torch.equal(back[n], t) for n, t in tensors.items())
+    assert all(torch.equal(get_tensors(store, keys.stats(JOB, 0, 0, 1))[n], t) for n, t in tensors.items())
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        put_tensors(store, keys.stats(JOB, 0, 0, 2), tensors, {"n": 1})
+
+
 def test_tensors_sharing_memory_and_bad_metadata(tmp_path):
     base = torch.arange(8.0)
     data = tensors_to_bytes({"all": base, "view": base[:4]})

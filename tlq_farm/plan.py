@@ -365,7 +365,8 @@ def classes_up_to(cls: int) -> list[int]:
 
 
 def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
-    """Peak bytes of tensors a task holds: block weights + Hessians + shard activations (rough, from above)."""
+    """Peak bytes a task adds to its worker process (beyond what the process held when the task began:
+    libraries, the job's cached context): block weights, statistics, shard activations, solver work."""
     sizes = manifest["sizes"]
     block = max(sizes["blocks"]) if sizes["blocks"] else 0
     model = sizes["embed"] + sizes["head"] + sum(sizes["blocks"])
@@ -385,29 +386,45 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # weights while the model is built.
         return int(sizes["embed"] + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
-        return int(2 * block + 4 * acts)
+        return int(2.5 * block + 4 * acts)
     if task.kind == "importance":
         # The fp chain of every block stays alive for the backward chain, plus an RTN proxy chain.
         return int(model + 3 * manifest["n_blocks"] * all_acts)
     if task.kind == "weights":
-        return int(3 * block + 12 * acts)
+        return int(1.5 * block + 12 * acts)
+    from .store.tensors import LARGE_BYTES
+
+    def held(nbytes: int) -> int:
+        # A stored object in memory: a large one is read and written through a file (its tensors only),
+        # a small one beside its bytes.
+        return nbytes if nbytes >= LARGE_BYTES else 3 * nbytes
+
+    gptaq = quant["method"] == "gptaq"
     if task.kind == "stats":
-        # One shard of each chain alive at a time; the running sums, and two copies while they are written.
+        # The block (with the earlier groups' qweights), one shard of each chain alive at a time, the
+        # running sums while they are written.
         members = groups["blocks"][task.block]["groups"][task.group] if groups else []
         if groups:
             shards = partition_shards(stat_partitions(manifest, groups, task.block),
                                       len(manifest["shards"]), task.shard)
             acts = max(shard_acts[k] for k in shards)
-        return int(2 * block + 4 * acts * (2 if quant["method"] == "gptaq" else 1) + 3 * partial(members))
+        return int(2 * block + 4 * acts * (2 if gptaq else 1) + held(partial(members)))
     if task.kind == "solve":
-        # The float64 total, one stored partial (its bytes and its tensors) of the whole group, the solver's
-        # float64 work on H, and the weight with its codes and dequantized copy.
+        # The largest of four moments: the staged block as it is read (only the weight stays), the float64
+        # total while a partition's partial is added to it, the Cholesky factor beside H (and H^-1 kept for
+        # GPTAQ's target), and the column loop (H, the float32 factor, the weight in float64 and float32,
+        # its codes, the dequantized weight and the loss's terms: 56 bytes a weight, measured).
         out_in = groups["blocks"][task.block]["shapes"][task.module] if groups else [sizes["hidden"]] * 2
         members = groups["blocks"][task.block]["groups"][task.group] if groups else [task.module]
-        cols = out_in[1]
-        return int(partial([task.module], 8) + 2 * partial(members) + 4 * 8 * cols ** 2 + 16 * out_in[0] * cols)
+        cols, params = out_in[1], out_in[0] * out_in[1]
+        total = partial([task.module], 8)
+        reduce_peak = total + held(partial(members))
+        factor_peak = total + 8 * cols ** 2 * (2 if gptaq else 1) + 12 * params
+        loop_peak = total + 4 * cols ** 2 + 56 * params
+        return int(max(block, 4 * params + max(reduce_peak, factor_peak, loop_peak)))
     if task.kind == "propagate":
-        return int(2 * block + 6 * acts)
+        # The staged block as read, the float32 block, one linear's rebuilt quantized weight at a time.
+        return int(3 * block + 6 * acts)
     if task.kind == "export":
         # One part at a time: the staged prefix or head, handed on in chunks of up to 256 MiB, or a block
         # with its qweights: its float weights, the rebuilt quantized weights and codes, their compressed

@@ -594,6 +594,17 @@ def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
     return ctx
 
 
+def _release_free_memory() -> None:
+    """Hand memory the allocator keeps after an earlier task back to the system (glibc's malloc_trim), so
+    that a task's measured memory is its own and a worker does not hold its largest task's peak forever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0, /proc/self/clear_refs "5")."""
     try:
@@ -657,6 +668,7 @@ class TaskMeter:
         # memory is its peak above this.
         self.rss_start_mib = None if start is None else start / 1024.0
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        _release_free_memory()
         self.reset = _reset_peak_rss()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)

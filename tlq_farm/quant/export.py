@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..store.tensors import safetensors_layout
 from .grid import QuantResult, natural_g_idx
 
 QUANT_SUMMARY_FILE = "tlq_quant.json"
@@ -325,16 +326,6 @@ def loading_kwargs(export_dir: str | Path) -> dict:
 
 # Shards of a streamed checkpoint; a smaller model is one model.safetensors, as save_pretrained writes it.
 MAX_SHARD_BYTES = 5 * 2**30
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
-# safetensors' Dtype enum order: its writer puts larger enum values first, then sorts by name.
-_SAFETENSORS_RANK = {n: i for i, n in enumerate(
-    ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
-     "I32", "U32", "F32", "F64", "I64", "U64"))}
-
-
 @dataclass(frozen=True)
 class TensorEntry:
     """Where a tensor of the checkpoint waits until its shard is written: its spill file and name there."""
@@ -350,28 +341,6 @@ class TensorEntry:
         for d in self.shape:
             n *= d
         return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-def safetensors_layout(entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
-    """(header bytes with their length prefix, names in data order) of the file safetensors writes for these
-    tensors: data ordered by dtype (safetensors' enum, last first), then by name; the JSON header compact,
-    padded with spaces to 8 bytes."""
-    for name, e in entries.items():
-        if e.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"{name}: dtype {e.dtype} cannot be written to safetensors here")
-    order = sorted(entries, key=lambda n: (-_SAFETENSORS_RANK[SAFETENSORS_DTYPES[entries[n].dtype]], n))
-    header: dict = {}
-    if metadata is not None:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name in order:
-        e = entries[name]
-        header[name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
-                        "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text, order
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,21 +19,94 @@ from tlq_farm.store.base import Store, StoreError
 
 _HEADER_LENGTH = struct.Struct("<Q")
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+# safetensors' Dtype enum order: its writer puts larger enum values first, then sorts by name.
+_SAFETENSORS_RANK = {n: i for i, n in enumerate(
+    ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
+def _nbytes(entry) -> int:
+    n = 1
+    for d in entry.shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=entry.dtype).element_size()
+
+
+def safetensors_layout(entries: dict, metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+    """(header bytes with their length prefix, names in data order) of the file safetensors writes for these
+    tensors: data ordered by dtype (safetensors' enum, last first), then by name; the JSON header compact,
+    padded with spaces to 8 bytes. entries: name -> anything with .dtype and .shape (a tensor, an export's
+    TensorEntry)."""
+    for name, e in entries.items():
+        if e.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {e.dtype} cannot be written to safetensors here")
+    order = sorted(entries, key=lambda n: (-_SAFETENSORS_RANK[SAFETENSORS_DTYPES[entries[n].dtype]], n))
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name in order:
+        e = entries[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
+                        "data_offsets": [offset, offset + _nbytes(e)]}
+        offset += _nbytes(e)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def write_tensors_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """The bytes tensors_to_bytes gives, written to a file one tensor at a time from the tensors' own
+    memory (no copy of the data is made, as safetensors' own writer makes one per tensor)."""
+    header, order = safetensors_layout(tensors, metadata)
+    text = _sorted_header(header[_HEADER_LENGTH.size:])
+    with open(path, "wb") as f:
+        f.write(header if text is None else header[:_HEADER_LENGTH.size] + text)
+        for name in order:
+            flat = tensors[name].reshape(-1)
+            if flat.numel():
+                f.write(flat.view(torch.uint8).numpy().data)
+
+
+def _sorted_header(raw: bytes) -> bytes | None:
+    """A safetensors JSON header (without its length prefix) re-serialized with sorted keys, padded to the
+    same length; None when it would not fit (cannot happen for a header safetensors wrote compactly)."""
+    text = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    # safetensors pads its header with spaces (8-byte alignment of the data); keep the same length.
+    return text.ljust(len(raw), b" ") if len(text) <= len(raw) else None
+
 
 def canonical_header(data: bytes) -> bytes:
     """safetensors bytes with the JSON header rewritten with sorted keys (same length, same tensors)."""
     (length,) = _HEADER_LENGTH.unpack_from(data)
     header_end = _HEADER_LENGTH.size + length
-    header = json.loads(data[_HEADER_LENGTH.size : header_end])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    if len(text) > length:  # cannot happen for a header safetensors wrote compactly; keep its bytes then
+    text = _sorted_header(data[_HEADER_LENGTH.size : header_end])
+    if text is None:
         return data
-    # safetensors pads its header with spaces (8-byte alignment of the data); keep the same length.
-    return data[: _HEADER_LENGTH.size] + text.ljust(length, b" ") + data[header_end:]
+    # One copy of the tensor data, not two (a slice and then the concatenation).
+    return b"".join([data[: _HEADER_LENGTH.size], text, memoryview(data)[header_end:]])
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """Deterministic safetensors bytes of `tensors` (moved to CPU, made contiguous)."""
+    return canonical_header(save(_prepared(tensors), metadata=_checked_metadata(metadata)))
+
+
+def _checked_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; convert these entries: {bad!r}")
+    return dict(sorted(metadata.items()))
+
+
+def _prepared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors checked, on the CPU, contiguous, in name order, a copy of each that shares memory."""
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict of name -> torch.Tensor, got {type(tensors).__name__}")
     prepared: dict[str, torch.Tensor] = {}
@@ -49,12 +122,7 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             tensor = tensor.clone()
         storages.add(place)
         prepared[name] = tensor
-    if metadata is not None:
-        bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
-        if bad:
-            raise TypeError(f"safetensors metadata must map str to str; convert these entries: {bad!r}")
-        metadata = dict(sorted(metadata.items()))
-    return canonical_header(save(prepared, metadata=metadata))
+    return prepared
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
@@ -64,20 +132,43 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__") or {})
 
 
+# Objects larger than this go through a temporary file, written and read one tensor at a time: bytes in
+# memory beside the tensors would double a multi-gigabyte partial Hessian.
+LARGE_BYTES = 256 * 2**20
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+
+
 def put_tensors(
     store: Store, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> str:
-    """Commit `tensors` under `key` as safetensors; return the sha256 of the bytes."""
-    return store.put_bytes(key, tensors_to_bytes(tensors, metadata))
+    """Commit `tensors` under `key` as safetensors; return the sha256 of the bytes (the same bytes either
+    way: a large object is written to a file tensor by tensor, write_tensors_file)."""
+    if _tensor_bytes(tensors) < LARGE_BYTES:
+        return store.put_bytes(key, tensors_to_bytes(tensors, metadata))
+    import tempfile
+
+    prepared, metadata = _prepared(tensors), _checked_metadata(metadata)
+    with tempfile.TemporaryDirectory(prefix="tlq-put-") as tmp:
+        path = f"{tmp}/object.safetensors"
+        write_tensors_file(path, prepared, metadata)
+        del prepared
+        return store.put_file(key, path)
 
 
 def get_tensors(store: Store, key: str) -> dict[str, torch.Tensor]:
-    """The committed tensors under `key` (on CPU)."""
-    data = store.get_bytes(key)
-    try:
-        return load(data)
-    except Exception as error:  # the checksum matched, so the writer stored something that is not safetensors
-        raise StoreError(f"{key!r} in {store.url} is not a safetensors object: {error}") from error
+    """The committed tensors under `key` (on CPU); a large object is read through a temporary file, one
+    tensor at a time."""
+    info = store.commit_info(key)
+    if info is None or info.size < LARGE_BYTES:
+        data = store.get_bytes(key)
+        try:
+            return load(data)
+        except Exception as error:  # the checksum matched: the writer stored something that is not safetensors
+            raise StoreError(f"{key!r} in {store.url} is not a safetensors object: {error}") from error
+    return get_tensors_and_metadata(store, key)[0]
 
 
 def get_tensors_metadata(store: Store, key: str) -> dict[str, str]:
@@ -86,10 +177,22 @@ def get_tensors_metadata(store: Store, key: str) -> dict[str, str]:
 
 
 def get_tensors_and_metadata(store: Store, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata map) of one committed object, in one read."""
-    data = store.get_bytes(key)
+    """(tensors, metadata map) of one committed object, in one read (through a file when it is large)."""
+    info = store.commit_info(key)
     try:
-        return load(data), read_metadata(data)
+        if info is None or info.size < LARGE_BYTES:
+            data = store.get_bytes(key)
+            return load(data), read_metadata(data)
+        import tempfile
+
+        from safetensors import safe_open
+
+        with tempfile.TemporaryDirectory(prefix="tlq-get-") as tmp:
+            path = store.get_file(key, f"{tmp}/object.safetensors")
+            with safe_open(str(path), "pt") as f:
+                return {n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {})
+    except StoreError:
+        raise
     except Exception as error:  # the checksum matched, so the writer stored something that is not safetensors
         raise StoreError(f"{key!r} in {store.url} is not a safetensors object: {error}") from error
 
