@@ -31,6 +31,8 @@ PER_MODULE_IMPORTANCE = ("vlmq",)
 # Bytes per element of stored activations and of partial statistics (float32 running sums).
 ACT_BYTES = 4
 SUM_BYTES = 4
+# The export hands the staged prefix and head on in parts of at least this many float32 bytes.
+EXPORT_CHUNK_BYTES = 2**28
 KINDS = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
 
 # Memory classes: budgets of 4^k MiB, from 1 MiB to 1 TiB. A worker listens on every class up to its own.
@@ -430,7 +432,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # with its qweights: its float weights, the rebuilt quantized weights and codes, their compressed
         # form, and the spill write.
         outer = max(sizes["embed"], sizes["head"])
-        return int(outer + 4 * max(block, min(2**28, outer)))
+        return int(outer + 4 * max(block, min(EXPORT_CHUNK_BYTES, outer)))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 

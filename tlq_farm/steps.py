@@ -191,7 +191,8 @@ class JobContext:
     def prefix_model(self) -> torch.nn.Module:
         """The model with its decoder blocks and its (untied) head on the meta device (embed): the prefix
         (vision tower, projector, embeddings, rotary) is real, built as the full model builds it; the
-        blocks and the head hold no memory. Falls back to the full model where the vision tower's blocks are of the decoder's class."""
+        blocks and the head hold no memory. Falls back to the full model where the vision tower's blocks
+        are of the decoder's class."""
         from .staging import model_class_for
 
         block_cls = type(self.meta.get_submodule(self.layout.blocks)[0])
@@ -209,7 +210,7 @@ class JobContext:
         return model.eval().requires_grad_(False)
 
     def full_model(self) -> torch.nn.Module:
-        """The whole float model (export, embed): built from the config, filled with every staged piece."""
+        """The whole float model built from the config (prefix_model's fallback; the caller fills it)."""
         from .staging import model_class_for
 
         torch.manual_seed(self.spec.seed)
@@ -508,7 +509,8 @@ def do_export(ctx: JobContext, task: Task) -> None:
 
     def chunks(key: str):
         # The prefix (vision tower, embeddings) can outweigh a block: handed on a few tensors at a time.
-        state, limit = get_tensors(ctx.store, key), max(max(ctx.manifest["sizes"]["blocks"] or [0]), 2**28)
+        state = get_tensors(ctx.store, key)
+        limit = max(max(ctx.manifest["sizes"]["blocks"] or [0]), plan.EXPORT_CHUNK_BYTES)
         part, used = {}, 0
         for name in list(state):
             t = state.pop(name)
@@ -615,15 +617,23 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_kib() -> tuple[int, str]:
-    """(peak RSS in KiB, scope): VmHWM since the last reset ("task"), else the process's lifetime peak."""
+def _proc_status_kib(field: str) -> int | None:
+    """A KiB field of /proc/self/status (VmRSS, VmHWM), None where /proc cannot tell."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]), "task"
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError):
         pass
+    return None
+
+
+def _peak_rss_kib() -> tuple[int, str]:
+    """(peak RSS in KiB, scope): VmHWM since the last reset ("task"), else the process's lifetime peak."""
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm, "task"
     import resource
     import sys
 
@@ -631,16 +641,6 @@ def _peak_rss_kib() -> tuple[int, str]:
     return (peak // 1024 if sys.platform == "darwin" else peak), "process"  # macOS counts bytes
 
 
-def _rss_kib() -> int | None:
-    """This process's resident memory now (VmRSS), None where /proc cannot tell."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def io_counters(store) -> dict[str, int]:
@@ -663,7 +663,7 @@ class TaskMeter:
         self.device = device
         self.store = store
         self.io0 = io_counters(store)
-        start = _rss_kib()
+        start = _proc_status_kib("VmRSS")
         # What the process held when the task began (libraries, cached job context): the task's own
         # memory is its peak above this.
         self.rss_start_mib = None if start is None else start / 1024.0
