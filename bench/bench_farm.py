@@ -151,7 +151,7 @@ def main():
             farm_s[n] = time.perf_counter() - t
             ref = work / "embedded-out"
             if not ref.exists():
-                from coordinator.jobs import download_export
+                from tlq_farm.jobs import download_export
 
                 download_export(store, job, ref)
             same = all((out / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())

@@ -270,7 +270,7 @@ def reference_digest(files, root: Path) -> tuple[str, float]:
     started = time.time()
     job, _ = stage_job(store, job_spec(*files, seed=1, true_sequential=False))
     assert steps.run_embedded(store, job)
-    from coordinator.jobs import download_export
+    from tlq_farm.jobs import download_export
 
     download_export(store, job, root / "reference")
     return digest(export_bytes(root / "reference")), time.time() - started

@@ -34,7 +34,7 @@ def _user_errors():
     from tlq_farm.steps import JobStuck
     from tlq_farm.store import StoreError
 
-    from coordinator.jobs import ExportWriteError
+    from tlq_farm.jobs import ExportWriteError
 
     return (SpecError, CalibError, SampleTooLong, UnsupportedModel, FileExistsError, FileNotFoundError, StagingError,
             JobStuck, StoreError, ExportWriteError)
@@ -244,7 +244,8 @@ def main() -> None:
 @click.option("--create-store", is_flag=True,
               help="Create the --store folder or bucket if it does not exist (otherwise a missing one is an error).")
 @click.option("--detach", is_flag=True, help="Farm: stage and enqueue, print the job id and return at once.")
-@click.option("--in-memory", is_flag=True, help="Run the in-memory reference pipeline (no store, no tasks).")
+@click.option("--in-memory", is_flag=True, help="Keep nothing: run the job's tasks here on a temporary store that is "
+              "deleted at the end (no resume).")
 @click.option("--workers", "n_workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
@@ -268,7 +269,7 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
                    shard_tokens=shard_tokens, partition_tokens=partition_tokens)
     out_dir = Path(out) if out else _default_out(model_dir, q)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    if not broker or in_memory or quantize_vision:  # the device is used only where this process computes
+    if not broker or in_memory:  # the device is used only where this process computes
         _check_device(device)
     try:
         spec.validate()
@@ -276,12 +277,10 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite and not detach:
             # An earlier export there may be this very job's (a rerun after the coordinator died between the
             # download and its exit): checked file by file once the job id is known.
-            if in_memory or quantize_vision or not (out_dir / "tlq_report.json").is_file():
+            if in_memory or not (out_dir / "tlq_report.json").is_file():
                 raise FileExistsError(f"output folder {out_dir} is not empty: choose another --out or pass "
                                       f"--overwrite")
-        if in_memory or quantize_vision:
-            if quantize_vision and not in_memory:
-                log("--quantize-vision runs in memory (the farm does not split the vision tower yet)")
+        if in_memory:
             try:
                 _run_in_memory(spec, out_dir, device, quiet, overwrite)
             except KeyboardInterrupt:
@@ -410,7 +409,7 @@ def _ping_broker(broker: str, timeout_s: float = 5.0) -> None:
 
 
 def _finish(store, job, out_dir, overwrite):
-    from coordinator.jobs import download_export
+    from tlq_farm.jobs import download_export
 
     download_export(store, job, out_dir, overwrite=overwrite)
     rep = json.loads((out_dir / "tlq_report.json").read_text()) if (out_dir / "tlq_report.json").exists() else None
@@ -434,7 +433,7 @@ def _live_workers(max_age_s: float = 60.0) -> list[dict]:
 
 
 def _status(store, job, io: bool = False) -> dict:
-    from coordinator.jobs import job_status
+    from tlq_farm.jobs import job_status
 
     from worker import dispatch
 
@@ -450,7 +449,7 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
     """Print progress until the export is committed, then download it; Ctrl-C detaches."""
     import time
 
-    from coordinator.jobs import format_status
+    from tlq_farm.jobs import format_status
     from worker import dispatch
 
     last_advance = time.time()
@@ -480,7 +479,7 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job, store_url, broker, as_json):
     """Progress of JOB (default: every job in the store)."""
-    from coordinator.jobs import format_status, job_status
+    from tlq_farm.jobs import format_status, job_status
     from tlq_farm.staging import list_jobs
 
     if job:
@@ -541,7 +540,7 @@ def resume(job, store_url, broker, device):
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL].")
 def cancel(job, store_url):
     """Stop JOB: its queued tasks skip and nothing new is sent; other jobs are untouched."""
-    from coordinator.jobs import cancel_job
+    from tlq_farm.jobs import cancel_job
 
     _check_job_id(job)
     store = _open_store(store_url)
@@ -556,7 +555,7 @@ def cancel(job, store_url):
 @click.option("--store", "store_url", envvar="TLQ_STORE_URL", help="Job store [env TLQ_STORE_URL].")
 def jobs(store_url):
     """Every job in the store, with its state; "incomplete" marks a staging that never finished."""
-    from coordinator.jobs import is_incomplete, is_old_format, job_folders, job_status
+    from tlq_farm.jobs import is_incomplete, is_old_format, job_folders, job_status
     from tlq_farm.staging import describe, load_manifest
 
     store = _open_store(store_url)
@@ -586,7 +585,7 @@ def jobs(store_url):
 def prune(store_url, cancelled, old_format, older_than):
     """Remove incomplete jobs (a staging that never finished), with --cancelled cancelled ones, with
     --old-format those staged in another store format."""
-    from coordinator.jobs import prune_jobs
+    from tlq_farm.jobs import prune_jobs
 
     store = _open_store(store_url)
     removed, kept = prune_jobs(store, cancelled=cancelled, old_format=old_format, older_than_s=older_than)

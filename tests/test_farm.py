@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from coordinator.cli import main
-from coordinator.jobs import download_export
+from tlq_farm.jobs import download_export
 from tlq_farm import steps
 from tlq_farm.staging import encode_calibration, job_id_for, stage_job
 from tlq_farm.store import LocalStore, keys, open_store

@@ -158,7 +158,7 @@ def test_worker_killed_between_taking_and_running(redis_server, moto_s3, tmp_pat
 
 
 def embedded_export(tmp_path, model, calib) -> dict[str, bytes]:
-    from coordinator.jobs import download_export
+    from tlq_farm.jobs import download_export
     from test_farm_support import job_spec
     from tlq_farm import steps
     from tlq_farm.staging import stage_job

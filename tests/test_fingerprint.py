@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from coordinator.cli import main
-from coordinator.jobs import job_status
+from tlq_farm.jobs import job_status
 from tlq_farm.spec import QuantSpec
 from tlq_farm.staging import encode_calibration, file_digest, job_id_for
 from tlq_farm.store import LocalStore, keys

@@ -73,8 +73,15 @@ def test_kwargs_round_trip_through_flat_tensors(tiny_models, calib_jsonl):
     sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=0).samples[0]
     cap = B.capture(model, blocks, model_inputs(sample))
     flat = B.flatten_kwargs(cap.kwargs(0))
-    assert all(isinstance(v, torch.Tensor) for v in flat.values())
-    back = B.unflatten_kwargs(flat)
+    assert all(v is None or isinstance(v, torch.Tensor) for v in flat.values())
+    assert any(isinstance(v, torch.Tensor) for v in flat.values())
+    # Through the store's tensors (a kwarg passed as None stays None).
+    from tlq_farm.steps import captured_to_tensors, kwargs_from_tensors
+
+    sets, index = kwargs_from_tensors(captured_to_tensors(7, cap))[7]
+    assert index == cap.kw_index
+    back = sets[index[0]]
+    assert back.keys() == cap.kwargs(0).keys()
     with torch.no_grad():
         torch.testing.assert_close(B.run_block(blocks[0], cap.hidden, back), B.run_block(blocks[0], cap.hidden, cap.kwargs(0)), rtol=0, atol=0)
 

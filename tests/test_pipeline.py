@@ -114,3 +114,24 @@ def test_gptq_objective_not_above_rtn_on_real_activations(tiny_models, calib_jso
             g = gptq_quantize(W, H, bits=bits, group_size=32)
             r = rtn_quantize(W, bits=bits, group_size=32, H=H)
             assert g.loss <= r.loss * (1 + 1e-6), (n, bits, g.loss, r.loss)
+
+
+def test_quantized_clip_vision_tower_exports_and_loads(tmp_path, tiny_models, calib_jsonl, monkeypatch):
+    """A LLaVA vision tower (CLIP encoder layers attend both ways: never packed) through the farm's tasks."""
+    monkeypatch.chdir(tmp_path)
+    src = tiny_models("llava")
+    common = [src, "--calib", calib_jsonl, "--samples", 3, "--group-size", 32, "--quantize-vision", "--method", "gptaq"]
+    run_cli(*common, "--out", tmp_path / "c")
+    run_cli(*common, "--out", tmp_path / "f", "--format", "fake")
+    report = json.loads((tmp_path / "c" / "tlq_report.json").read_text())
+    vision = report["layout"]["vision_blocks"]
+    vis = [k for k in report["modules"] if k.startswith(vision + ".")]
+    assert len(vis) == 2 * 6 and all(report["modules"][k]["tokens"] > 0 for k in vis)
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert not any(vision in i for i in cfg.get("ignore", []))
+    loaded, ref = load_export(tmp_path / "c", True), load_export(tmp_path / "f", True)
+    _, proc = load_model(str(tmp_path / "c"))
+    sample = load_calibration(calib_jsonl, proc, samples=1, seq_len=512, seed=3).samples[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**model_inputs(sample)).logits, ref(**model_inputs(sample)).logits,
+                                   rtol=LOGIT_TOL, atol=LOGIT_TOL)

@@ -10,9 +10,10 @@ from tlq_farm.store import keys
 JOB = "job-1"
 
 
-def manifest(n_blocks=2, n_shards=3, method="gptq", importance="uniform", tokens=1000):
+def manifest(n_blocks=2, n_shards=3, method="gptq", importance="uniform", tokens=1000, vision_tokens=100):
     spec = JobSpec(model="m", calib="c", quant=QuantSpec(method=method, importance=importance), samples=2 * n_shards)
     return {"job": JOB, "spec": spec.to_dict(), "n_blocks": n_blocks, "n_samples": 2 * n_shards,
+            "calibration": {"vision_tokens": vision_tokens},
             "shards": [[2 * k, 2 * k + 2] for k in range(n_shards)], "shard_tokens": [tokens] * n_shards,
             "shard_input_bytes": [1000] * n_shards, "files": ["config.json"],
             "sizes": {"embed": 10_000, "head": 5_000, "blocks": [20_000] * n_blocks, "hidden": 64}}
@@ -65,16 +66,53 @@ def test_fresh_job_gives_one_embed_task_per_shard():
     assert not rec.done and rec.missing == []
 
 
-def test_after_all_embeds_the_groups_then_block0_weights_then_group0_stats():
+def test_after_all_embeds_the_groups_then_block0_group0_stats():
     m, g = manifest(), groups()
     committed = commit(staged(m), m, [Task("embed", shard=k) for k in range(3)])
     assert [t.name for t in plan.reconcile(m, committed).ready] == ["groups"]
     commit(committed, m, [Task("groups")])
     ready = plan.reconcile(m, committed, g).ready
+    # Uniform weights need no task of their own: the stats tasks read the shards' token masks.
+    assert [t.name for t in ready] == ["stats-b000-g00-s0000", "stats-b000-g00-s0001", "stats-b000-g00-s0002"]
+
+
+def test_block_local_weights_come_first_from_their_own_tasks():
+    m, g = manifest(importance="qig"), groups()
+    committed = commit(staged(m), m, [Task("embed", shard=k) for k in range(3)] + [Task("groups")])
+    ready = plan.reconcile(m, committed, g).ready
     assert [t.name for t in ready] == ["weights-b000-s0000", "weights-b000-s0001", "weights-b000-s0002"]
     commit(committed, m, ready)
-    ready = plan.reconcile(m, committed, g).ready
-    assert [t.name for t in ready] == ["stats-b000-g00-s0000", "stats-b000-g00-s0001", "stats-b000-g00-s0002"]
+    assert [t.name for t in plan.reconcile(m, committed, g).ready][:1] == ["stats-b000-g00-s0000"]
+
+
+@pytest.mark.parametrize("importance", ["tlq", "modality"])
+def test_a_gradient_pass_runs_forward_then_backward_per_block_and_shard(importance):
+    m, g = manifest(n_blocks=3, n_shards=2, importance=importance), groups(3)
+    committed = commit(staged(m), m, [Task("embed", shard=k) for k in range(2)] + [Task("groups")])
+    waves = run_to_end(m, g, committed)
+    ran = [t for w in waves for t in w]
+    names = [t.name for t in ran]
+    # The fp chain reaches the head's input; the backward chain walks back from the head.
+    assert [t.name for t in ran if t.kind == "forward" and t.shard == 0] == [
+        "forward-b000-s0000", "forward-b001-s0000", "forward-b002-s0000"]
+    low = 1  # tlq scores blocks 1..n-1, modality the outputs of blocks 0..n-1 (inputs of 1..n)
+    assert [t.name for t in ran if t.kind == "backward" and t.shard == 0] == [
+        f"backward-b{b:03d}-s0000" for b in range(3, low - 1, -1)]
+    assert names.index("importance") > max(i for i, t in enumerate(ran) if t.kind == "backward")
+    assert names.index("importance") < names.index("stats-b000-g00-s0000")
+    scored = {k for k in committed if "/importance/scores/" in k}
+    blocks = [1, 2] if importance == "tlq" else [1, 2, 3]
+    assert scored == {keys.importance_scores(JOB, b, k) for b in blocks for k in range(2)}
+    # Only tlq carries the RTN chain, up to the last scored block; the lowest gradient is never stored.
+    assert (keys.acts(JOB, "rtn", 2, 0) in committed) == (importance == "tlq")
+    assert keys.acts(JOB, "rtn", 3, 0) not in committed and keys.grads(JOB, 1, 0) not in committed
+    assert not any(t.kind == "weights" for t in ran)
+
+
+def test_modality_without_vision_tokens_needs_no_gradient_pass():
+    m, g = manifest(importance="modality", vision_tokens=0), groups()
+    kinds = {t.kind for t in plan.all_tasks(m, g)}
+    assert not kinds & {"forward", "backward", "importance", "weights"}
 
 
 def test_partitions_hold_at_least_a_partial_of_activations_and_a_light_tail_joins():
@@ -111,7 +149,7 @@ def test_a_partition_of_shards_is_one_stats_task_reading_each_shard():
     stats = [t for t in plan.all_tasks(m, g) if t.kind == "stats" and t.block == 0 and t.group == 0]
     assert [t.name for t in stats] == ["stats-b000-g00-s0000"]
     ins = plan.inputs(stats[0], m, g)
-    assert all(keys.acts(JOB, "q", 0, k) in ins and keys.token_weights(JOB, 0, k) in ins for k in range(3))
+    assert all(keys.acts(JOB, "q", 0, k) in ins and keys.token_masks(JOB, k) in ins for k in range(3))
     solve = Task("solve", block=0, group=0, module="self_attn.q_proj")
     assert [k for k in plan.inputs(solve, m, g) if "/stats/" in k] == [keys.stats(JOB, 0, 0, 0)]
     committed = staged(m)
@@ -122,7 +160,6 @@ def test_a_partition_of_shards_is_one_stats_task_reading_each_shard():
 def test_a_missing_shard_blocks_the_solve():
     m, g = manifest(), groups()
     committed = commit(staged(m), m, [Task("embed", shard=k) for k in range(3)] + [Task("groups")])
-    commit(committed, m, [Task("weights", block=0, shard=k) for k in range(3)])
     commit(committed, m, [Task("stats", block=0, group=0, shard=k) for k in (0, 2)])
     ready = plan.reconcile(m, committed, g).ready
     assert [t.name for t in ready] == ["stats-b000-g00-s0001"]
@@ -133,7 +170,7 @@ def test_a_missing_shard_blocks_the_solve():
 
 def test_later_groups_wait_for_the_earlier_groups_qweights():
     m, g = manifest(n_shards=1), groups()
-    committed = commit(staged(m), m, [Task("embed", shard=0), Task("groups"), Task("weights", block=0, shard=0),
+    committed = commit(staged(m), m, [Task("embed", shard=0), Task("groups"),
                                       Task("stats", block=0, group=0, shard=0),
                                       Task("solve", block=0, group=0, module="self_attn.q_proj")])
     ready = plan.reconcile(m, committed, g).ready
@@ -173,8 +210,9 @@ def test_lost_staged_input_is_reported_missing():
     assert rec.missing == [keys.calib_sample(JOB, 3)]
 
 
-@pytest.mark.parametrize("method,importance,extra", [("gptaq", "uniform", set()), ("gptq", "vlmq", set()),
-                                                     ("gptq", "tlq", {"importance"}), ("rtn", "uniform", set())])
+@pytest.mark.parametrize("method,importance,extra", [("gptaq", "uniform", {"forward"}), ("gptq", "vlmq", {"forward", "weights"}),
+                                                     ("gptq", "tlq", {"forward", "backward", "importance"}),
+                                                     ("gptq", "qig", {"weights"}), ("rtn", "uniform", set())])
 def test_plans_of_every_method_run_to_the_end(method, importance, extra):
     m, g = manifest(method=method, importance=importance), groups()
     committed = staged(m)
@@ -183,8 +221,8 @@ def test_plans_of_every_method_run_to_the_end(method, importance, extra):
     if method == "rtn":
         assert kinds == {"embed", "groups", "solve", "export"}
     else:
-        assert extra <= kinds and {"weights", "stats", "solve", "propagate"} <= kinds
-    fp = method == "gptaq" or importance == "vlmq"
+        assert kinds == {"embed", "groups", "stats", "solve", "propagate", "export"} | extra
+    fp = method == "gptaq" or importance in ("vlmq", "tlq")
     assert (keys.acts(JOB, "fp", 1, 0) in committed) == fp
 
 

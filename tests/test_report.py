@@ -49,7 +49,7 @@ def test_report_on_an_export_links_valid_pngs(qwen_export, tmp_path):
     links, html = linked_pngs(tmp_path / "r" / "index.html")
     assert "losses-0.png" in links and "timeline.png" in links
     assert sum(link.startswith("importance-") for link in links) == 2
-    assert "No task records" in html
+    assert "the task records when the export was written" in html  # every run reports its tasks
 
 
 def test_qwen_heatmap_has_the_merged_patch_grid(qwen_export, tiny_models, calib_jsonl):
@@ -200,7 +200,7 @@ def test_default_run_reports_times_and_peak_memory_from_its_task_records(default
     # The export's own entry was taken while it ran, before its task record was written.
     assert t["tasks"] == len(records)
     assert sorted(e["task"] for e in report["timeline"]) == sorted(r["task"] for r in records)
-    assert set(t["stages"]) == {"embed", "groups", "weights", "stats", "solve", "propagate", "export"} == set(by_kind)
+    assert set(t["stages"]) == {"embed", "groups", "stats", "solve", "propagate", "export"} == set(by_kind)
     for kind, rs in by_kind.items():
         if kind != "export":
             assert t["stages"][kind] == pytest.approx(sum(r["seconds"] for r in rs))

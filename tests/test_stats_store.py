@@ -203,7 +203,7 @@ def test_a_bf16_checkpoint_is_staged_in_bf16_and_exports_what_the_in_memory_run_
 
     from safetensors.torch import load_file, save_file
 
-    from coordinator.jobs import download_export
+    from tlq_farm.jobs import download_export
     from tlq_farm.pipeline import run_local
 
     from test_farm_support import export_bytes
@@ -231,7 +231,7 @@ def test_a_bf16_checkpoint_is_staged_in_bf16_and_exports_what_the_in_memory_run_
 def test_task_records_count_the_store_bytes_each_task_moved(done_job):
     """A task's record carries the bytes it read and wrote; on a folder store without a cache a stats task
     writes exactly its partial and reads at least its partition's activations; status shows the totals."""
-    from coordinator.jobs import format_status, job_status
+    from tlq_farm.jobs import format_status, job_status
 
     store, job = done_job
     manifest = get_json(store, keys.manifest(job))

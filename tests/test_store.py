@@ -477,7 +477,7 @@ def test_key_layout():
         (lambda: keys.spec(""), "job id '' is invalid"),
         (lambda: keys.spec("-a"), "job id '-a' is invalid"),
         (lambda: keys.spec(7), "job id 7 is invalid"),
-        (lambda: keys.acts(JOB, "x", 0, 0), r"activation chain must be one of \('q', 'fp'\)"),
+        (lambda: keys.acts(JOB, "x", 0, 0), r"activation chain must be one of \('q', 'fp', 'rtn'\)"),
         (lambda: keys.acts(JOB, "q", -1, 0), "block must be non-negative, got -1"),
         (lambda: keys.acts(JOB, "q", 0, 1.5), r"shard must be an integer, got 1.5"),
         (lambda: keys.staged_block(JOB, True), "block must be an integer, got the boolean True"),

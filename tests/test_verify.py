@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
 
 from coordinator.cli import main
-from coordinator.jobs import download_export
+from tlq_farm.jobs import download_export
 from tlq_farm import steps, verify
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore, keys

@@ -2,15 +2,20 @@
 
 A job is a fixed set of tasks, each with input keys and output keys in the store:
 
-    embed(k)            calib samples of shard k + staged prefix -> kwargs(k), acts/q/block-000/shard-k
+    embed(k)            calib samples of shard k + staged prefix -> kwargs(k), token masks(k),
+                        acts/q/block-000/shard-k
     groups              acts of shard 0 + staged blocks -> the linears of every block and their
                         true-sequential groups (the rest of the DAG is known once this is committed)
-    importance          (modality, tlq) one global forward + backward pass over every block and shard
-    weights(b, k)       token weights of block b on shard k
+    forward(b, k)       the full-precision block b on shard k -> acts/fp/block-(b+1)/shard-k (and, for tlq,
+                        an RTN copy of it on the RTN chain): the fp chain, ahead of the quantized one
+    backward(b, k)      (modality, tlq) dL/d(input of block b) on shard k from the gradient at its output
+                        (b = n_blocks: the head's) -> grads, and the tokens' scores of the strategy
+    importance          (modality, tlq) every shard's scores -> the token weights' global state
+    weights(b, k)       (vlmq, qig) token weights of block b on shard k, from the block itself
     stats(b, g, k)      partial statistics of group g of block b over the partition of shards that starts
                         at shard k (stat_partitions: fixed by shapes and token counts, not by workers)
     solve(b, g, m)      quantized weights of module m (group g of block b), from every partition's stats
-    propagate(b, k)     quantized block b on shard k -> acts/q/block-(b+1)/shard-k (and the fp chain)
+    propagate(b, k)     quantized block b on shard k -> acts/q/block-(b+1)/shard-k
     export              every qweight -> the checkpoint
 
 A task is committed when every output key has a commit marker. `reconcile` is pure: from the manifest, the
@@ -24,8 +29,13 @@ from dataclasses import asdict, dataclass
 
 from .store import keys
 
+# Strategies whose token weights come from a global gradient pass (forward / backward / importance tasks),
+# and those that need each block itself (a weights task per block and shard).
 GLOBAL_IMPORTANCE = ("modality", "tlq")
+LOCAL_IMPORTANCE = ("vlmq", "qig")
 FP_CHAIN_IMPORTANCE = ("vlmq",)
+# tlq scores tokens against a chain through round-to-nearest copies of the blocks.
+RTN_CHAIN_IMPORTANCE = ("tlq",)
 # Strategies whose token weights differ per linear: linears sharing an input do not share a Gram then.
 PER_MODULE_IMPORTANCE = ("vlmq",)
 # Bytes per element of stored activations and of partial statistics (float32 running sums).
@@ -33,7 +43,8 @@ ACT_BYTES = 4
 SUM_BYTES = 4
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
-KINDS = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
+KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "propagate",
+         "export")
 
 # Memory classes: budgets of 4^k MiB, from 1 MiB to 1 TiB. A worker listens on every class up to its own.
 MEMORY_CLASSES = tuple(4**k * 2**20 for k in range(11))
@@ -110,9 +121,11 @@ def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_gr
     return partition_starts([n * per_token for n in shard_tokens], partials)
 
 
-def stat_partitions(manifest: dict, groups: dict, b: int) -> list[int]:
+def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = None) -> list[int]:
     """First shard of each statistics partition of block b: fixed by the job's shapes and token counts,
-    never by the workers."""
+    never by the workers. A vision tower's blocks (narrow: their Grams are small) take one partition."""
+    if tower is not None:
+        return [0]
     block = groups["blocks"][b]
     return block_partitions(manifest["shard_tokens"], manifest["sizes"]["hidden"], manifest["spec"]["quant"],
                             block["groups"], block.get("inputs"), block["in_features"],
@@ -144,13 +157,14 @@ class Task:
     group: int | None = None
     shard: int | None = None
     module: str | None = None
+    tower: str | None = None  # None: the decoder's blocks; "vision": the vision tower's (--quantize-vision)
 
     @property
     def name(self) -> str:
         """Deterministic name, unique within a job (also the store's task-log name)."""
         parts = [self.kind]
         if self.block is not None:
-            parts.append(f"b{self.block:03d}")
+            parts.append(f"{'v' if self.tower else ''}b{self.block:03d}")
         if self.group is not None:
             parts.append(f"g{self.group:02d}")
         if self.shard is not None:
@@ -173,67 +187,157 @@ class Task:
         return cls(**d)
 
 
+def needs_global_importance(manifest: dict) -> bool:
+    """A gradient pass over the whole model (modality, tlq); modality only where there are vision tokens (with
+    none its weights are uniform)."""
+    q = manifest["spec"]["quant"]
+    if q["method"] == "rtn" or q["importance"] not in GLOBAL_IMPORTANCE:
+        return False
+    return q["importance"] != "modality" or manifest["calibration"]["vision_tokens"] > 0
+
+
+def needs_weight_tasks(manifest: dict) -> bool:
+    q = manifest["spec"]["quant"]
+    return q["method"] != "rtn" and q["importance"] in LOCAL_IMPORTANCE
+
+
 def needs_fp_chain(manifest: dict) -> bool:
     q = manifest["spec"]["quant"]
-    return q["method"] == "gptaq" or q["importance"] in FP_CHAIN_IMPORTANCE
+    return q["method"] != "rtn" and (q["method"] == "gptaq" or q["importance"] in FP_CHAIN_IMPORTANCE
+                                     or needs_global_importance(manifest))
 
 
-def needs_global_importance(manifest: dict) -> bool:
-    q = manifest["spec"]["quant"]
-    return q["method"] != "rtn" and q["importance"] in GLOBAL_IMPORTANCE
+def fp_chain_end(manifest: dict) -> int:
+    """The last block whose input the fp chain must reach: the head's (n_blocks) for a gradient pass, else the
+    last block's; 0 when no fp chain is needed (block 0's fp input is the q chain's)."""
+    if not needs_fp_chain(manifest):
+        return 0
+    return manifest["n_blocks"] if needs_global_importance(manifest) else manifest["n_blocks"] - 1
 
 
-def _chain_in(job: str, chain: str, block: int, shard: int, fp: bool) -> list[str]:
-    """Input activations of a block; block 0's fp chain is the q chain (nothing is quantized before it)."""
-    if chain == "fp" and (block == 0 or not fp):
-        return []
-    return [keys.acts(job, chain, block, shard)]
+def needs_rtn_chain(manifest: dict) -> bool:
+    return needs_global_importance(manifest) and manifest["spec"]["quant"]["importance"] in RTN_CHAIN_IMPORTANCE
+
+
+def score_blocks(manifest: dict) -> list[int]:
+    """Blocks whose backward task scores tokens (the gradient at that block's input): tlq 1..n-1 (block 0
+    carries no quantization error; a one-block model scores saliency at 0), modality 1..n (the gradient at
+    block b's input is the one at block b-1's output; n: the head's)."""
+    n = manifest["n_blocks"]
+    if manifest["spec"]["quant"]["importance"] == "tlq":
+        return list(range(1, n)) if n > 1 else [0]
+    return list(range(1, n + 1))
+
+
+def quantize_vision(manifest: dict) -> bool:
+    return bool(manifest["spec"]["quant"].get("quantize_vision")) and manifest.get("n_vision_blocks", 0) > 0
+
+
+def tower_blocks(manifest: dict, tower: str | None) -> int:
+    return manifest["n_vision_blocks"] if tower else manifest["n_blocks"]
+
+
+def block_plan(groups: dict, b: int, tower: str | None = None) -> dict:
+    """The linears and groups of block b of a tower (tlq_farm.steps.do_groups)."""
+    return groups["vision" if tower else "blocks"][b]
+
+
+def acts_key(manifest: dict, chain: str, b: int, k: int, tower: str | None = None) -> str:
+    """Where the input of block b on a chain is. At block 0 every chain is the q chain (nothing quantized
+    before it), except the decoder's fp chain when the vision tower is quantized: the full-precision tower's
+    output then differs from the quantized one's."""
+    job = manifest["job"]
+    if b == 0 and chain != "q" and not (chain == "fp" and tower is None and quantize_vision(manifest)):
+        chain = "q"
+    return keys.acts(job, chain, b, k, tower)
+
+
+def _block_tasks_io(task: Task, manifest: dict, groups: dict) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of the per-block kinds of either tower: forward, stats, solve, propagate."""
+    job, n_shards = manifest["job"], len(manifest["shards"])
+    k, b, t = task.shard, task.block, task.tower
+    n = tower_blocks(manifest, t)
+    staged = [keys.staged_file(job, "config.json"), keys.plan_groups(job), keys.staged_block(job, b, t)]
+    if task.kind == "forward":
+        rtn = t is None and needs_rtn_chain(manifest) and b + 1 < n
+        ins = staged + [keys.block_kwargs(job, k, t), acts_key(manifest, "fp", b, k, t)]
+        outs = [keys.acts(job, "fp", b + 1, k, t)]
+        if rtn:
+            ins.append(acts_key(manifest, "rtn", b, k))
+            outs.append(keys.acts(job, "rtn", b + 1, k))
+        return ins, outs
+    if task.kind == "stats":
+        plan_b = block_plan(groups, b, t)
+        earlier = [keys.qweights(job, b, m, t) for g in range(task.group) for m in plan_b["groups"][g]]
+        gptaq = manifest["spec"]["quant"]["method"] == "gptaq"
+        global_state = t is None and needs_global_importance(manifest)
+        local = t is None and needs_weight_tasks(manifest)
+        shards = partition_shards(stat_partitions(manifest, groups, b, t), n_shards, k)
+        per_shard = []
+        for s in shards:
+            per_shard += [keys.block_kwargs(job, s, t), acts_key(manifest, "q", b, s, t)]
+            if t is None:  # a vision tower's tokens all weigh the same
+                per_shard.append(keys.token_weights(job, b, s) if local else keys.token_masks(job, s))
+            if gptaq:
+                per_shard.append(acts_key(manifest, "fp", b, s, t))
+        state = [keys.importance_state(job)] if global_state else []
+        return staged + state + per_shard + earlier, [keys.stats(job, b, task.group, k, t)]
+    if task.kind == "solve":
+        outs = [keys.qweights(job, b, task.module, t)]
+        if manifest["spec"]["quant"]["method"] == "rtn":
+            return staged[1:], outs
+        return staged[1:] + [keys.stats(job, b, task.group, s, t) for s in stat_partitions(manifest, groups, b, t)], outs
+    if task.kind == "propagate":
+        names = block_plan(groups, b, t)["names"]
+        return staged + [keys.block_kwargs(job, k, t), acts_key(manifest, "q", b, k, t)] + [
+            keys.qweights(job, b, m, t) for m in names], [keys.acts(job, "q", b + 1, k, t)]
+    raise ValueError(f"unknown task kind {task.kind!r}")
 
 
 def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
     """Keys a task reads (all must be committed before it runs)."""
-    job, n_shards = manifest["job"], len(manifest["shards"])
-    fp = needs_fp_chain(manifest)
+    job, n_shards, n = manifest["job"], len(manifest["shards"]), manifest["n_blocks"]
     k, b = task.shard, task.block
     staged = [keys.staged_file(job, "config.json")]
+    vision_pieces = [keys.staged_block(job, i, "vision") for i in range(manifest.get("n_vision_blocks", 0))]
     if task.kind == "embed":
         start, end = manifest["shards"][k]
-        return staged + [keys.staged_embed(job)] + [keys.calib_sample(job, i) for i in range(start, end)]
-    if task.kind == "groups":
-        return staged + [keys.acts(job, "q", 0, 0), keys.block_kwargs(job, 0)] + [
-            keys.staged_block(job, i) for i in range(manifest["n_blocks"])]
-    if task.kind == "importance":
-        return staged + [keys.staged_head(job), keys.plan_groups(job)] + [
-            keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + [
-            x for s in range(n_shards) for x in (keys.acts(job, "q", 0, s), keys.block_kwargs(job, s))] + [
-            keys.calib_sample(job, i) for i in range(manifest["n_samples"])]
-    if task.kind == "weights":
-        start, end = manifest["shards"][k]
-        extra = [keys.importance_state(job)] if needs_global_importance(manifest) else []
-        return staged + extra + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
-                                 keys.acts(job, "q", b, k)] + _chain_in(job, "fp", b, k, fp) + [
+        return staged + [keys.staged_embed(job)] + vision_pieces + [
             keys.calib_sample(job, i) for i in range(start, end)]
-    if task.kind == "stats":
-        earlier = [keys.qweights(job, b, m) for g in range(task.group) for m in groups["blocks"][b]["groups"][g]]
-        gptaq = manifest["spec"]["quant"]["method"] == "gptaq"
-        shards = partition_shards(stat_partitions(manifest, groups, b), n_shards, k)
-        return staged + [keys.plan_groups(job), keys.staged_block(job, b)] + [
-            x for s in shards for x in [keys.block_kwargs(job, s), keys.token_weights(job, b, s),
-                                        keys.acts(job, "q", b, s)] + (_chain_in(job, "fp", b, s, fp) if gptaq else [])
-        ] + earlier
-    if task.kind == "solve":
-        if manifest["spec"]["quant"]["method"] == "rtn":
-            return [keys.plan_groups(job), keys.staged_block(job, b)]
-        return [keys.plan_groups(job), keys.staged_block(job, b)] + [
-            keys.stats(job, b, task.group, s) for s in stat_partitions(manifest, groups, b)]
-    if task.kind == "propagate":
+    if task.kind == "reembed":
+        start, end = manifest["shards"][k]
+        qweights = [keys.qweights(job, vb, m, "vision") for vb in range(manifest["n_vision_blocks"])
+                    for m in groups["vision"][vb]["names"]]
+        return staged + [keys.staged_embed(job)] + vision_pieces + qweights + [
+            keys.calib_sample(job, i) for i in range(start, end)]
+    if task.kind == "groups":
+        vision = [keys.acts(job, "q", 0, 0, "vision"), keys.block_kwargs(job, 0, "vision")] + [
+            keys.staged_block(job, i, "vision") for i in range(manifest["n_vision_blocks"])] \
+            if quantize_vision(manifest) else []
+        return staged + [acts_key(manifest, "fp", 0, 0), keys.block_kwargs(job, 0)] + [
+            keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + vision
+    if task.kind in ("forward", "stats", "solve", "propagate"):
+        return _block_tasks_io(task, manifest, groups)[0]
+    if task.kind == "backward":
+        masks = [keys.token_masks(job, k)]
+        if b == n:
+            return staged + [keys.staged_head(job), keys.acts(job, "fp", n, k)] + masks
+        rtn = [acts_key(manifest, "rtn", b, k)] if needs_rtn_chain(manifest) and b > 0 and b in score_blocks(manifest) else []
+        return staged + [keys.staged_block(job, b), keys.block_kwargs(job, k), acts_key(manifest, "fp", b, k),
+                         keys.grads(job, b + 1, k)] + masks + rtn
+    if task.kind == "importance":
+        return [keys.importance_scores(job, sb, s) for sb in score_blocks(manifest) for s in range(n_shards)] + [
+            keys.token_masks(job, s) for s in range(n_shards)]
+    if task.kind == "weights":
+        fp = [acts_key(manifest, "fp", b, k)] if needs_fp_chain(manifest) else []
         return staged + [keys.plan_groups(job), keys.staged_block(job, b), keys.block_kwargs(job, k),
-                         keys.acts(job, "q", b, k)] + _chain_in(job, "fp", b, k, fp) + [
-            keys.qweights(job, b, m) for m in groups["blocks"][b]["names"]]
+                         acts_key(manifest, "q", b, k), keys.token_masks(job, k)] + fp
     if task.kind == "export":
-        return staged + [keys.staged_embed(job), keys.staged_head(job), keys.plan_groups(job)] + [
+        vq = [keys.qweights(job, vb, m, "vision") for vb in range(manifest["n_vision_blocks"])
+              for m in groups["vision"][vb]["names"]] if quantize_vision(manifest) else []
+        return staged + [keys.staged_embed(job), keys.staged_head(job), keys.plan_groups(job)] + vision_pieces + [
             keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + [
-            keys.qweights(job, i, m) for i in range(manifest["n_blocks"]) for m in groups["blocks"][i]["names"]] + [
+            keys.qweights(job, i, m) for i in range(manifest["n_blocks"]) for m in groups["blocks"][i]["names"]] + vq + [
             keys.staged_file(job, f) for f in manifest["files"]]
     raise ValueError(f"unknown task kind {task.kind!r}")
 
@@ -243,23 +347,56 @@ def outputs(task: Task, manifest: dict) -> list[str]:
     job = manifest["job"]
     k, b = task.shard, task.block
     if task.kind == "embed":
-        return [keys.block_kwargs(job, k), keys.acts(job, "q", 0, k)]
+        if quantize_vision(manifest):  # the full-precision prefix: the vision tower's inputs, the decoder's fp chain
+            return [keys.block_kwargs(job, k), keys.token_masks(job, k), keys.acts(job, "fp", 0, k),
+                    keys.block_kwargs(job, k, "vision"), keys.acts(job, "q", 0, k, "vision")]
+        return [keys.block_kwargs(job, k), keys.token_masks(job, k), keys.acts(job, "q", 0, k)]
+    if task.kind == "reembed":
+        return [keys.acts(job, "q", 0, k)]
     if task.kind == "groups":
         return [keys.plan_groups(job)]
+    if task.kind == "forward":
+        rtn = [keys.acts(job, "rtn", b + 1, k)] if task.tower is None and needs_rtn_chain(manifest) \
+            and b + 1 < manifest["n_blocks"] else []
+        return [keys.acts(job, "fp", b + 1, k, task.tower)] + rtn
+    if task.kind == "backward":
+        scored = score_blocks(manifest)
+        grads = [keys.grads(job, b, k)] if b > min(scored) else []
+        return grads + ([keys.importance_scores(job, b, k)] if b in scored else [])
     if task.kind == "importance":
         return [keys.importance_state(job)]
     if task.kind == "weights":
         return [keys.token_weights(job, b, k)]
     if task.kind == "stats":
-        return [keys.stats(job, b, task.group, k)]
+        return [keys.stats(job, b, task.group, k, task.tower)]
     if task.kind == "solve":
-        return [keys.qweights(job, b, task.module)]
+        return [keys.qweights(job, b, task.module, task.tower)]
     if task.kind == "propagate":
-        out = [keys.acts(job, "q", b + 1, k)]
-        return out + ([keys.acts(job, "fp", b + 1, k)] if needs_fp_chain(manifest) else [])
+        return [keys.acts(job, "q", b + 1, k, task.tower)]
     if task.kind == "export":
         return [keys.export_index(job)]
     raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -> list[Task]:
+    """A tower's per-block tasks in order: weights, then each group's stats and solves, then propagate."""
+    n_shards, n = len(manifest["shards"]), tower_blocks(manifest, tower)
+    rtn = manifest["spec"]["quant"]["method"] == "rtn"
+    tasks: list[Task] = []
+    for b in range(n):
+        plan_b = block_plan(groups, b, tower)
+        if rtn:
+            tasks += [Task("solve", block=b, group=0, module=m, tower=tower) for m in plan_b["names"]]
+            continue
+        if local:
+            tasks += [Task("weights", block=b, shard=k) for k in range(n_shards)]
+        for g, members in enumerate(plan_b["groups"]):
+            tasks += [Task("stats", block=b, group=g, shard=k, tower=tower)
+                      for k in stat_partitions(manifest, groups, b, tower)]
+            tasks += [Task("solve", block=b, group=g, module=m, tower=tower) for m in members]
+        if b < n - 1:
+            tasks += [Task("propagate", block=b, shard=k, tower=tower) for k in range(n_shards)]
+    return tasks
 
 
 def all_tasks(manifest: dict, groups: dict | None) -> list[Task]:
@@ -268,20 +405,18 @@ def all_tasks(manifest: dict, groups: dict | None) -> list[Task]:
     tasks = [Task("embed", shard=k) for k in range(n_shards)] + [Task("groups")]
     if groups is None:
         return tasks
-    rtn = manifest["spec"]["quant"]["method"] == "rtn"
+    if quantize_vision(manifest):
+        if manifest["spec"]["quant"]["method"] == "gptaq":
+            tasks += [Task("forward", block=b, shard=k, tower="vision")
+                      for b in range(manifest["n_vision_blocks"] - 1) for k in range(n_shards)]
+        tasks += _tower_tasks(manifest, groups, "vision", False)
+        tasks += [Task("reembed", shard=k) for k in range(n_shards)]
+    tasks += [Task("forward", block=b, shard=k) for b in range(fp_chain_end(manifest)) for k in range(n_shards)]
     if needs_global_importance(manifest):
+        tasks += [Task("backward", block=b, shard=k) for b in range(n_blocks, min(score_blocks(manifest)) - 1, -1)
+                  for k in range(n_shards)]
         tasks.append(Task("importance"))
-    for b in range(n_blocks):
-        block_groups = groups["blocks"][b]["groups"]
-        if rtn:
-            tasks += [Task("solve", block=b, group=0, module=m) for m in groups["blocks"][b]["names"]]
-            continue
-        tasks += [Task("weights", block=b, shard=k) for k in range(n_shards)]
-        for g, members in enumerate(block_groups):
-            tasks += [Task("stats", block=b, group=g, shard=k) for k in stat_partitions(manifest, groups, b)]
-            tasks += [Task("solve", block=b, group=g, module=m) for m in members]
-        if b < n_blocks - 1:
-            tasks += [Task("propagate", block=b, shard=k) for k in range(n_shards)]
+    tasks += _tower_tasks(manifest, groups, None, needs_weight_tasks(manifest))
     tasks.append(Task("export"))
     return tasks
 
@@ -297,8 +432,10 @@ class Reconciliation:
     needed: int
 
 
-def reconcile(manifest: dict, committed: set[str], groups: dict | None = None) -> Reconciliation:
-    """The tasks that are needed for the export, not committed, and whose inputs are all committed. Pure."""
+def reconcile(manifest: dict, committed: set[str], groups: dict | None = None,
+              targets: list[str] | None = None) -> Reconciliation:
+    """The tasks that are needed for the export (or for the keys `targets`), not committed, and whose inputs
+    are all committed. Pure."""
     tasks = all_tasks(manifest, groups)
     producer: dict[str, Task] = {}
     for t in tasks:
@@ -310,10 +447,16 @@ def reconcile(manifest: dict, committed: set[str], groups: dict | None = None) -
 
     # Walk back from the export (or from the groups task while the plan is still partial): a task is needed
     # when it is not committed and a needed task reads one of its outputs. Done work upstream is not redone.
-    final = tasks[-1] if groups is not None else None
-    if final is not None and is_done(final):
-        return Reconciliation([], True, [], 0)
-    roots = [final] if final is not None else [t for t in tasks if not is_done(t)]
+    if groups is None:
+        roots = [t for t in tasks if not is_done(t)]
+    elif targets is not None:
+        if all(k in committed for k in targets):
+            return Reconciliation([], True, [], 0)
+        roots = list(dict.fromkeys(producer[k] for k in targets if k not in committed))
+    else:
+        if is_done(tasks[-1]):
+            return Reconciliation([], True, [], 0)
+        roots = [tasks[-1]]
     needed: set[Task] = set()
     missing: set[str] = set()
     stack = [t for t in roots if not is_done(t)]
@@ -370,28 +513,45 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     """Peak bytes a task adds to its worker process (beyond what the process held when the task began:
     libraries, the job's cached context): block weights, statistics, shard activations, solver work."""
     sizes = manifest["sizes"]
-    block = max(sizes["blocks"]) if sizes["blocks"] else 0
-    model = sizes["embed"] + sizes["head"] + sum(sizes["blocks"])
-    shard_acts = [n * sizes["hidden"] * 4 for n in manifest["shard_tokens"]]
+    vision = task.tower is not None
+    hidden = sizes["vision_hidden"] if vision else sizes["hidden"]
+    block_sizes = sizes.get("vision_blocks", []) if vision else sizes["blocks"]
+    block = max(block_sizes) if block_sizes else 0
+    # A vision tower sees up to 4 patches per vision token of the decoder (2 x 2 merged, Qwen-VL).
+    tokens = [4 * n for n in manifest["shard_vision_tokens"]] if vision else manifest["shard_tokens"]
+    shard_acts = [n * hidden * 4 for n in tokens]
     acts = shard_acts[task.shard] if task.shard is not None else max(shard_acts)
-    all_acts = sum(shard_acts)
 
     quant = manifest["spec"]["quant"]
+    if vision:
+        quant = {**quant, "importance": "uniform"}
 
     def partial(members: list[str], element_bytes: int = SUM_BYTES) -> int:
-        blk = groups["blocks"][task.block] if groups else {}
-        cols = {m: blk.get("in_features", {}).get(m, sizes["hidden"]) for m in members}
+        blk = block_plan(groups, task.block, task.tower) if groups else {}
+        cols = {m: blk.get("in_features", {}).get(m, hidden) for m in members}
         return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes)
 
-    if task.kind == "embed":
-        # The prefix only (blocks and head on the meta device), filled one tensor at a time; the head's
-        # weights while the model is built.
-        return int(sizes["embed"] + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
+    if task.kind in ("embed", "reembed"):
+        # The prefix only (decoder blocks and head on the meta device), filled one tensor at a time; the
+        # head's weights while the model is built.
+        prefix = sizes["embed"] + sum(sizes.get("vision_blocks", []))
+        return int(prefix + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
         return int(2.5 * block + 4 * acts)
+    if task.kind == "forward":
+        # The block as read and in float32 (and its RTN copy for tlq), one shard of each chain in and out.
+        return int(4 * block + 8 * acts)
+    if task.kind == "backward":
+        if task.block == manifest["n_blocks"]:
+            # The head (final norm + lm_head) and its gradient w.r.t. the shard's hidden states; logits only on
+            # the answer tokens.
+            return int(2 * sizes["head"] + 6 * acts)
+        # The block, and what autograd keeps of one batch's forward through it.
+        return int(3 * block + 24 * acts)
     if task.kind == "importance":
-        # The fp chain of every block stays alive for the backward chain, plus an RTN proxy chain.
-        return int(model + 3 * manifest["n_blocks"] * all_acts)
+        # Every sample's per-token scores of every scored block (float64), and the token masks.
+        tokens = sum(manifest["shard_tokens"])
+        return int(tokens * 8 * (manifest["n_blocks"] + 4))
     if task.kind == "weights":
         return int(1.5 * block + 12 * acts)
     from .store.tensors import LARGE_BYTES
@@ -405,9 +565,9 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "stats":
         # The block (with the earlier groups' qweights), one shard of each chain alive at a time, the
         # running sums while they are written.
-        members = groups["blocks"][task.block]["groups"][task.group] if groups else []
+        members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else []
         if groups:
-            shards = partition_shards(stat_partitions(manifest, groups, task.block),
+            shards = partition_shards(stat_partitions(manifest, groups, task.block, task.tower),
                                       len(manifest["shards"]), task.shard)
             acts = max(shard_acts[k] for k in shards)
         return int(2 * block + 4 * acts * (2 if gptaq else 1) + held(partial(members)))
@@ -416,8 +576,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # total while a partition's partial is added to it, the Cholesky factor beside H (and H^-1 kept for
         # GPTAQ's target), and the column loop (H, the float32 factor, the weight in float64 and float32,
         # its codes, the dequantized weight and the loss's terms: 56 bytes a weight, measured).
-        out_in = groups["blocks"][task.block]["shapes"][task.module] if groups else [sizes["hidden"]] * 2
-        members = groups["blocks"][task.block]["groups"][task.group] if groups else [task.module]
+        out_in = block_plan(groups, task.block, task.tower)["shapes"][task.module] if groups else [hidden] * 2
+        members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else [task.module]
         cols, params = out_in[1], out_in[0] * out_in[1]
         total = partial([task.module], 8)
         reduce_peak = total + held(partial(members))

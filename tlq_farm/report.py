@@ -1,9 +1,8 @@
 """The HTML report of a quantization job: per-module losses, token-importance maps, a timeline.
 
 Pure building blocks (report dict -> tables -> PNG files -> one HTML page with relative links), plus
-importance_maps(), which recomputes a job's token importance on a few calibration samples exactly as the
-pipeline builds it (ImportanceContext, strategy.prepare, strategy.block_weights) and maps the vision tokens
-back onto the image's merged patch grid.
+importance_maps(), which runs a job's own tasks on a few calibration samples as far as its token weights and
+maps the vision tokens back onto the image's merged patch grid.
 """
 
 from __future__ import annotations
@@ -340,57 +339,67 @@ def weight_split(weights: np.ndarray, vision: np.ndarray, valid: np.ndarray) -> 
     }
 
 
-def importance_maps(spec_dict: dict, *, n_samples: int = 4, device: str = "cpu") -> list[ImportanceMap]:
-    """Recompute the job's token importance on the first n_samples calibration samples of its spec (same
-    seed, so the same selection) and map each sample's vision tokens onto its image's patch grid.
+def weight_targets(manifest: dict, groups: dict | None) -> list[str]:
+    """The store keys a job's token weights come from at every block: the token masks, and the global pass's
+    state or the block-local weights tasks' objects."""
+    from . import plan
+    from .store import keys
 
-    Block 0 is exact: the quantized and full-precision chains carry the same input there. For the mean over
-    blocks, the quantized chain runs through RTN copies of the earlier blocks (the stand-in the gradient
-    strategies use themselves), since the job's solved weights are not replayed here.
+    job, n_shards = manifest["job"], len(manifest["shards"])
+    out = [keys.token_masks(job, k) for k in range(n_shards)]
+    if plan.needs_global_importance(manifest):
+        out.append(keys.importance_state(job))
+    if plan.needs_weight_tasks(manifest):
+        out += [keys.token_weights(job, b, k) for b in range(manifest["n_blocks"]) for k in range(n_shards)]
+    return out
+
+
+def importance_maps(spec_dict: dict, *, n_samples: int = 4, device: str = "cpu") -> list[ImportanceMap]:
+    """The job's token weights on the first n_samples calibration samples of its spec (same seed, so the same
+    selection), each sample's vision tokens mapped onto its image's patch grid.
+
+    The weights come from the job's own tasks, run on those samples in a temporary store only as far as the
+    weights need (the gradient pass of tlq and modality; for vlmq and qig every block, on the quantized
+    chain as the job computes it).
     """
+    import dataclasses
+    import tempfile
+
     import torch
 
-    from . import block as B
-    from .calib.data import load_calibration, load_rows, model_inputs
-    from .importance import ImportanceContext, get_strategy
-    from .models.adapter import find_layout, linear_names, load_model
+    from . import steps
+    from .calib.data import load_rows
     from .spec import JobSpec
+    from .staging import encode_calibration, model_config, stage_job
+    from .store import LocalStore
 
     spec = JobSpec.from_dict(spec_dict)
-    model, processor = load_model(spec.model, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layout = find_layout(model)
-    blocks = layout.decoder_blocks(model)
-    calib = load_calibration(spec.calib, processor, samples=n_samples, seq_len=spec.seq_len, seed=spec.seed)
-    samples = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in calib.samples]
-    captured = [B.capture(model, blocks, model_inputs(s)) for s in samples]
-    valid = [s["attention_mask"].reshape(-1).float() for s in samples]
-    vision = [s["vision_mask"].reshape(-1).bool() if "vision_mask" in s else torch.zeros_like(v, dtype=torch.bool)
-              for s, v in zip(samples, valid)]
-    names = [linear_names(b) for b in blocks]
-    ctx = ImportanceContext(spec=spec.quant, blocks=blocks, norm=layout.get(model, layout.norm),
-                            head=layout.get(model, layout.head), captured=captured, valid=valid, vision=vision,
-                            labels=[s["labels"] for s in samples], names=names)
-    importance = spec.quant.importance if spec.quant.method != "rtn" else "uniform"
-    strategy = get_strategy(importance)
-    strategy.prepare(ctx)
+    spec = dataclasses.replace(spec, samples=n_samples)
+    if spec.quant.method == "rtn":  # no calibration statistics: every token weighs the same
+        spec = dataclasses.replace(spec, quant=dataclasses.replace(spec.quant, method="gptq", importance="uniform"))
+    calib = encode_calibration(spec)
+    samples = calib.samples
+    with tempfile.TemporaryDirectory(prefix="tlq-report-") as tmp:
+        store = LocalStore(tmp)
+        job, _ = stage_job(store, spec)
+        steps.run_embedded(store, job, device=device, targets=weight_targets)
+        ctx = steps.JobContext(store, job, device)
+        n_shards = len(ctx.manifest["shards"])
+        masks = [ctx.token_masks(k) for k in range(n_shards)]
+        valid = [v.cpu() for m in masks for v in m[0]]
+        vision = [v.cpu() for m in masks for v in m[1]]
+        per_block = []
+        for b in range(ctx.manifest["n_blocks"]):
+            weights = [ctx.token_weights(b, k) for k in range(n_shards)]
+            if isinstance(weights[0], dict):
+                weights = {name: [w for part in weights for w in part[name]] for name in weights[0]}
+            else:
+                weights = [w for part in weights for w in part]
+            per_block.append([w.cpu() for w in mean_over_modules(weights, len(samples))])
 
     n = len(samples)
-    per_block = []
-    q_chain = [c.hidden for c in captured]
-    fp_chain = [c.hidden for c in captured]
-    for b, blk in enumerate(blocks):
-        q_inputs = [(h, c.kwargs(b)) for h, c in zip(q_chain, captured)]
-        fp_inputs = [(h, c.kwargs(b)) for h, c in zip(fp_chain, captured)]
-        per_block.append(mean_over_modules(strategy.block_weights(ctx, b, blk, names[b], q_inputs, fp_inputs), n))
-        if b < len(blocks) - 1:
-            proxy = B.rtn_proxy(blk, names[b], spec.quant)
-            q_chain = B.propagate(proxy, q_inputs, act_bits=spec.quant.act_bits, act_names=names[b])
-            fp_chain = B.propagate(blk, fp_inputs)
-
     images_by_source = _images_of_sources(load_rows(spec.calib)[0], calib.sources[:n])
-    vision_config = getattr(model.config, "vision_config", None)
+    vision_config = getattr(model_config(spec.model), "vision_config", None)
     merge = getattr(vision_config, "spatial_merge_size", None)
     base_side = None
     if vision_config is not None and getattr(vision_config, "image_size", None) and getattr(vision_config, "patch_size", None):

@@ -131,15 +131,20 @@ def tied_keys(model) -> dict[str, str]:
     return {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
 
 
-def split_keys(module_keys: list[str], layout, n_blocks: int) -> dict[str, list[str]]:
-    """Module keys per piece: 'embed', 'head' (final norm + lm_head) and 'block-<b>'."""
+def split_keys(module_keys: list[str], layout, n_blocks: int, n_vision_blocks: int = 0) -> dict[str, list[str]]:
+    """Module keys per piece: 'embed' (the prefix without the vision tower's blocks), 'head' (final norm +
+    lm_head), 'block-<b>' and 'vision-block-<b>'."""
     pieces: dict[str, list[str]] = {"embed": [], "head": []}
     pieces.update({f"block-{b}": [] for b in range(n_blocks)})
+    pieces.update({f"vision-block-{b}": [] for b in range(n_vision_blocks)})
     head_prefixes = [p + "." for p in (layout.head, layout.norm) if p]
     for k in module_keys:
         if k.startswith(layout.blocks + "."):
             b = int(k[len(layout.blocks) + 1:].split(".", 1)[0])
             pieces[f"block-{b}"].append(k)
+        elif n_vision_blocks and k.startswith(layout.vision_blocks + "."):
+            b = int(k[len(layout.vision_blocks) + 1:].split(".", 1)[0])
+            pieces[f"vision-block-{b}"].append(k)
         elif any(k.startswith(p) for p in head_prefixes):
             pieces["head"].append(k)
         else:
@@ -196,12 +201,8 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     """Stage `spec` into `store` -> (job id, attached). An already staged job (same model, data and spec)
     is attached to, not staged again. `warn` gets what the data did not give (default: `log`)."""
     from .models.adapter import check_weights, find_layout
-    from .pipeline import check_grid_fits
 
     spec.validate()
-    if spec.quant.quantize_vision:
-        raise SpecError("--quantize-vision is not available on the farm yet: run it in memory with "
-                        "`tlq-farm run --in-memory`")
     model_dir = Path(spec.model)
     config = model_config(model_dir)
     check_weights(model_dir)
@@ -216,6 +217,8 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     layout = find_layout(meta)
     check_grid_fits(meta, layout, spec)
     n_blocks = len(layout.decoder_blocks(meta))
+    vision_list = layout.vision_block_list(meta)
+    n_vision = len(vision_list) if vision_list is not None else 0
     log(f"staging job {job}: {n_blocks} blocks, {len(calib.samples)} samples -> {store.url}")
 
     # Every check that can refuse the checkpoint runs before the first write: a refused model leaves no
@@ -227,33 +230,37 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     files = side_files(model_dir)
     for name in files:
         store.put_file(keys.staged_file(job, name), model_dir / name)
-    pieces = split_keys(module_keys, layout, n_blocks)
-    sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks}
+    pieces = split_keys(module_keys, layout, n_blocks, n_vision)
+    sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks, "vision_blocks": [0] * n_vision}
     for piece, names in pieces.items():
         tensors = read_tensors(where, mapping, names)
-        strip = ""
-        if piece.startswith("block-"):
-            b = int(piece.split("-")[1])
-            strip = f"{layout.blocks}.{b}."
-            key = keys.staged_block(job, b)
+        strip, tower = "", "vision" if piece.startswith("vision-") else None
+        if piece.startswith(("block-", "vision-block-")):
+            b = int(piece.rsplit("-", 1)[1])
+            strip = f"{layout.vision_blocks if tower else layout.blocks}.{b}."
+            key = keys.staged_block(job, b, tower)
         else:
             key = keys.staged_embed(job) if piece == "embed" else keys.staged_head(job)
         named = {k[len(strip):]: v for k, v in tensors.items()}
         put_tensors(store, key, named)
         # What a task holds in memory once the piece is loaded into float32 modules.
         nbytes = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in named.values())
-        if piece.startswith("block-"):
-            sizes["blocks"][int(piece.split("-")[1])] = nbytes
+        if strip:
+            sizes["vision_blocks" if tower else "blocks"][int(piece.rsplit("-", 1)[1])] = nbytes
         else:
             sizes[piece] = nbytes
         del tensors, named
 
     token_counts = [int(s["attention_mask"].sum()) for s in calib.samples]
+    vision_counts = [int(s["vision_mask"].sum()) if "vision_mask" in s else 0 for s in calib.samples]
     for i, s in enumerate(calib.samples):
         put_tensors(store, keys.calib_sample(job, i), sample_tensors(s))
     shards = plan.shard_ranges(token_counts, spec.shard_tokens)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes["hidden"] = int(text.hidden_size)
+    if n_vision:
+        vision_config = getattr(config, "vision_config", None)
+        sizes["vision_hidden"] = int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
     vision_tokens = int(sum(int(s["vision_mask"].sum()) for s in calib.samples if "vision_mask" in s))
     manifest = {
         "job": job,
@@ -262,9 +269,11 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
         "model_digest": model_digest,
         "data_digest": data_digest,
         "n_blocks": n_blocks,
+        "n_vision_blocks": n_vision,
         "n_samples": len(calib.samples),
         "shards": [list(r) for r in shards],
         "shard_tokens": [sum(token_counts[a:b]) for a, b in shards],
+        "shard_vision_tokens": [sum(vision_counts[a:b]) for a, b in shards],
         "shard_input_bytes": [sum(sum(v.numel() * v.element_size() for v in sample_tensors(s).values())
                                   for s in calib.samples[a:b]) for a, b in shards],
         "sizes": sizes,
@@ -276,6 +285,23 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     }
     put_json(store, keys.manifest(job), manifest)
     return job, False
+
+
+def check_grid_fits(model, layout, spec: JobSpec) -> None:
+    """Refuse a group size that does not divide every quantized layer before any work is done."""
+    from .models.adapter import linear_names
+    from .quant.grid import check_grid_args
+
+    lists = [layout.decoder_blocks(model)]
+    if spec.quant.quantize_vision and layout.vision_blocks:
+        lists.append(layout.vision_block_list(model))
+    for blocks in lists:
+        for n in linear_names(blocks[0]):
+            cols = blocks[0].get_submodule(n).in_features
+            try:
+                check_grid_args(cols, spec.quant.bits, spec.quant.group_size)
+            except ValueError as e:
+                raise SpecError(f"{n}: {e}") from e
 
 
 def read_tensors(where: dict[str, Path], mapping: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:

@@ -38,11 +38,18 @@ SEP = "|"
 
 # ----------------------------------------------------------------------------------------------- serialization
 
+# A kwarg passed as None is stored as an empty tensor under this prefix of its name.
+NONE = "none:"
+
+
 def captured_to_tensors(index: int, c: B.Captured) -> dict[str, torch.Tensor]:
     out = {f"s{index:06d}{SEP}index": torch.tensor(c.kw_index, dtype=torch.int64)}
     for j, kw in enumerate(c.kwargs_sets):
         for name, t in B.flatten_kwargs(kw).items():
-            out[f"s{index:06d}{SEP}{j}{SEP}{name}"] = t
+            if t is None:
+                out[f"s{index:06d}{SEP}{j}{SEP}{NONE}{name}"] = torch.empty(0)
+            else:
+                out[f"s{index:06d}{SEP}{j}{SEP}{name}"] = t
     return out
 
 
@@ -55,9 +62,13 @@ def kwargs_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[lis
         i = int(parts[0][1:])
         if parts[1] == "index":
             index[i] = [int(x) for x in t.tolist()]
+        elif parts[2].startswith(NONE):
+            flat.setdefault(i, {}).setdefault(int(parts[1]), {})[parts[2][len(NONE):]] = None
         else:
             flat.setdefault(i, {}).setdefault(int(parts[1]), {})[parts[2]] = t
-    return {i: ([B.unflatten_kwargs(flat.get(i, {})[j]) for j in sorted(flat.get(i, {}))], index[i]) for i in index}
+    # A set with no tensors (a block that takes none) stores nothing: it is the empty set.
+    return {i: ([B.unflatten_kwargs(flat.get(i, {}).get(j, {})) for j in range(max(index[i]) + 1)], index[i])
+            for i in index}
 
 
 def per_sample_to_tensors(prefix: str, values) -> dict[str, torch.Tensor]:
@@ -130,6 +141,7 @@ class JobContext:
         self._config = None
         self._meta = None
         self._groups = None
+        self._state = None
         # Set by execute while a task runs: its task-log record as of now (the export reports itself).
         self.current_record = None
 
@@ -163,8 +175,8 @@ class JobContext:
             self._groups = get_json(self.store, keys.plan_groups(self.job))
         return self._groups
 
-    def names(self, b: int) -> list[str]:
-        return self.groups["blocks"][b]["names"]
+    def names(self, b: int, tower: str | None = None) -> list[str]:
+        return plan.block_plan(self.groups, b, tower)["names"]
 
     def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
         """A copy of the meta module at `path`, materialized and filled from the staged object `key`."""
@@ -180,11 +192,14 @@ class JobContext:
         module.load_state_dict(state, strict=True)
         return module.eval().requires_grad_(False)
 
-    def block(self, b: int, qweights: list[str] = ()) -> torch.nn.Module:
-        """Decoder block b from its staged weights, with the named modules' quantized weights applied."""
-        blk = self.module_from_meta(f"{self.layout.blocks}.{b}", keys.staged_block(self.job, b))
+    def blocks_path(self, tower: str | None = None) -> str:
+        return self.layout.vision_blocks if tower else self.layout.blocks
+
+    def block(self, b: int, qweights: list[str] = (), tower: str | None = None) -> torch.nn.Module:
+        """Block b of a tower from its staged weights, with the named modules' quantized weights applied."""
+        blk = self.module_from_meta(f"{self.blocks_path(tower)}.{b}", keys.staged_block(self.job, b, tower))
         for m in qweights:
-            res, _ = qresult_from_store(self.store, keys.qweights(self.job, b, m))
+            res, _ = qresult_from_store(self.store, keys.qweights(self.job, b, m, tower))
             B.apply_qweight(blk, m, res)
         return blk
 
@@ -218,9 +233,10 @@ class JobContext:
         model.eval().requires_grad_(False).to(self.device)
         return model
 
-    def load_staged(self, model: torch.nn.Module, key: str) -> None:
-        """Fill `model`'s tensors from the staged object `key`, one tensor at a time from a local copy of
-        the file (never the object's bytes and its tensors in memory at once, as a plain read would hold)."""
+    def load_staged(self, model: torch.nn.Module, key: str, prefix: str = "") -> None:
+        """Fill `model`'s tensors (their names: `prefix` + the staged names) from the staged object `key`, one
+        tensor at a time from a local copy of the file (never the object's bytes and its tensors in memory at
+        once, as a plain read would hold)."""
         from safetensors import safe_open
 
         path = self.files_dir / f".staged-{uuid.uuid4().hex}.safetensors"
@@ -228,13 +244,24 @@ class JobContext:
         try:
             targets = model.state_dict()
             with safe_open(str(path), "pt") as f, torch.no_grad():
-                unexpected = [n for n in f.keys() if n not in targets]
+                unexpected = [n for n in f.keys() if prefix + n not in targets]
                 if unexpected:
                     raise RuntimeError(f"staged weights do not match the model: unexpected {unexpected[:3]}")
                 for name in f.keys():
-                    targets[name].copy_(f.get_tensor(name))
+                    targets[prefix + name].copy_(f.get_tensor(name))
         finally:
             path.unlink(missing_ok=True)
+
+    def load_prefix(self, model: torch.nn.Module, quantized_vision: bool = False) -> None:
+        """Fill the prefix of `model` (prefix_model): the staged embed piece and the vision tower's blocks,
+        with their quantized weights where the tower was quantized."""
+        self.load_staged(model, keys.staged_embed(self.job))
+        for vb in range(self.manifest.get("n_vision_blocks", 0)):
+            self.load_staged(model, keys.staged_block(self.job, vb, "vision"), f"{self.layout.vision_blocks}.{vb}.")
+            if quantized_vision:
+                blk = model.get_submodule(f"{self.layout.vision_blocks}.{vb}")
+                for m in self.names(vb, "vision"):
+                    B.apply_qweight(blk, m, qresult_from_store(self.store, keys.qweights(self.job, vb, m, "vision"))[0])
 
     def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tensors.items()}
@@ -242,19 +269,45 @@ class JobContext:
     def samples(self, start: int, end: int) -> list[dict]:
         return [self.to_device(get_tensors(self.store, keys.calib_sample(self.job, i))) for i in range(start, end)]
 
-    def captured(self, chain: str, b: int, k: int) -> list[B.Captured]:
-        """Samples of shard k at the entry of block b on a chain (block 0's fp chain is the q chain)."""
+    def captured(self, chain: str, b: int, k: int, tower: str | None = None) -> list[B.Captured]:
+        """Samples of shard k at the entry of block b of a tower on a chain (plan.acts_key)."""
         start, end = self.manifest["shards"][k]
-        kw = kwargs_from_tensors(self.to_device(get_tensors(self.store, keys.block_kwargs(self.job, k))))
-        use_chain = "q" if (chain == "fp" and b == 0) else chain
-        acts = get_tensors(self.store, keys.acts(self.job, use_chain, b, k))
-        return [B.Captured(acts[f"s{i:06d}"].to(self.device), *kw[i]) for i in range(start, end)]
+        kw = kwargs_from_tensors(self.to_device(get_tensors(self.store, keys.block_kwargs(self.job, k, tower))))
+        acts = self.acts(chain, b, k, tower)
+        return [B.Captured(h, *kw[i]) for i, h in zip(range(start, end), acts)]
 
-    def sample_masks(self, samples: list[dict]):
-        valid = [s["attention_mask"].reshape(-1).float() for s in samples]
-        vision = [s["vision_mask"].reshape(-1).bool() if "vision_mask" in s else torch.zeros_like(v, dtype=torch.bool)
-                  for s, v in zip(samples, valid)]
-        return valid, vision, [s["labels"] for s in samples]
+    def acts(self, chain: str, b: int, k: int, tower: str | None = None) -> list[torch.Tensor]:
+        """Per sample of shard k: its hidden states entering block b on a chain (or its gradient, chain
+        "grads": dL/d(input of block b))."""
+        start, end = self.manifest["shards"][k]
+        key = keys.grads(self.job, b, k) if chain == "grads" else plan.acts_key(self.manifest, chain, b, k, tower)
+        acts = get_tensors(self.store, key)
+        return [acts[f"s{i:06d}"].to(self.device) for i in range(start, end)]
+
+    def token_masks(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(valid [T] float, vision [T] bool, labels [1, T]) of each sample of shard k."""
+        masks = per_sample_from_tensors(self.to_device(get_tensors(self.store, keys.token_masks(self.job, k))))
+        return masks["valid"], masks["vision"], masks["labels"]
+
+    def importance_state(self, k: int | None = None) -> dict:
+        """The global importance pass's state (read once: immutable once committed), per-sample lists restricted
+        to shard k's samples."""
+        if self._state is None:
+            self._state = self.to_device(get_tensors(self.store, keys.importance_state(self.job)))
+        if k is None:
+            return shard_state(self._state, 0, self.manifest["n_samples"])
+        return shard_state(self._state, *self.manifest["shards"][k])
+
+    def token_weights(self, b: int, k: int) -> list | dict:
+        """Token weights of block b on shard k: the weights task's, or the strategy's from the token masks
+        (and the global pass's state)."""
+        from .importance import get_strategy
+
+        if plan.needs_weight_tasks(self.manifest):
+            return per_sample_from_tensors(self.to_device(get_tensors(self.store, keys.token_weights(self.job, b, k))))
+        valid, vision, _ = self.token_masks(k)
+        state = self.importance_state(k) if plan.needs_global_importance(self.manifest) else {}
+        return get_strategy(self.spec.quant.importance).token_weights(b, valid, vision, state)
 
 
 def _inputs(captured: list[B.Captured], b: int) -> list[B.SampleInput]:
@@ -269,62 +322,135 @@ def _acts_tensors(start: int, hidden: list[torch.Tensor]) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def do_embed(ctx: JobContext, task: Task) -> None:
+    """The full-precision prefix on shard k: what enters the decoder's first block (and, for
+    --quantize-vision, the vision tower's), the kwargs of every block, the samples' token masks."""
+    from .calib.data import model_inputs
+
+    k = task.shard
+    start, end = ctx.manifest["shards"][k]
+    vision = plan.quantize_vision(ctx.manifest)
+    model = ctx.prefix_model()
+    # The forward stops before the final norm and the head: only the prefix's weights are needed.
+    ctx.load_prefix(model)
+    blocks = ctx.layout.decoder_blocks(model)
+    kwargs, hidden, masks, v_kwargs, v_hidden = {}, [], {}, {}, []
+    for i, s in enumerate(ctx.samples(start, end)):
+        if vision:
+            c = B.capture(model, ctx.layout.vision_block_list(model), model_inputs(s), run_blocks=False)
+            v_kwargs.update(captured_to_tensors(start + i, c))
+            v_hidden.append(c.hidden)
+        c = B.capture(model, blocks, model_inputs(s), run_blocks=False)
+        kwargs.update(captured_to_tensors(start + i, c))
+        hidden.append(c.hidden)
+        valid = s["attention_mask"].reshape(-1).float()
+        vis = s["vision_mask"].reshape(-1).bool() if "vision_mask" in s else torch.zeros_like(valid, dtype=torch.bool)
+        masks.update({f"valid{SEP}{start + i}": valid, f"vision{SEP}{start + i}": vis,
+                      f"labels{SEP}{start + i}": s["labels"]})
+    put_tensors(ctx.store, keys.block_kwargs(ctx.job, k), kwargs)
+    put_tensors(ctx.store, keys.token_masks(ctx.job, k), masks)
+    if vision:
+        put_tensors(ctx.store, keys.block_kwargs(ctx.job, k, "vision"), v_kwargs)
+        put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, k, "vision"), _acts_tensors(start, v_hidden))
+    # Without a quantized vision tower the prefix is the same on both chains: the q chain's block-0 input.
+    put_tensors(ctx.store, keys.acts(ctx.job, "fp" if vision else "q", 0, k), _acts_tensors(start, hidden))
+
+
+@torch.no_grad()
+def do_reembed(ctx: JobContext, task: Task) -> None:
+    """The prefix with its quantized vision tower on shard k -> the decoder's q chain at block 0."""
     from .calib.data import model_inputs
 
     start, end = ctx.manifest["shards"][task.shard]
     model = ctx.prefix_model()
-    # The forward stops before the final norm and the head: only the prefix's weights are needed.
-    ctx.load_staged(model, keys.staged_embed(ctx.job))
+    ctx.load_prefix(model, quantized_vision=True)
     blocks = ctx.layout.decoder_blocks(model)
-    kwargs, hidden = {}, []
-    for i, s in enumerate(ctx.samples(start, end)):
-        c = B.capture(model, blocks, model_inputs(s), run_blocks=False)
-        kwargs.update(captured_to_tensors(start + i, c))
-        hidden.append(c.hidden)
-    put_tensors(ctx.store, keys.block_kwargs(ctx.job, task.shard), kwargs)
+    hidden = [B.capture(model, blocks, model_inputs(s), run_blocks=False).hidden for s in ctx.samples(start, end)]
     put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, hidden))
 
 
-@torch.no_grad()
-def do_groups(ctx: JobContext, task: Task) -> None:
-    sample = ctx.captured("q", 0, 0)[0]
-    blocks = []
-    for b in range(ctx.manifest["n_blocks"]):
-        blk = ctx.block(b)
+def _block_plans(ctx: JobContext, tower: str | None, sample: B.Captured) -> list[dict]:
+    """Every block's linears, their true-sequential groups and shapes, traced on one sample."""
+    out = []
+    for b in range(plan.tower_blocks(ctx.manifest, tower)):
+        blk = ctx.block(b, tower=tower)
         names = linear_names(blk)
-        classes = B.input_classes(blk, (sample.hidden, sample.kwargs(b)), names)
+        calls = B.linear_calls(blk, (sample.hidden, sample.kwargs(b)), names)
+        classes = B.classes_of(calls)
         groups = (B.sequential_groups(blk, None, names, classes)
                   if ctx.spec.quant.true_sequential and ctx.spec.quant.method != "rtn" else [names])
         mods = {n: blk.get_submodule(n) for n in names}
         # inputs: linears fed the same tensor, which share one Gram (plan.stat_owners).
-        blocks.append({"names": names, "groups": groups, "inputs": classes,
-                       "in_features": {n: int(m.in_features) for n, m in mods.items()},
-                       "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}})
-    put_json(ctx.store, keys.plan_groups(ctx.job), {"blocks": blocks})
+        # once: no linear is called twice per forward, so a group's statistics may stop the forward early.
+        out.append({"names": names, "groups": groups, "inputs": classes, "once": B.called_once(calls),
+                    "in_features": {n: int(m.in_features) for n, m in mods.items()},
+                    "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}})
+    return out
 
 
-def _importance_context(ctx: JobContext, captured, samples, blocks, state=None):
-    from .importance import ImportanceContext
+@torch.no_grad()
+def do_groups(ctx: JobContext, task: Task) -> None:
+    # The decoder's plan from a full-precision input: it does not depend on the vision tower's quantization.
+    out = {"blocks": _block_plans(ctx, None, ctx.captured("fp", 0, 0)[0])}
+    if plan.quantize_vision(ctx.manifest):
+        out["vision"] = _block_plans(ctx, "vision", ctx.captured("q", 0, 0, "vision")[0])
+    put_json(ctx.store, keys.plan_groups(ctx.job), out)
 
-    valid, vision, labels = ctx.sample_masks(samples)
-    norm = ctx.module_from_meta(ctx.layout.norm, keys.staged_head(ctx.job), ctx.layout.norm + ".") if ctx.layout.norm else None
-    head = ctx.module_from_meta(ctx.layout.head, keys.staged_head(ctx.job), ctx.layout.head + ".") if blocks is not None else None
-    return ImportanceContext(spec=ctx.spec.quant, blocks=blocks, norm=norm if blocks is not None else None, head=head,
-                             captured=captured, valid=valid, vision=vision, labels=labels,
-                             names=[ctx.names(b) for b in range(ctx.manifest["n_blocks"])], state=state or {})
+
+@torch.no_grad()
+def do_forward(ctx: JobContext, task: Task) -> None:
+    """The full-precision chain one block on (and tlq's RTN chain beside it)."""
+    b, k, t = task.block, task.shard, task.tower
+    start, _ = ctx.manifest["shards"][k]
+    blk = ctx.block(b, tower=t)
+    out = B.propagate(blk, _inputs(ctx.captured("fp", b, k, t), b), pack=t is None)
+    put_tensors(ctx.store, keys.acts(ctx.job, "fp", b + 1, k, t), _acts_tensors(start, out))
+    if keys.acts(ctx.job, "rtn", b + 1, k) in plan.outputs(task, ctx.manifest):
+        q = ctx.spec.quant
+        proxy = B.rtn_proxy(blk, ctx.names(b), q)
+        out = B.propagate(proxy, _inputs(ctx.captured("rtn", b, k), b), act_bits=q.act_bits, act_names=ctx.names(b))
+        put_tensors(ctx.store, keys.acts(ctx.job, "rtn", b + 1, k), _acts_tensors(start, out))
+
+
+def do_backward(ctx: JobContext, task: Task) -> None:
+    """One step of the backward chain on one shard: dL/d(input of block b) from the gradient at its output
+    (b = n_blocks: from the LM loss of the head on answer tokens), and what it says of the tokens."""
+    from .importance import get_strategy
+
+    b, k = task.block, task.shard
+    start, _ = ctx.manifest["shards"][k]
+    valid, vision, labels = ctx.token_masks(k)
+    if b == ctx.manifest["n_blocks"]:
+        norm = ctx.module_from_meta(ctx.layout.norm, keys.staged_head(ctx.job), ctx.layout.norm + ".") \
+            if ctx.layout.norm else None
+        head = ctx.module_from_meta(ctx.layout.head, keys.staged_head(ctx.job), ctx.layout.head + ".")
+        xf = ctx.acts("fp", b, k)
+        grads = [B.head_grad(norm, head, h, lab)[0] for h, lab in zip(xf, labels)]
+    else:
+        cap = ctx.captured("fp", b, k)
+        xf = [c.hidden for c in cap]
+        grads = B.block_vjp_batched(ctx.block(b), _inputs(cap, b), ctx.acts("grads", b + 1, k))
+    outs = plan.outputs(task, ctx.manifest)
+    if keys.importance_scores(ctx.job, b, k) in outs:
+        xq = ctx.acts("rtn", b, k) if plan.needs_rtn_chain(ctx.manifest) and b > 0 else None
+        scores = get_strategy(ctx.spec.quant.importance).shard_scores(b, grads, xf, xq, vision, valid)
+        put_tensors(ctx.store, keys.importance_scores(ctx.job, b, k), per_sample_to_tensors("*", scores))
+    if keys.grads(ctx.job, b, k) in outs:
+        put_tensors(ctx.store, keys.grads(ctx.job, b, k), _acts_tensors(start, grads))
 
 
 def do_importance(ctx: JobContext, task: Task) -> None:
-    """The global pass of modality / tlq over every shard at once, in one task (their statistics are global)."""
+    """Every shard's scores (small: per token, or per block) -> the strategy's global state."""
     from .importance import get_strategy
 
-    captured = [c for k in range(len(ctx.manifest["shards"])) for c in ctx.captured("q", 0, k)]
-    samples = ctx.samples(0, ctx.manifest["n_samples"])
-    blocks = torch.nn.ModuleList([ctx.block(b) for b in range(ctx.manifest["n_blocks"])])
-    ictx = _importance_context(ctx, captured, samples, blocks)
-    get_strategy(ctx.spec.quant.importance).prepare(ictx)
+    n_shards = len(ctx.manifest["shards"])
+    masks = [ctx.token_masks(k) for k in range(n_shards)]
+    valid = [v for m in masks for v in m[0]]
+    vision = [v for m in masks for v in m[1]]
+    per_block = [[x for k in range(n_shards) for x in per_sample_from_tensors(
+        get_tensors(ctx.store, keys.importance_scores(ctx.job, b, k)))] for b in plan.score_blocks(ctx.manifest)]
+    state = get_strategy(ctx.spec.quant.importance).reduce_scores(per_block, vision, valid, ctx.spec.quant)
     out = {}
-    for name, v in ictx.state.items():
+    for name, v in state.items():
         if isinstance(v, torch.Tensor):
             out[name] = v
         else:
@@ -348,52 +474,48 @@ def shard_state(tensors: dict[str, torch.Tensor], start: int, end: int) -> dict:
 
 
 def do_weights(ctx: JobContext, task: Task) -> None:
-    from .importance import get_strategy
+    """Token weights of a block-local strategy (vlmq, qig) on one shard."""
+    from .importance import ImportanceContext, get_strategy
 
     b, k = task.block, task.shard
-    start, end = ctx.manifest["shards"][k]
     q_cap = ctx.captured("q", b, k)
     fp_cap = ctx.captured("fp", b, k) if plan.needs_fp_chain(ctx.manifest) else None
-    state = shard_state(ctx.to_device(get_tensors(ctx.store, keys.importance_state(ctx.job))), start, end) \
-        if plan.needs_global_importance(ctx.manifest) else {}
-    ictx = _importance_context(ctx, q_cap, ctx.samples(start, end), None, state)
-    blk = ctx.block(b)
+    valid, vision, _ = ctx.token_masks(k)
     weights = get_strategy(ctx.spec.quant.importance).block_weights(
-        ictx, b, blk, ctx.names(b), _inputs(q_cap, b), _inputs(fp_cap, b) if fp_cap else None)
+        ImportanceContext(ctx.spec.quant, valid, vision), b, ctx.block(b), ctx.names(b), _inputs(q_cap, b),
+        _inputs(fp_cap, b) if fp_cap else None)
     put_tensors(ctx.store, keys.token_weights(ctx.job, b, k), per_sample_to_tensors("*", weights))
 
 
-def _partition_weights(parts: list) -> list | dict:
-    """Per-sample token weights of consecutive shards joined into one list (or dict name -> list)."""
-    if isinstance(parts[0], dict):
-        return {n: [w for p in parts for w in p[n]] for n in parts[0]}
-    return [w for p in parts for w in p]
-
-
 def do_stats(ctx: JobContext, task: Task) -> None:
-    """Statistics of one group over one partition: its shards streamed through the block one at a time,
-    summed in place; linears sharing a Gram store it once (metadata "owners" says whose)."""
+    """Statistics of one group over one partition: its shards streamed through the block one at a time, each
+    in its batches (block.make_batches), summed in place; linears sharing a Gram store it once (metadata
+    "owners" says whose)."""
     import json
 
     q = ctx.spec.quant
-    b, g = task.block, task.group
-    groups = ctx.groups["blocks"][b]["groups"]
-    shards = plan.partition_shards(plan.stat_partitions(ctx.manifest, ctx.groups, b),
+    b, g, t = task.block, task.group, task.tower
+    block_plan = plan.block_plan(ctx.groups, b, t)
+    groups = block_plan["groups"]
+    shards = plan.partition_shards(plan.stat_partitions(ctx.manifest, ctx.groups, b, t),
                                    len(ctx.manifest["shards"]), task.shard)
-    blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]])
-    weights = _partition_weights([per_sample_from_tensors(ctx.to_device(get_tensors(
-        ctx.store, keys.token_weights(ctx.job, b, k)))) for k in shards])
+    blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]], t)
     gptaq = q.method == "gptaq"
 
     def chain(name: str):
         for k in shards:  # one shard's activations alive at a time
-            yield from _inputs(ctx.captured(name, b, k), b)
+            inputs = _inputs(ctx.captured(name, b, k, t), b)
+            weights = None
+            if name == "q":  # a vision tower's tokens all weigh the same
+                weights = [torch.ones(h.shape[:-1]) for h, _ in inputs] if t else ctx.token_weights(b, k)
+            yield from B.make_batches(inputs, weights, pack=t is None)
 
-    stats = B.accumulate_stats(blk, chain("q"), weights, groups[g], act_bits=q.act_bits, act_names=ctx.names(b),
-                               fp_block=ctx.block(b) if gptaq else None, fp_inputs=chain("fp") if gptaq else None,
-                               need_fp_gram=gptaq)
+    stats = B.accumulate_stats(blk, chain("q"), None, groups[g], act_bits=q.act_bits, act_names=ctx.names(b, t),
+                               fp_block=ctx.block(b, tower=t) if gptaq else None,
+                               fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,
+                               stop_early=block_plan.get("once", False))
     owners = B.stat_owners(stats)
-    put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard),
+    put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard, t),
                 {f"{m}{SEP}{name}": t for m in set(owners.values()) for name, t in stats[m].items()},
                 metadata={"tlq": json.dumps({"owners": owners}, sort_keys=True)})
 
@@ -413,15 +535,15 @@ def do_solve(ctx: JobContext, task: Task) -> None:
     import json
 
     q = ctx.spec.quant
-    b, g, m = task.block, task.group, task.module
-    weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b))[f"{m}.weight"].float().to(ctx.device)
+    b, g, m, t = task.block, task.group, task.module, task.tower
+    weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b, t))[f"{m}.weight"].float().to(ctx.device)
     stats = None
     if q.method != "rtn":
         def partials():
             # One partition's partial read at a time, added in partition order (float64): the same sum for
             # any number of workers.
-            for p in plan.stat_partitions(ctx.manifest, ctx.groups, b):
-                part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p)), m)
+            for p in plan.stat_partitions(ctx.manifest, ctx.groups, b, t):
+                part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p, t)), m)
                 if part is not None:
                     yield ctx.to_device(part)
 
@@ -434,22 +556,20 @@ def do_solve(ctx: JobContext, task: Task) -> None:
     # loss None: not measured (RTN has no statistics to measure it on).
     meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
             "sym": res.sym, "damp_used": float(res.damp_used), "group": g, **counts}
-    put_tensors(ctx.store, keys.qweights(ctx.job, b, m), qresult_to_tensors(res),
+    put_tensors(ctx.store, keys.qweights(ctx.job, b, m, t), qresult_to_tensors(res),
                 metadata={"tlq": json.dumps(meta, sort_keys=True)})
 
 
 @torch.no_grad()
 def do_propagate(ctx: JobContext, task: Task) -> None:
     q = ctx.spec.quant
-    b, k = task.block, task.shard
+    b, k, t = task.block, task.shard, task.tower
     start, _ = ctx.manifest["shards"][k]
-    names = ctx.names(b)
-    blk = ctx.block(b, names)
-    q_out = B.propagate(blk, _inputs(ctx.captured("q", b, k), b), act_bits=q.act_bits, act_names=names)
-    put_tensors(ctx.store, keys.acts(ctx.job, "q", b + 1, k), _acts_tensors(start, q_out))
-    if plan.needs_fp_chain(ctx.manifest):
-        fp_out = B.propagate(ctx.block(b), _inputs(ctx.captured("fp", b, k), b))
-        put_tensors(ctx.store, keys.acts(ctx.job, "fp", b + 1, k), _acts_tensors(start, fp_out))
+    names = ctx.names(b, t)
+    blk = ctx.block(b, names, t)
+    q_out = B.propagate(blk, _inputs(ctx.captured("q", b, k, t), b), act_bits=q.act_bits, act_names=names,
+                        pack=t is None)
+    put_tensors(ctx.store, keys.acts(ctx.job, "q", b + 1, k, t), _acts_tensors(start, q_out))
 
 
 def farm_report(ctx: JobContext, results_meta: dict[str, dict], quantized_params: int,
@@ -459,16 +579,16 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], quantized_params
     from .report import loss_sum, summarize_task_records
 
     modules = {}
+    per_block: dict[str, dict[int, list]] = {}
     for name in sorted(results_meta):
         meta = results_meta[name]
-        b = int(name[len(ctx.layout.blocks) + 1:].split(".", 1)[0])
+        tower = ctx.layout.blocks if name.startswith(ctx.layout.blocks + ".") else ctx.layout.vision_blocks
+        b = int(name[len(tower) + 1:].split(".", 1)[0])
         entry = {"loss": meta["loss"], "group": meta["group"], "block": b}
         if "tokens" in meta:
             entry.update(tokens=meta["tokens"], weight_sum=meta["weight_sum"], damp=meta["damp_used"])
         modules[name] = entry
-    per_block: dict[int, list] = {}
-    for e in modules.values():
-        per_block.setdefault(e["block"], []).append(e["loss"])
+        per_block.setdefault(tower, {}).setdefault(b, []).append(entry["loss"])
     rep = {
         "spec": ctx.manifest["spec"],
         "model_class": ctx.layout.model_class,
@@ -476,7 +596,8 @@ def farm_report(ctx: JobContext, results_meta: dict[str, dict], quantized_params
         "calibration": ctx.manifest["calibration"],
         "shards": ctx.manifest["shards"],
         "modules": modules,
-        "blocks": {ctx.layout.blocks: [{"index": b, "loss": loss_sum(per_block[b])} for b in sorted(per_block)]},
+        "blocks": {tower: [{"index": b, "loss": loss_sum(losses[b])} for b in sorted(losses)]
+                   for tower, losses in per_block.items()},
         "totals": {"modules": len(results_meta), "loss": loss_sum(e["loss"] for e in modules.values()),
                    "quantized_params": int(quantized_params)},
     }
@@ -522,17 +643,22 @@ def do_export(ctx: JobContext, task: Task) -> None:
         if part:
             yield computed(part), {}
 
+    def block_part(b: int, tower: str | None, quantized: bool):
+        prefix = f"{ctx.blocks_path(tower)}.{b}."
+        state = computed({prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b, tower)).items()})
+        qresults = {}
+        for m in ctx.names(b, tower) if quantized else []:
+            res, metas[prefix + m] = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m, tower))
+            qresults[prefix + m] = res
+            counted[0] += res.codes.numel()
+        return state, qresults
+
     def parts():
         yield from chunks(keys.staged_embed(ctx.job))
+        for vb in range(ctx.manifest.get("n_vision_blocks", 0)):
+            yield block_part(vb, "vision", plan.quantize_vision(ctx.manifest))
         for b in range(ctx.manifest["n_blocks"]):
-            prefix = f"{ctx.layout.blocks}.{b}."
-            state = computed({prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b)).items()})
-            qresults = {}
-            for m in ctx.names(b):
-                res, metas[prefix + m] = qresult_from_store(ctx.store, keys.qweights(ctx.job, b, m))
-                qresults[prefix + m] = res
-                counted[0] += res.codes.numel()
-            yield state, qresults
+            yield block_part(b, None, True)
         yield from chunks(keys.staged_head(ctx.job))
 
     source = ctx.staged_files()
@@ -552,7 +678,8 @@ def do_export(ctx: JobContext, task: Task) -> None:
     put_json(ctx.store, keys.export_index(ctx.job), {"files": index})
 
 
-BODIES = {"embed": do_embed, "groups": do_groups, "importance": do_importance, "weights": do_weights,
+BODIES = {"embed": do_embed, "reembed": do_reembed, "groups": do_groups, "forward": do_forward, "backward": do_backward,
+          "importance": do_importance, "weights": do_weights,
           "stats": do_stats, "solve": do_solve, "propagate": do_propagate, "export": do_export}
 
 
@@ -750,11 +877,12 @@ def job_groups(store: Store, job: str, committed: set[str]) -> dict | None:
         return None
 
 
-def reconcile_job(store: Store, job: str, cache: dict | None = None
+def reconcile_job(store: Store, job: str, cache: dict | None = None, targets=None
                   ) -> tuple[dict, set[str], dict | None, plan.Reconciliation]:
     """(manifest, committed keys, groups, reconciliation) of a job as the store has it now.
 
-    cache: a dict kept by the caller; the manifest and groups (immutable once committed) are read once."""
+    cache: a dict kept by the caller; the manifest and groups (immutable once committed) are read once.
+    targets(manifest, groups) -> keys: reconcile towards those keys instead of the export."""
     cache = {} if cache is None else cache
     committed = committed_keys(store, job)
     from .staging import check_format
@@ -768,7 +896,8 @@ def reconcile_job(store: Store, job: str, cache: dict | None = None
             cache[("groups", store.url, job)] = groups
     elif keys.plan_groups(job) not in committed:
         groups = None  # lost (corrupt and deleted): recomputed by its task
-    return manifest, committed, groups, plan.reconcile(manifest, committed, groups)
+    wanted = targets(manifest, groups) if targets is not None and groups is not None else None
+    return manifest, committed, groups, plan.reconcile(manifest, committed, groups, wanted)
 
 
 class JobStuck(RuntimeError):
@@ -790,8 +919,10 @@ def _release(claims: Path, task: Task) -> None:
 
 
 def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: None, max_tasks: int | None = None,
-                 worker: dict | None = None, claims: str | Path | None = None, progress: bool = False) -> bool:
-    """Run a job's tasks in this process through the reconciler until the export is committed.
+                 worker: dict | None = None, claims: str | Path | None = None, progress: bool = False,
+                 targets=None) -> bool:
+    """Run a job's tasks in this process through the reconciler until the export is committed (or the keys
+    targets(manifest, groups) names).
 
     claims: a folder shared by several local processes running the same job (`tlq-farm run --workers N`):
     each task is taken by one of them; a process with nothing to take waits for the others.
@@ -806,7 +937,7 @@ def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: N
         while True:
             if is_cancelled(store, job):
                 return False
-            _, committed, _, rec = reconcile_job(store, job, cache)
+            _, committed, _, rec = reconcile_job(store, job, cache, targets)
             if progress:
                 if bar is None:
                     bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)

@@ -16,10 +16,9 @@ from ..block import act_fake_quant, rtn_proxy, run_block
 from .base import ImportanceContext, normalize_per_sample
 
 NEEDS_FP_CHAIN = False
-
-
-def prepare(ctx: ImportanceContext) -> None:
-    pass
+GLOBAL = False
+# The weights need the block and its inputs on the quantized chain: a weights task per block and shard.
+LOCAL = True
 
 
 def iqr_clip(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 Our reading of TLQ (arXiv 2602.07899); the paper's code is not public, so docs/methods.md states exactly
 what is computed here:
 1. g^b_t = dL/dx^b_t: the gradient of the LM loss on answer tokens w.r.t. the input of block b, on the
-   full-precision model (a forward chain, then a backward chain block by block).
-2. An RTN copy of every block gives a quantized chain x~^b (the cheap stand-in for the final model).
+   full-precision model (a forward chain, then a backward chain block by block: one farm task per block and
+   shard each way).
+2. An RTN copy of every block gives a quantized chain x~^b (the cheap stand-in for the final model), computed
+   beside the full-precision chain by the forward tasks.
 3. s^b_t = | g^b_t . (x~^b_t - x^b_t) |: the first-order change of the loss caused by quantization error
    reaching token t at block b. Each block's scores are divided by their mean over the calibration set,
    and the token score is the mean over blocks (block 0 carries no error, so it adds nothing; a one-block
@@ -19,14 +21,33 @@ from __future__ import annotations
 
 import torch
 
-from ..block import act_fake_quant, rtn_proxy, run_block
-from .base import ImportanceContext, backward_chain, fp_chain_inputs
-
 NEEDS_FP_CHAIN = False
+# The weights come from a global gradient pass (tlq_farm.plan: forward, backward, importance tasks), not from
+# each block on its own.
+GLOBAL = True
+LOCAL = False
+# The chains the forward tasks carry besides the full-precision one.
+EXTRA_CHAINS = ("rtn",)
+
+
+def score_blocks(n_blocks: int) -> list[int]:
+    """Blocks whose input gradient scores tokens: 1..n-1 (block 0 carries no quantization error); a one-block
+    model scores by saliency at block 0."""
+    return list(range(1, n_blocks)) if n_blocks > 1 else [0]
 
 
 def first_order_scores(grads: list[torch.Tensor], xq: list[torch.Tensor], xf: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(g * (q - f)).sum(dim=-1).abs().reshape(-1).double() for g, q, f in zip(grads, xq, xf)]
+
+
+def saliency(grads: list[torch.Tensor], xf: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [(g * x).sum(dim=-1).abs().reshape(-1).double() for g, x in zip(grads, xf)]
+
+
+def shard_scores(b: int, grads: list[torch.Tensor], xf: list[torch.Tensor], xq: list[torch.Tensor] | None,
+                 vision: list[torch.Tensor], valid: list[torch.Tensor]) -> list[torch.Tensor]:
+    """s^b_t of one shard's samples from g^b (grads), x^b (xf) and x~^b (xq, the RTN chain)."""
+    return saliency(grads, xf) if b == 0 else first_order_scores(grads, xq, xf)
 
 
 def combine_blocks(per_block: list[list[torch.Tensor]], valid: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,30 +92,15 @@ def weights_from_scores(scores: list[torch.Tensor], kept: list[torch.Tensor]) ->
     return out
 
 
-def prepare(ctx: ImportanceContext) -> None:
-    spec = ctx.spec
-    n = len(ctx.blocks)
-    xs = fp_chain_inputs(ctx)
-    with torch.no_grad():
-        last = [run_block(ctx.blocks[-1], h, c.kwargs(n - 1)) for h, c in zip(xs[-1], ctx.captured)]
-    grads, _ = backward_chain(ctx, xs, last)
-    per_block = []
-    xq = [c.hidden for c in ctx.captured]
-    for b in range(n):
-        if b > 0:
-            per_block.append(first_order_scores(grads[b], xq, xs[b]))
-        if b < n - 1:
-            proxy = rtn_proxy(ctx.blocks[b], ctx.names[b], spec)
-            with torch.no_grad(), act_fake_quant(proxy, ctx.names[b], spec.act_bits):
-                xq = [run_block(proxy, h, c.kwargs(b)) for h, c in zip(xq, ctx.captured)]
-    if not per_block:
-        per_block = [[(g * x).sum(dim=-1).abs().reshape(-1).double() for g, x in zip(grads[0], xs[0])]]
-    scores = combine_blocks(per_block, ctx.valid)
-    kept = token_selection(scores, ctx.vision, ctx.valid, spec.tlq_keep)
-    ctx.state["tlq_scores"] = scores
-    ctx.state["tlq_kept"] = kept
-    ctx.state["tlq_weights"] = weights_from_scores(scores, kept)
+def reduce_scores(per_block: list[list[torch.Tensor]], vision: list[torch.Tensor], valid: list[torch.Tensor],
+                  spec) -> dict[str, list[torch.Tensor]]:
+    """Every scored block's per-sample scores (all samples of the set, in order) -> the token-level
+    calibration set: scores, kept tokens, weights (steps 3-5 of the module docstring)."""
+    scores = combine_blocks(per_block, valid)
+    kept = token_selection(scores, vision, valid, spec.tlq_keep)
+    return {"tlq_scores": scores, "tlq_kept": kept, "tlq_weights": weights_from_scores(scores, kept)}
 
 
-def block_weights(ctx: ImportanceContext, b, block, names, q_inputs, fp_inputs):
-    return ctx.state["tlq_weights"]
+def token_weights(b: int, valid: list[torch.Tensor], vision: list[torch.Tensor], state: dict) -> list[torch.Tensor]:
+    """The same weights at every block."""
+    return state["tlq_weights"]

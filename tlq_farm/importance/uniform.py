@@ -1,13 +1,11 @@
 """uniform: every real token weighs the same (plain GPTQ / GPTAQ)."""
 
-from .base import ImportanceContext, uniform_weights
+import torch
 
 NEEDS_FP_CHAIN = False
+GLOBAL = False
+LOCAL = False
 
 
-def prepare(ctx: ImportanceContext) -> None:
-    pass
-
-
-def block_weights(ctx: ImportanceContext, b, block, names, q_inputs, fp_inputs):
-    return uniform_weights(ctx)
+def token_weights(b: int, valid: list[torch.Tensor], vision: list[torch.Tensor], state: dict) -> list[torch.Tensor]:
+    return [v.clone() for v in valid]

@@ -10,10 +10,14 @@ also the numeric order (block-003 < block-010). Layout of one job:
     jobs/<job>/calib/sample-000042.safetensors
     jobs/<job>/staged/embed.safetensors                   vision tower, embeddings, all that is not a block
     jobs/<job>/staged/block-003.safetensors
+    jobs/<job>/staged/vision-block-003.safetensors        a vision tower's block (its inputs: acts/q/vision-block-...)
     jobs/<job>/staged/head.safetensors
     jobs/<job>/acts/q/block-003/shard-0001.safetensors    activations entering block 3, quantized chain
     jobs/<job>/acts/fp/block-003/shard-0001.safetensors   same, full-precision chain
-    jobs/<job>/grads/block-003/shard-0001.safetensors
+    jobs/<job>/acts/rtn/block-003/shard-0001.safetensors  same, through round-to-nearest copies of blocks 0-2
+    jobs/<job>/tokens/shard-0001.safetensors              per sample: real tokens, vision tokens, labels
+    jobs/<job>/grads/block-003/shard-0001.safetensors     dL/d(input of block 3), full-precision chain
+    jobs/<job>/importance/scores/block-003/shard-0001.safetensors   what block 3's gradients say of tokens
     jobs/<job>/token_weights/block-003/shard-0001.safetensors
     jobs/<job>/stats/block-003/group-01/shard-0001.safetensors   partial Hessians
     jobs/<job>/qweights/block-003/<module>.safetensors
@@ -31,11 +35,14 @@ import operator
 import re
 
 JOBS = "jobs"
-# The layout and meaning of a job's objects. 2: statistics per partition of shards, in float32, one Gram per
-# shared input; qweights as packed codes without a dequantized copy (1: statistics per shard, float64, one per
-# linear; qweights with a float32 weight and int32 codes). A job of another format is refused, never reused.
-STORE_FORMAT = 2
-CHAINS = ("q", "fp")
+# The layout and meaning of a job's objects. 3: samples go through blocks in packed batches; the gradient
+# importance passes are per block and shard (forward / backward chains, scores), the full-precision chain comes
+# from forward tasks only, per-shard token masks, no token-weights objects where weights need no block.
+# 2: statistics per partition of shards, in float32, one Gram per shared input; qweights as packed codes
+# without a dequantized copy. 1: statistics per shard, float64, one per linear; qweights with a float32
+# weight and int32 codes. A job of another format is refused, never reused.
+STORE_FORMAT = 3
+CHAINS = ("q", "fp", "rtn")
 
 COMMIT_SUFFIX = ".commit"
 CHECKSUM_SUFFIX = ".sha256"
@@ -147,8 +154,14 @@ def _name(what: str, value: str) -> str:
     return value
 
 
-def _block(block: int) -> str:
-    return "block-" + _number("block", block, BLOCK_WIDTH)
+# A model's block lists: the decoder's (tower None) and, when it is quantized too, the vision tower's.
+TOWERS = (None, "vision")
+
+
+def _block(block: int, tower: str | None = None) -> str:
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS} (the decoder or the vision tower), got {tower!r}")
+    return (f"{tower}-" if tower else "") + "block-" + _number("block", block, BLOCK_WIDTH)
 
 
 def _shard(shard: int) -> str:
@@ -202,23 +215,24 @@ def staged_embed(job: str) -> str:
     return staged_prefix(job) + "embed.safetensors"
 
 
-def staged_block(job: str, block: int) -> str:
-    return staged_prefix(job) + _block(block) + ".safetensors"
+def staged_block(job: str, block: int, tower: str | None = None) -> str:
+    return staged_prefix(job) + _block(block, tower) + ".safetensors"
 
 
 def staged_head(job: str) -> str:
     return staged_prefix(job) + "head.safetensors"
 
 
-def acts_prefix(job: str, chain: str, block: int) -> str:
+def acts_prefix(job: str, chain: str, block: int, tower: str | None = None) -> str:
     if chain not in CHAINS:
         raise ValueError(f"activation chain must be one of {CHAINS} (quantized or full precision), got {chain!r}")
-    return f"{job_prefix(job)}acts/{chain}/{_block(block)}/"
+    return f"{job_prefix(job)}acts/{chain}/{_block(block, tower)}/"
 
 
-def acts(job: str, chain: str, block: int, shard: int) -> str:
-    """Activations entering block `block` on chain 'q' (quantized path) or 'fp' (full precision)."""
-    return acts_prefix(job, chain, block) + _shard(shard) + ".safetensors"
+def acts(job: str, chain: str, block: int, shard: int, tower: str | None = None) -> str:
+    """Activations entering block `block` (of the decoder, or of the vision tower) on chain 'q' (quantized
+    path), 'fp' (full precision) or 'rtn' (through round-to-nearest copies of the blocks before)."""
+    return acts_prefix(job, chain, block, tower) + _shard(shard) + ".safetensors"
 
 
 def grads(job: str, block: int, shard: int) -> str:
@@ -226,27 +240,39 @@ def grads(job: str, block: int, shard: int) -> str:
     return f"{job_prefix(job)}grads/{_block(block)}/{_shard(shard)}.safetensors"
 
 
+def token_masks(job: str, shard: int) -> str:
+    """Per sample of one shard: its real tokens, vision tokens and answer labels (small; what token weights
+    and the loss need, without the samples' pixels)."""
+    return f"{job_prefix(job)}tokens/{_shard(shard)}.safetensors"
+
+
+def importance_scores(job: str, block: int, shard: int) -> str:
+    """What the gradient at the input of block `block` says of the tokens of one shard (a global importance
+    pass: per-token scores for tlq, vision and text sums for modality)."""
+    return f"{job_prefix(job)}importance/scores/{_block(block)}/{_shard(shard)}.safetensors"
+
+
 def token_weights(job: str, block: int, shard: int) -> str:
     return f"{job_prefix(job)}token_weights/{_block(block)}/{_shard(shard)}.safetensors"
 
 
-def stats_prefix(job: str, block: int, group: int) -> str:
-    return f"{job_prefix(job)}stats/{_block(block)}/group-{_number('group', group, GROUP_WIDTH)}/"
+def stats_prefix(job: str, block: int, group: int, tower: str | None = None) -> str:
+    return f"{job_prefix(job)}stats/{_block(block, tower)}/group-{_number('group', group, GROUP_WIDTH)}/"
 
 
-def stats(job: str, block: int, group: int, shard: int) -> str:
+def stats(job: str, block: int, group: int, shard: int, tower: str | None = None) -> str:
     """Partial Hessian statistics of one true-sequential group of a block, over the partition of shards
     that starts at `shard` (tlq_farm.plan.stat_partitions)."""
-    return stats_prefix(job, block, group) + _shard(shard) + ".safetensors"
+    return stats_prefix(job, block, group, tower) + _shard(shard) + ".safetensors"
 
 
-def qweights_prefix(job: str, block: int) -> str:
-    return f"{job_prefix(job)}qweights/{_block(block)}/"
+def qweights_prefix(job: str, block: int, tower: str | None = None) -> str:
+    return f"{job_prefix(job)}qweights/{_block(block, tower)}/"
 
 
-def qweights(job: str, block: int, module: str) -> str:
+def qweights(job: str, block: int, module: str, tower: str | None = None) -> str:
     """Quantized weights of one linear module of a block (module: e.g. 'self_attn.q_proj')."""
-    return qweights_prefix(job, block) + _name("module name", module) + ".safetensors"
+    return qweights_prefix(job, block, tower) + _name("module name", module) + ".safetensors"
 
 
 def block_done(job: str, block: int) -> str:
@@ -284,9 +310,11 @@ def staged_file(job: str, name: str) -> str:
     return staged_prefix(job) + "files/" + _name("model file name", name)
 
 
-def block_kwargs(job: str, shard: int) -> str:
-    """The kwargs every block receives (rotary embeddings, masks), for the samples of one shard."""
-    return f"{job_prefix(job)}kwargs/{_shard(shard)}.safetensors"
+def block_kwargs(job: str, shard: int, tower: str | None = None) -> str:
+    """The kwargs every block (of the decoder, or of the vision tower) receives (rotary embeddings, masks),
+    for the samples of one shard."""
+    _block(0, tower)
+    return f"{job_prefix(job)}kwargs/{tower + '/' if tower else ''}{_shard(shard)}.safetensors"
 
 
 def plan_groups(job: str) -> str:

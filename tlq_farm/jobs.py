@@ -1,4 +1,4 @@
-"""Coordinator helpers over the store: job status, export download, cancel. No Celery here."""
+"""Job state over the store: status, export download, cancel, prune. No Celery here."""
 
 from __future__ import annotations
 
