@@ -237,6 +237,9 @@ def main() -> None:
               help="Calibration tokens per statistics partition; 0 chooses from the model's shapes (a partition's "
                    "statistics never outweigh its activations). Larger partitions move fewer bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (embedded and in-memory runs).")
+@click.option("--dtype", "dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="What blocks compute in and activations are stored in; auto: the checkpoint's "
+              "dtype on GPUs (the farm, --device cuda), float32 on a CPU. Statistics are float32 sums either way.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--broker", envvar="TLQ_BROKER_URL", help="Redis URL of the farm [env TLQ_BROKER_URL]; without one the job runs embedded, in this process.")
@@ -250,7 +253,7 @@ def main() -> None:
               help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
         static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, partition_tokens,
-        device, overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
+        device, dtype, overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
     """Quantize MODEL_DIR (default: the bundled demo VLM) and export it.
 
     With no broker the job's tasks run here, through the same store and reconciler as on a farm; with
@@ -266,7 +269,8 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
                   importance=importance, act_order=act_order, static_groups=static_groups, damp=damp, blocksize=blocksize,
                   true_sequential=true_sequential, quantize_vision=quantize_vision, tlq_keep=tlq_keep, qig_steps=qig_steps)
     spec = JobSpec(model=str(model_dir), calib=str(calib), quant=q, samples=samples, seq_len=seq_len, seed=seed, fmt=fmt,
-                   shard_tokens=shard_tokens, partition_tokens=partition_tokens)
+                   shard_tokens=shard_tokens, partition_tokens=partition_tokens,
+                   dtype=_job_dtype(dtype, model_dir, device, farm=bool(broker) and not in_memory))
     out_dir = Path(out) if out else _default_out(model_dir, q)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if not broker or in_memory:  # the device is used only where this process computes
@@ -324,6 +328,18 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         _follow(store, job, out_dir, overwrite, quiet)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from e
+
+
+def _job_dtype(option: str, model_dir: str, device: str, farm: bool) -> str:
+    """--dtype as the job computes it (auto resolved from the checkpoint and where the job runs)."""
+    from tlq_farm.spec import resolve_dtype
+    from tlq_farm.staging import checkpoint_dtype
+
+    try:
+        found = checkpoint_dtype(model_dir)
+    except Exception:  # not a readable model folder: staging refuses it, with its own message
+        found = "float32"
+    return resolve_dtype(option, found, device, farm)
 
 
 def _interrupted(store, job, again: str):

@@ -258,3 +258,14 @@ def test_a_quantized_vision_tower_runs_as_tasks_and_matches_the_reference(vision
     for g, w in zip(got_q, q_first):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(a, b) for a, b in zip(got_q, got_fp))
+
+
+def test_full_rows_of_one_sample_take_the_models_causal_path(reference):
+    _, blocks, _, captured, _, _ = reference
+    blk = blocks[0]
+    same = [(captured[0].hidden * (1 + i), captured[0].kwargs(0)) for i in range(3)]  # one length, no padding
+    (batch,) = B.make_batches(same)
+    assert batch.hidden.shape[0] == 3 and batch.kwargs.get("attention_mask") is None
+    with torch.no_grad():
+        for x, (h, kw) in zip(B.propagate(blk, same), same):
+            torch.testing.assert_close(x, B.run_block(blk, h, kw), rtol=1e-5, atol=1e-6)

@@ -208,6 +208,7 @@ def test_default_run_reports_times_and_peak_memory_from_its_task_records(default
             assert report["peak_memory"]["kinds"][kind]["rss_mib"] == max(r["peak_rss_mib"] for r in rs)
     assert [b["index"] for b in t["blocks"]] == [0, 1]
     assert t["blocks"][1]["seconds"] == pytest.approx(sum(r["seconds"] for r in records if r["block"] == 1))
+    assert t["blocks"][1]["peak_rss_mib"] == max(r["peak_rss_mib"] for r in records if r["block"] == 1)
     assert report["peak_memory"]["rss_mib"] == max(k["rss_mib"] for k in report["peak_memory"]["kinds"].values())
     assert report["peak_memory"]["cuda_mib"] is None
     starts = [e["start"] for e in report["timeline"]]
@@ -218,6 +219,10 @@ def test_default_run_reports_times_and_peak_memory_from_its_task_records(default
 
 def test_report_of_a_default_run_export_draws_its_timeline(default_farm_run, tmp_path):
     out, _, _ = default_farm_run
+    from tlq_farm.report import block_time_rows
+
+    rows = block_time_rows(json.loads((out / "tlq_report.json").read_text()))
+    assert rows[0] == ["block", "wall s", "CPU s", "peak RSS MiB"] and [r[0] for r in rows[1:]] == ["0", "1"]
     res = CliRunner().invoke(report_command, [str(out), "--out", str(tmp_path / "r"), "--no-importance"])
     assert res.exit_code == 0, res.output
     links, html = linked_pngs(tmp_path / "r" / "index.html")
@@ -294,7 +299,8 @@ def test_summarize_task_records_exactly():
     s = summarize_task_records(records)
     assert s["time"] == {"total_s": 6.0, "task_s": 7.0, "cpu_s": 5.0, "tasks": 3,
                          "stages": {"embed": 1.0, "stats": 6.0}, "stages_cpu": {"embed": 0.5, "stats": 4.5},
-                         "blocks": [{"index": 0, "seconds": 2.0, "cpu_s": 1.5}, {"index": 1, "seconds": 4.0, "cpu_s": 3.0}]}
+                         "blocks": [{"index": 0, "seconds": 2.0, "cpu_s": 1.5, "peak_rss_mib": 500.0},
+                                    {"index": 1, "seconds": 4.0, "cpu_s": 3.0, "peak_rss_mib": 400.0}]}
     assert s["timeline"] == [
         {"task": "embed-s0000", "kind": "embed", "start": 0.0, "end": 1.0, "worker": "w (h:1)"},
         {"task": "stats-b000-g00-s0000", "kind": "stats", "start": 1.0, "end": 3.0, "worker": "v (h:2)"},

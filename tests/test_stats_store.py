@@ -196,17 +196,20 @@ def test_qweights_are_packed_codes_and_rebuild_the_solvers_weight(done_job):
         assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= 15
 
 
-def test_a_bf16_checkpoint_is_staged_in_bf16_and_exports_what_the_in_memory_run_does(files, tmp_path):
-    """Staged pieces keep the checkpoint's dtype (half the bytes of float32); the tasks compute in float32 as
-    the in-memory run does, and the export is the same bytes."""
+def test_a_bf16_checkpoint_stays_bf16_and_the_compute_dtype_is_the_jobs(files, tmp_path):
+    """Staged pieces keep the checkpoint's dtype (half the bytes of float32). --dtype auto computes in float32
+    on a CPU and in the checkpoint's dtype on a GPU or a farm; activations are stored in the compute dtype
+    (bf16: half the bytes), statistics are float32 sums either way, and the export keeps the checkpoint's
+    dtype for what it does not quantize."""
+    import dataclasses
     import shutil
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from tlq_farm.jobs import download_export
-    from tlq_farm.pipeline import run_local
-
-    from test_farm_support import export_bytes
+    from tlq_farm.spec import resolve_dtype
+    from tlq_farm.staging import checkpoint_dtype
 
     model, calib = files
     bf16 = tmp_path / "model-bf16"
@@ -214,18 +217,33 @@ def test_a_bf16_checkpoint_is_staged_in_bf16_and_exports_what_the_in_memory_run_
     state = load_file(str(bf16 / "model.safetensors"))
     save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()},
               str(bf16 / "model.safetensors"), metadata={"format": "pt"})
-    spec = job_spec(bf16, calib)
-    store = LocalStore(tmp_path / "store")
-    job, _ = stage_job(store, spec)
-    staged = get_tensors_and_metadata(store, keys.staged_block(job, 0))[0]
-    assert {t.dtype for t in staged.values()} == {torch.bfloat16}
-    manifest = get_json(store, keys.manifest(job))
-    assert manifest["sizes"]["blocks"][0] == 2 * _nbytes(store, keys.staged_block(job, 0))  # float32 in memory
-    assert steps.run_embedded(store, job)
-    download_export(store, job, tmp_path / "farm")
-    run_local(spec, tmp_path / "local", progress=False, log=lambda m: None)
-    farm, local = export_bytes(tmp_path / "farm"), export_bytes(tmp_path / "local")
-    assert [n for n in local if farm.get(n) != local[n] and n != "tlq_report.json"] == []
+    assert checkpoint_dtype(bf16) == "bfloat16" and checkpoint_dtype(model) == "float32"
+    assert resolve_dtype("auto", "bfloat16", "cpu", farm=False) == "float32"
+    assert resolve_dtype("auto", "bfloat16", "cuda", farm=False) == "bfloat16"
+    assert resolve_dtype("auto", "bfloat16", "cpu", farm=True) == "bfloat16"
+    assert resolve_dtype("float16", "bfloat16", "cpu", farm=False) == "float16"
+
+    acts = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = dataclasses.replace(job_spec(bf16, calib), dtype=dtype)
+        store = LocalStore(tmp_path / f"store-{dtype}")
+        job, _ = stage_job(store, spec)
+        staged = get_tensors_and_metadata(store, keys.staged_block(job, 0))[0]
+        assert {t.dtype for t in staged.values()} == {torch.bfloat16}
+        manifest = get_json(store, keys.manifest(job))
+        element = 2 if dtype == "bfloat16" else 4  # a block in memory, in the compute dtype
+        assert manifest["sizes"]["blocks"][0] == element // 2 * _nbytes(store, keys.staged_block(job, 0))
+        assert steps.run_embedded(store, job)
+        acts[dtype] = get_tensors_and_metadata(store, keys.acts(job, "q", 1, 0))[0]
+        assert {t.dtype for t in acts[dtype].values()} == {getattr(torch, dtype)}
+        partial = get_tensors_and_metadata(store, keys.stats(job, 1, 0, 0))[0]
+        assert {t.dtype for n, t in partial.items() if n.endswith("|H")} == {torch.float32}
+        download_export(store, job, tmp_path / f"out-{dtype}")
+        with safe_open(str(tmp_path / f"out-{dtype}" / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    # The two chains agree to bf16 rounding (the second block's input went through one block in each).
+    for name, t in acts["float32"].items():
+        torch.testing.assert_close(acts["bfloat16"][name].float(), t, rtol=0.05, atol=0.05)
 
 
 def test_task_records_count_the_store_bytes_each_task_moved(done_job):

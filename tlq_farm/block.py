@@ -270,11 +270,15 @@ def _pack(inputs: list[SampleInput], rows: list[list[int]], width: int) -> Batch
     lone = len(rows) == 1 and len(rows[0]) == 1 and first_h.shape[1] == width
     if lone:  # nothing to pad or to keep apart: the sample as captured (the model's own causal path)
         return Batch(first_h, first_kw, [(0, 0, width)])
+    # One full-length sample per row, each with the plain causal mask: the model's own causal path serves
+    # them all (no mask tensor: attention skips the masked half).
+    plain = all(len(row) == 1 and inputs[row[0]][0].shape[1] == width
+                and inputs[row[0]][1].get("attention_mask") is None for row in rows)
     places = []
     hidden = first_h.new_zeros(len(rows), width, first_h.shape[-1])
     flat0 = {n: t for n, t in flatten_kwargs(first_kw).items() if n != "attention_mask"}
     flat = {n: None if t is None else t.new_zeros((len(rows), width) + tuple(t.shape[2:])) for n, t in flat0.items()}
-    mask = torch.zeros(len(rows), 1, width, width, dtype=torch.bool, device=first_h.device)
+    mask = None if plain else torch.zeros(len(rows), 1, width, width, dtype=torch.bool, device=first_h.device)
     for r, row in enumerate(rows):
         s = 0
         for i in row:
@@ -284,12 +288,13 @@ def _pack(inputs: list[SampleInput], rows: list[list[int]], width: int) -> Batch
             for name, t in flatten_kwargs(kw).items():
                 if name != "attention_mask" and t is not None:
                     flat[name][r, s:s + n] = t[0]
-            mask[r, 0, s:s + n, s:s + n] = _sample_mask(kw, n, h.device)
+            if mask is not None:
+                mask[r, 0, s:s + n, s:s + n] = _sample_mask(kw, n, h.device)
             places.append((r, s, n))
             s += n
-        # Padding attends to itself only: no row of the mask is empty (an empty one gives NaN).
-        pad = torch.arange(s, width, device=first_h.device)
-        mask[r, 0, pad, pad] = True
+        if mask is not None:  # padding attends to itself only: no row of the mask is empty (that gives NaN)
+            pad = torch.arange(s, width, device=first_h.device)
+            mask[r, 0, pad, pad] = True
     kwargs = unflatten_kwargs(flat)
     kwargs["attention_mask"] = mask
     return Batch(hidden, kwargs, places)

@@ -19,7 +19,7 @@ def run_local(spec: JobSpec, out_dir: str | Path, *, device: str = "cpu", progre
     out_dir, and return the report."""
     from .jobs import download_export
     from .staging import stage_job
-    from .steps import run_embedded
+    from .steps import drop_contexts, run_embedded
     from .store import LocalStore
 
     spec.validate()
@@ -29,6 +29,9 @@ def run_local(spec: JobSpec, out_dir: str | Path, *, device: str = "cpu", progre
     with tempfile.TemporaryDirectory(prefix="tlq-local-") as tmp:
         store = LocalStore(tmp)
         job, _ = stage_job(store, spec, log=log)
-        run_embedded(store, job, device=device, progress=progress)
-        download_export(store, job, out_dir, overwrite=overwrite)
+        try:
+            run_embedded(store, job, device=device, progress=progress)
+            download_export(store, job, out_dir, overwrite=overwrite)
+        finally:
+            drop_contexts(store, job)
     return json.loads((out_dir / "tlq_report.json").read_text())

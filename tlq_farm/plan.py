@@ -38,8 +38,7 @@ FP_CHAIN_IMPORTANCE = ("vlmq",)
 RTN_CHAIN_IMPORTANCE = ("tlq",)
 # Strategies whose token weights differ per linear: linears sharing an input do not share a Gram then.
 PER_MODULE_IMPORTANCE = ("vlmq",)
-# Bytes per element of stored activations and of partial statistics (float32 running sums).
-ACT_BYTES = 4
+# Bytes per element of partial statistics (float32 running sums, whatever the compute dtype).
 SUM_BYTES = 4
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
@@ -107,16 +106,21 @@ def group_owners(members: list[str], classes: list[list[str]] | None, per_module
     return owners
 
 
+def act_bytes(manifest: dict) -> int:
+    """Bytes per element of stored activations: the job's compute dtype."""
+    return {"bfloat16": 2, "float16": 2}.get(manifest["spec"].get("dtype", "float32"), 4)
+
+
 def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_groups: list[list[str]],
                      classes: list[list[str]] | None, in_features: dict[str, int],
-                     partition_tokens: int = 0) -> list[int]:
+                     partition_tokens: int = 0, element_bytes: int = 4) -> list[int]:
     """First shard of each statistics partition of one block, shared by all its true-sequential groups (see
     partition_starts): a partition holds at least the bytes of the block's partials (every group's, per
     owner H and for GPTAQ also D and Hfp, float32 [in, in]) in the activations a stats task reads (the q
     chain's, and the fp chain's for GPTAQ). partition_tokens > 0: at least that many tokens instead."""
     if partition_tokens > 0:
         return partition_starts(shard_tokens, partition_tokens)
-    per_token = hidden * ACT_BYTES * (2 if quant["method"] == "gptaq" else 1)
+    per_token = hidden * element_bytes * (2 if quant["method"] == "gptaq" else 1)
     partials = sum(partial_bytes(quant, members, classes, in_features) for members in block_groups)
     return partition_starts([n * per_token for n in shard_tokens], partials)
 
@@ -129,7 +133,7 @@ def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = No
     block = groups["blocks"][b]
     return block_partitions(manifest["shard_tokens"], manifest["sizes"]["hidden"], manifest["spec"]["quant"],
                             block["groups"], block.get("inputs"), block["in_features"],
-                            manifest["spec"].get("partition_tokens", 0))
+                            manifest["spec"].get("partition_tokens", 0), act_bytes(manifest))
 
 
 def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | None,
@@ -519,7 +523,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     block = max(block_sizes) if block_sizes else 0
     # A vision tower sees up to 4 patches per vision token of the decoder (2 x 2 merged, Qwen-VL).
     tokens = [4 * n for n in manifest["shard_vision_tokens"]] if vision else manifest["shard_tokens"]
-    shard_acts = [n * hidden * 4 for n in tokens]
+    shard_acts = [n * hidden * act_bytes(manifest) for n in tokens]
     acts = shard_acts[task.shard] if task.shard is not None else max(shard_acts)
 
     quant = manifest["spec"]["quant"]

@@ -69,7 +69,8 @@ def summarize_task_records(records: list[dict]) -> dict:
     """tlq_report.json's run fields of a farm job, from its computed task records (tlq_farm.steps.execute):
 
     time:        total_s (first start to last end), task_s and cpu_s (summed over tasks), stages and
-                 stages_cpu (wall / CPU seconds per task kind), blocks (per decoder block), tasks (count)
+                 stages_cpu (wall / CPU seconds per task kind), blocks (per block: wall and CPU seconds, the
+                 largest task peak RSS; a vision tower's blocks with "tower"), tasks (count)
     timeline:    one entry per task, {task, kind, start, end, worker}, seconds since the first start
     peak_memory: rss_mib and cuda_mib (the largest task peak), and the same per kind under "kinds"
     store_io:    bytes read from and written to the store (read_bytes, written_bytes), reads served by the
@@ -83,7 +84,7 @@ def summarize_task_records(records: list[dict]) -> dict:
     t1 = max(float(r["finished"]) for r in done)
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    blocks: dict[int, list[float]] = {}
+    blocks: dict[tuple, list[float]] = {}
     rss: dict[str, float] = {}
     cuda: dict[str, float] = {}
     timeline = []
@@ -95,9 +96,10 @@ def summarize_task_records(records: list[dict]) -> dict:
         cpu[kind] = cpu.get(kind, 0.0) + cpu_s
         b = _task_block(r)
         if b is not None:
-            acc = blocks.setdefault(b, [0.0, 0.0])
+            acc = blocks.setdefault((r.get("tower") or "", b), [0.0, 0.0, 0.0])
             acc[0] += seconds
             acc[1] += cpu_s
+            acc[2] = max(acc[2], float(r.get("peak_rss_mib") or 0.0))
         if r.get("peak_rss_mib") is not None:
             rss[kind] = max(rss.get(kind, 0.0), float(r["peak_rss_mib"]))
         if r.get("cuda_peak_mib") is not None:
@@ -109,7 +111,8 @@ def summarize_task_records(records: list[dict]) -> dict:
         "store_io": store_io(done),
         "time": {"total_s": t1 - t0, "task_s": sum(wall.values()), "cpu_s": sum(cpu.values()), "tasks": len(done),
                  "stages": {k: wall[k] for k in kinds}, "stages_cpu": {k: cpu[k] for k in kinds},
-                 "blocks": [{"index": b, "seconds": blocks[b][0], "cpu_s": blocks[b][1]} for b in sorted(blocks)]},
+                 "blocks": [{"index": b, "seconds": v[0], "cpu_s": v[1], "peak_rss_mib": v[2],
+                             **({"tower": tower} if tower else {})} for (tower, b), v in sorted(blocks.items())]},
         "timeline": timeline,
         "peak_memory": {"rss_mib": max(rss.values()) if rss else None,
                         "cuda_mib": max(cuda.values()) if cuda else None,
@@ -383,7 +386,7 @@ def importance_maps(spec_dict: dict, *, n_samples: int = 4, device: str = "cpu")
         store = LocalStore(tmp)
         job, _ = stage_job(store, spec)
         steps.run_embedded(store, job, device=device, targets=weight_targets)
-        ctx = steps.JobContext(store, job, device)
+        ctx = steps.job_context(store, job, device)
         n_shards = len(ctx.manifest["shards"])
         masks = [ctx.token_masks(k) for k in range(n_shards)]
         valid = [v.cpu() for m in masks for v in m[0]]
@@ -396,6 +399,7 @@ def importance_maps(spec_dict: dict, *, n_samples: int = 4, device: str = "cpu")
             else:
                 weights = [w for part in weights for w in part]
             per_block.append([w.cpu() for w in mean_over_modules(weights, len(samples))])
+        steps.drop_contexts(store, job)
 
     n = len(samples)
     images_by_source = _images_of_sources(load_rows(spec.calib)[0], calib.sources[:n])
@@ -575,6 +579,19 @@ def stage_time_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def block_time_rows(report: dict) -> list[list[str]]:
+    """Table rows (header first) of the report's per-block wall and CPU seconds and peak memory; []
+    without them."""
+    blocks = (report.get("time") or {}).get("blocks") or []
+    if not blocks:
+        return []
+    rows = [["block", "wall s", "CPU s", "peak RSS MiB"]]
+    for e in blocks:
+        name = f"{e['tower']} {e['index']}" if e.get("tower") else str(e["index"])
+        rows.append([name, _fmt(e.get("seconds")), _fmt(e.get("cpu_s")), _fmt(e.get("peak_rss_mib"))])
+    return rows
+
+
 def build_report(report: dict, out_dir: str | Path, *, task_records: list[dict] | None = None,
                  importance: list[ImportanceMap] | None = None, importance_note: str = "",
                  title: str | None = None) -> Path:
@@ -635,6 +652,10 @@ def build_report(report: dict, out_dir: str | Path, *, task_records: list[dict] 
     time_rows = stage_time_rows(report)
     if time_rows:
         sections.append(Section("Time and peak memory per stage", table=time_rows))
+    block_rows = block_time_rows(report)
+    if block_rows:
+        sections.append(Section("Time and peak memory per block", "Every task of a block summed; peak: its "
+                                "largest task's.", table=block_rows))
 
     if task_records:
         bars = timeline_from_task_records(task_records)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 METHODS = ("rtn", "gptq", "gptaq")
 IMPORTANCE = ("uniform", "modality", "vlmq", "qig", "tlq")
 FORMATS = ("compressed", "fake")
+# The dtype blocks compute in and activations are stored in (statistics are float32 sums whatever it is).
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class SpecError(ValueError):
@@ -72,6 +74,8 @@ class JobSpec:
     # Calibration tokens per statistics partition; 0: chosen from the job's shapes (plan.block_partitions).
     # More partitions spread a block's statistics over more workers where links are fast.
     partition_tokens: int = 0
+    # Compute dtype (resolve_dtype turns --dtype auto into one of DTYPES before the job is staged).
+    dtype: str = "float32"
 
     def validate(self) -> "JobSpec":
         self.quant.validate()
@@ -87,6 +91,8 @@ class JobSpec:
                             "(groups stay contiguous) or export with --format fake")
         if self.shard_tokens < 1:
             raise SpecError(f"--shard-tokens {self.shard_tokens} is invalid: use at least 1 token per shard (8192 by default)")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"--dtype {self.dtype!r} is unknown: choose auto or one of {', '.join(DTYPES)}")
         if self.partition_tokens < 0:
             raise SpecError(f"--partition-tokens {self.partition_tokens} is invalid: use 0 (chosen from the model's "
                             "shapes) or a number of tokens per statistics partition")
@@ -116,3 +122,12 @@ def fingerprint(spec: JobSpec, model_digest: str, data_digest: str) -> str:
     payload = json.dumps({"spec": options, "model": model_digest, "data": data_digest, "format": STORE_FORMAT},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def resolve_dtype(option: str, checkpoint_dtype: str, device: str, farm: bool) -> str:
+    """--dtype auto -> the checkpoint's dtype where a GPU computes (a farm's workers, --device cuda), float32 on
+    a CPU (which has no fast bfloat16 matmul); an explicit dtype as it is."""
+    if option != "auto":
+        return option
+    gpu = farm or str(device).startswith("cuda")
+    return checkpoint_dtype if gpu and checkpoint_dtype in DTYPES else "float32"

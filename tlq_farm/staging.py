@@ -44,11 +44,31 @@ def model_class_for(config):
     return transformers.AutoModelForImageTextToText if hasattr(config, "vision_config") else transformers.AutoModelForCausalLM
 
 
-def meta_model(config):
+def meta_model(config, dtype: torch.dtype = torch.float32):
     """The model's module tree on the meta device: names and shapes, no memory."""
     with torch.device("meta"):
-        model = model_class_for(config).from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = model_class_for(config).from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The floating dtype most of the checkpoint's weights are stored in ('bfloat16', 'float32', ...), from the
+    safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+    counts: dict[str, int] = {}
+    for f in checkpoint_files(model_dir):
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                dtype = names.get(piece.get_dtype())
+                if dtype is not None:
+                    n = 1
+                    for d in piece.get_shape():
+                        n *= int(d)
+                    counts[dtype] = counts.get(dtype, 0) + n
+    return max(counts, key=counts.get) if counts else "float32"
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -230,6 +250,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     files = side_files(model_dir)
     for name in files:
         store.put_file(keys.staged_file(job, name), model_dir / name)
+    compute_bytes = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     pieces = split_keys(module_keys, layout, n_blocks, n_vision)
     sizes = {"embed": 0, "head": 0, "blocks": [0] * n_blocks, "vision_blocks": [0] * n_vision}
     for piece, names in pieces.items():
@@ -243,8 +264,8 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
             key = keys.staged_embed(job) if piece == "embed" else keys.staged_head(job)
         named = {k[len(strip):]: v for k, v in tensors.items()}
         put_tensors(store, key, named)
-        # What a task holds in memory once the piece is loaded into float32 modules.
-        nbytes = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in named.values())
+        # What a task holds in memory once the piece is loaded into modules of the compute dtype.
+        nbytes = sum(v.numel() * (compute_bytes if v.is_floating_point() else v.element_size()) for v in named.values())
         if strip:
             sizes["vision_blocks" if tower else "blocks"][int(piece.rsplit("-", 1)[1])] = nbytes
         else:
@@ -268,6 +289,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
         "format": keys.STORE_FORMAT,
         "model_digest": model_digest,
         "data_digest": data_digest,
+        "checkpoint_dtype": checkpoint_dtype(model_dir),
         "n_blocks": n_blocks,
         "n_vision_blocks": n_vision,
         "n_samples": len(calib.samples),
@@ -316,7 +338,7 @@ def read_tensors(where: dict[str, Path], mapping: dict[str, str], names: list[st
         with safe_open(str(f), "pt") as handle:
             for n in ns:
                 # Staged in the checkpoint's dtype (a bf16 model stays bf16 in the store); tasks compute in
-                # float32, as the in-memory run loads it, and that conversion is exact.
+                # the job's dtype (JobSpec.dtype).
                 out[n] = handle.get_tensor(mapping[n])
     return out
 

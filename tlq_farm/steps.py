@@ -136,6 +136,7 @@ class JobContext:
         self.manifest = check_format(get_json(store, keys.manifest(job)))
         self.spec = JobSpec.from_dict(self.manifest["spec"])
         self.layout = Layout(**self.manifest["layout"])
+        self.dtype = getattr(torch, self.spec.dtype)  # what blocks compute in and activations are stored in
         self._files_dir = tempfile.TemporaryDirectory(prefix=f"tlq-{job}-")
         self.files_dir = Path(self._files_dir.name)
         self._config = None
@@ -163,10 +164,11 @@ class JobContext:
 
     @property
     def meta(self):
+        """The module tree on the meta device, in the checkpoint's dtype (what the export writes)."""
         if self._meta is None:
             from .staging import meta_model
 
-            self._meta = meta_model(self.config)
+            self._meta = meta_model(self.config, getattr(torch, self.manifest.get("checkpoint_dtype", "float32")))
         return self._meta
 
     @property
@@ -180,7 +182,7 @@ class JobContext:
 
     def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
         """A copy of the meta module at `path`, materialized and filled from the staged object `key`."""
-        module = copy.deepcopy(self.meta.get_submodule(path)).to_empty(device=self.device)
+        module = copy.deepcopy(self.meta.get_submodule(path)).to(dtype=self.dtype).to_empty(device=self.device)
         state = get_tensors(self.store, key)
         if strip:
             state = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
@@ -216,7 +218,7 @@ class JobContext:
             return self.full_model()
         torch.manual_seed(self.spec.seed)
         with _construct_on_meta(block_cls), torch.device(self.device):
-            model = model_class_for(self.config).from_config(self.config, dtype=torch.float32,
+            model = model_class_for(self.config).from_config(self.config, dtype=self.dtype,
                                                              attn_implementation="sdpa")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -229,7 +231,7 @@ class JobContext:
         from .staging import model_class_for
 
         torch.manual_seed(self.spec.seed)
-        model = model_class_for(self.config).from_config(self.config, dtype=torch.float32, attn_implementation="sdpa")
+        model = model_class_for(self.config).from_config(self.config, dtype=self.dtype, attn_implementation="sdpa")
         model.eval().requires_grad_(False).to(self.device)
         return model
 
@@ -625,8 +627,8 @@ def do_export(ctx: JobContext, task: Task) -> None:
     counted = [0]
 
     def computed(state: dict) -> dict:
-        # The export holds what the tasks computed with: float32, as the in-memory run exports it.
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        # What is not quantized is exported as the checkpoint has it (its dtype: a bf16 model stays bf16).
+        return state
 
     def chunks(key: str):
         # The prefix (vision tower, embeddings) can outweigh a block: handed on a few tensors at a time.
@@ -723,13 +725,43 @@ def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
     return ctx
 
 
+# Free heap the allocator may keep between tasks. Handing back less costs page faults (system time) for
+# nothing: the next task takes the same memory again.
+KEEP_FREE_BYTES = 256 * 2**20
+
+
+def _free_heap_bytes(libc) -> int | None:
+    """Bytes glibc's heap holds free (mallinfo2's fordblks), None where it cannot tell."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc.mallinfo2.restype = MallInfo2
+        return int(libc.mallinfo2().fordblks)
+    except AttributeError:  # glibc before 2.33
+        return None
+
+
+def drop_contexts(store: Store, job: str) -> None:
+    """Forget the cached contexts of a job in this process, and their local files (a finished local run)."""
+    for key in [k for k in _CONTEXTS if k[0] == id(store) and k[1] == job]:
+        _CONTEXTS.pop(key)._files_dir.cleanup()
+
+
 def _release_free_memory() -> None:
-    """Hand memory the allocator keeps after an earlier task back to the system (glibc's malloc_trim), so
-    that a task's measured memory is its own and a worker does not hold its largest task's peak forever."""
+    """Hand memory the allocator keeps after an earlier task back to the system (glibc's malloc_trim) once it
+    is more than KEEP_FREE_BYTES, so that a task's measured memory is its own and a worker does not hold its
+    largest task's peak forever."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        free = _free_heap_bytes(libc)
+        if free is None or free > KEEP_FREE_BYTES:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -790,12 +822,12 @@ class TaskMeter:
         self.device = device
         self.store = store
         self.io0 = io_counters(store)
+        _release_free_memory()
         start = _proc_status_kib("VmRSS")
         # What the process held when the task began (libraries, cached job context): the task's own
         # memory is its peak above this.
         self.rss_start_mib = None if start is None else start / 1024.0
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-        _release_free_memory()
         self.reset = _reset_peak_rss()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -839,7 +871,8 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     attempt = uuid.uuid4().hex
 
     def record() -> dict:
-        r = {"task": task.name, "kind": task.kind, "block": task.block, "attempt": attempt, **meter.sample(),
+        r = {"task": task.name, "kind": task.kind, "block": task.block, "tower": task.tower, "attempt": attempt,
+             **meter.sample(),
              "host": socket.gethostname(), "pid": os.getpid(),
              "estimate_bytes": plan.estimate_memory(task, ctx.manifest, ctx.groups if task.kind != "embed"
                                                     and task.kind != "groups" else None)}

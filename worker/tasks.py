@@ -46,7 +46,7 @@ def run_task(store_url: str, job: str, task: dict) -> str:
     finally:
         STATE.current = None
         r.delete(running_key(mark))
-    if status == "computed" and t.kind in ("embed", "propagate"):
+    if status == "computed" and t.kind in ("embed", "reembed", "forward", "propagate"):  # they write a shard's acts
         r.set(affinity_key(store_url, job, t.shard), STATE.id, ex=24 * 3600)
     dispatch.advance(store_url, job, store, idle_worker=STATE.id)
     return status

@@ -96,17 +96,18 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
     if not bool(torch.isfinite(Xq).all()):
         raise ValueError("x_q contains NaN or inf on tokens of nonzero weight: check the quantized chain's "
                          "activations (an earlier block may have diverged)")
+    ones = bool((w == 1).all())  # uniform weights: x * 1 is x, so the product and its copy can be skipped
     wc = w.to(dtype).unsqueeze(1)
-    sums["H"].addmm_((Xq * wc).T, Xq)
+    sums["H"].addmm_(Xq.T if ones else (Xq * wc).T, Xq)
     if x_fp is not None:
         Xfp = _flatten_tokens(x_fp, "x_fp", dtype)
         Xfp = Xfp if whole else Xfp[kept]
         if not bool(torch.isfinite(Xfp).all()):
             raise ValueError("x_fp contains NaN or inf on tokens of nonzero weight: check the full-precision "
                              "chain's activations")
-        sums["D"].addmm_(((Xfp - Xq) * wc).T, Xq)
+        sums["D"].addmm_((Xfp - Xq).T if ones else ((Xfp - Xq) * wc).T, Xq)
         if "Hfp" in sums:
-            sums["Hfp"].addmm_((Xfp * wc).T, Xfp)
+            sums["Hfp"].addmm_(Xfp.T if ones else (Xfp * wc).T, Xfp)
     sums["w_sum"] += w.sum()
     sums["tokens"] += n_kept
 
