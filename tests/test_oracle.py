@@ -197,7 +197,7 @@ def test_one_sample_at_a_time_and_packed_batches_agree(reference):
     blk = blocks[0]
     names = linear_names(blk)
     inputs = [(c.hidden, c.kwargs(0)) for c in captured]
-    alone = [B.Batch(h, kw, None, valid[i].reshape(h.shape[:-1])) for i, (h, kw) in enumerate(inputs)]
+    alone = [B.Batch(h, kw, None, valid[i].reshape(h.shape[:-1]), index=[i]) for i, (h, kw) in enumerate(inputs)]
     packed = B.make_batches(inputs, valid)
     assert len(packed) < len(inputs)
     a = B.accumulate_stats(blk, alone, None, names)
@@ -269,3 +269,20 @@ def test_full_rows_of_one_sample_take_the_models_causal_path(reference):
     with torch.no_grad():
         for x, (h, kw) in zip(B.propagate(blk, same), same):
             torch.testing.assert_close(x, B.run_block(blk, h, kw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[256] * 5, [601, 407, 407, 315, 601], [30, 90, 45, 20, 88, 60, 12, 70] * 9,
+                                     [300, 300, 280, 100, 90, 40], [9000, 30, 30]])
+def test_batches_hold_every_sample_once_with_little_padding(lengths):
+    batches = B.plan_batches(lengths, batch_tokens=1024)
+    placed = sorted(i for batch in batches for row in batch for i in row)
+    assert placed == list(range(len(lengths)))
+    for batch in batches:
+        width = lengths[batch[0][0]]  # a batch is as wide as its first sample, its longest
+        assert all(sum(lengths[i] for i in row) <= width for row in batch)
+        assert len(batch) * width <= max(1024, width)
+        long = [i for row in batch for i in row if lengths[i] >= B.PACK_BELOW]
+        if long:  # a long sample shares a forward only with samples of its length, one per row: no padding
+            assert all(len(row) == 1 and lengths[row[0]] == width for row in batch)
+        else:  # at least half of the batch is tokens, not padding
+            assert 2 * sum(lengths[i] for row in batch for i in row) >= len(batch) * width

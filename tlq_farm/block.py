@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -193,38 +193,45 @@ def act_fake_quant(block: nn.Module, names: list[str], bits: int | None):
 # Padded tokens per block forward (a longer sample still runs, alone). Fixed, like the shards, so that a
 # job's batches, and with them the summation order of its statistics, never depend on who runs them.
 BATCH_TOKENS = 8192
+# Samples at least this long are never packed with others: their own compute outweighs a forward's fixed
+# cost, and a padded or block-diagonal row would cost more (padding, a mask without the causal shortcut).
+# Equal lengths still share a forward, one sample per row, with no padding and no mask.
+PACK_BELOW = 256
 
 
 @dataclass
 class Batch:
-    """Samples that go through a block in one forward. Packed: rows of consecutive samples laid end to end
-    and padded to the longest sample's length, each sample attending only to itself (a block-diagonal causal
-    mask) with its own position embeddings. Unpacked (places None): one sample exactly as captured, for
-    inputs without the [1, tokens, ...] layout (a vision tower's blocks)."""
+    """Samples that go through a block in one forward. Packed: rows of samples laid end to end and padded to
+    the batch's longest sample, each sample attending only to itself (a block-diagonal causal mask) with its
+    own position embeddings. Unpacked (places None): one sample exactly as captured, for inputs without the
+    [1, tokens, ...] layout or blocks that attend both ways (a vision tower's)."""
 
     hidden: torch.Tensor
     kwargs: dict
     places: list[tuple[int, int, int]] | None  # per sample: (row, first token, tokens)
     weights: torch.Tensor | dict | None = None  # token weights in the batch's layout (0 on padding)
+    index: list[int] = field(default_factory=lambda: [0])  # each sample's position in the inputs
 
     @property
     def size(self) -> int:
         """Samples in the batch."""
-        return 1 if self.places is None else len(self.places)
+        return len(self.index)
 
     def spread(self, values: list[torch.Tensor], features: int = 0) -> torch.Tensor:
-        """Per-sample values, one per token ([tokens] or [1, tokens], with `features` trailing dims) -> one
-        tensor of the batch's token layout, zero on padding."""
-        tail = tuple(values[0].shape[values[0].dim() - features:]) if features else ()
+        """Per-sample values of every input (indexed like the inputs), one per token ([tokens] or [1, tokens],
+        with `features` trailing dims) -> one tensor of this batch's token layout, zero on padding."""
+        first = values[self.index[0]]
+        tail = tuple(first.shape[first.dim() - features:]) if features else ()
         if self.places is None:
-            return values[0].reshape(tuple(self.hidden.shape[:-1]) + tail)
-        out = values[0].new_zeros(tuple(self.hidden.shape[:-1]) + tail)
-        for (r, s, n), v in zip(self.places, values):
-            out[r, s:s + n] = v.reshape((n,) + tail)
+            return first.reshape(tuple(self.hidden.shape[:-1]) + tail)
+        out = first.new_zeros(tuple(self.hidden.shape[:-1]) + tail)
+        for (r, s, n), i in zip(self.places, self.index):
+            out[r, s:s + n] = values[i].reshape((n,) + tail)
         return out
 
     def split(self, out: torch.Tensor) -> list[torch.Tensor]:
-        """A block output of the batch -> each sample's own [1, tokens, d] (copies, no padding)."""
+        """A block output of the batch -> each sample's own [1, tokens, d] (copies, no padding), in the
+        batch's order (Batch.index)."""
         if self.places is None:
             return [out]
         return [out[r:r + 1, s:s + n].clone() for r, s, n in self.places]
@@ -243,17 +250,33 @@ def _packable(sample: SampleInput) -> bool:
                for n, t in flatten_kwargs(kwargs).items())
 
 
-def pack_rows(lengths: list[int], row: int) -> list[list[int]]:
-    """Consecutive samples laid end to end in rows of at most `row` tokens (a longer one alone)."""
-    rows: list[list[int]] = []
-    used = row + 1
-    for i, n in enumerate(lengths):
-        if used + n > row:
-            rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+def plan_batches(lengths: list[int], batch_tokens: int = BATCH_TOKENS) -> list[list[list[int]]]:
+    """Samples (by their token counts) -> batches of rows of sample indices, with little padding: longest
+    first, each batch as wide as its first (longest) sample, a sample placed in the first row of the batch
+    with room for it (first-fit decreasing). A sample opens a new row while rows x width stays within
+    `batch_tokens` and the row is at least 3/4 full, or it is at most half the width (shorter samples, all
+    that follow, will join it); else it starts a new, narrower batch. A sample of PACK_BELOW tokens or more
+    shares a batch only with samples of its own length, one per row: no padding, no mask."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[list[int]]] = []
+    used: list[int] = []
+    width = 0
+    for i in order:
+        n = lengths[i]
+        long = n >= PACK_BELOW
+        joins = batches and not long and width < PACK_BELOW  # short samples never join a long one's batch
+        row = next((r for r, u in enumerate(used) if u + n <= width), None) if joins else None
+        fills = n == width if long else (joins and (4 * n >= 3 * width or 2 * n <= width))
+        if row is None and batches and fills and (len(used) + 1) * width <= max(batch_tokens, width):
+            batches[-1].append([])
+            used.append(0)
+            row = len(used) - 1
+        if row is None:  # a new batch, as wide as this (the longest left) sample
+            batches.append([[]])
+            used, width, row = [0], n, 0
+        batches[-1][row].append(i)
+        used[row] += n
+    return batches
 
 
 def _sample_mask(kwargs: dict, tokens: int, device) -> torch.Tensor:
@@ -265,11 +288,12 @@ def _sample_mask(kwargs: dict, tokens: int, device) -> torch.Tensor:
     return m if m.dtype == torch.bool else m == 0  # an additive float mask: 0 where allowed
 
 
-def _pack(inputs: list[SampleInput], rows: list[list[int]], width: int) -> Batch:
+def _pack(inputs: list[SampleInput], rows: list[list[int]]) -> Batch:
     first_h, first_kw = inputs[rows[0][0]]
-    lone = len(rows) == 1 and len(rows[0]) == 1 and first_h.shape[1] == width
-    if lone:  # nothing to pad or to keep apart: the sample as captured (the model's own causal path)
-        return Batch(first_h, first_kw, [(0, 0, width)])
+    width = first_h.shape[1]  # the batch's first sample is its longest
+    index = [i for row in rows for i in row]
+    if len(index) == 1:  # nothing to pad or to keep apart: the sample as captured (the model's own causal path)
+        return Batch(first_h, first_kw, [(0, 0, width)], index=index)
     # One full-length sample per row, each with the plain causal mask: the model's own causal path serves
     # them all (no mask tensor: attention skips the masked half).
     plain = all(len(row) == 1 and inputs[row[0]][0].shape[1] == width
@@ -297,35 +321,28 @@ def _pack(inputs: list[SampleInput], rows: list[list[int]], width: int) -> Batch
             mask[r, 0, pad, pad] = True
     kwargs = unflatten_kwargs(flat)
     kwargs["attention_mask"] = mask
-    return Batch(hidden, kwargs, places)
+    return Batch(hidden, kwargs, places, index=index)
 
 
 def make_batches(inputs: list[SampleInput], token_weights=None, batch_tokens: int = BATCH_TOKENS,
                  pack: bool = True) -> list[Batch]:
-    """Sample inputs -> the batches a block runs them in: rows as long as the longest sample, as many rows
-    per batch as `batch_tokens` allows. token_weights: per-sample [tokens] tensors, or a dict name -> per-sample
-    list ('*' for the rest), laid out like each batch (Batch.weights). Samples whose inputs cannot be packed
-    go one per batch, unchanged; so do all with pack=False (blocks that are not causal decoder blocks: a
-    vision tower's attend both ways, which the packed mask would not say)."""
+    """Sample inputs -> the batches a block runs them in (plan_batches). token_weights: per-sample [tokens]
+    tensors, or a dict name -> per-sample list ('*' for the rest), laid out like each batch (Batch.weights).
+    Samples whose inputs cannot be packed go one per batch, unchanged; so do all with pack=False (blocks that
+    are not causal decoder blocks: a vision tower's attend both ways, which the packed mask would not say)."""
     inputs = list(inputs)
     if not inputs:
         return []
     if not pack or not all(_packable(x) for x in inputs) or len({tuple(sorted(flatten_kwargs(kw))) for _, kw in inputs}) > 1:
-        groups, batches = [[i] for i in range(len(inputs))], [Batch(h, kw, None) for h, kw in inputs]
+        batches = [Batch(h, kw, None, index=[i]) for i, (h, kw) in enumerate(inputs)]
     else:
-        lengths = [h.shape[1] for h, _ in inputs]
-        width = max(lengths)
-        rows = pack_rows(lengths, width)
-        per = max(1, batch_tokens // width)
-        chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
-        groups = [[i for row in chunk for i in row] for chunk in chunks]
-        batches = [_pack(inputs, chunk, width) for chunk in chunks]
+        batches = [_pack(inputs, rows) for rows in plan_batches([h.shape[1] for h, _ in inputs], batch_tokens)]
     if token_weights is not None:
-        for batch, idx in zip(batches, groups):
+        for batch in batches:
             if isinstance(token_weights, dict):
-                batch.weights = {n: batch.spread([w[i] for i in idx]) for n, w in token_weights.items()}
+                batch.weights = {n: batch.spread(w) for n, w in token_weights.items()}
             else:
-                batch.weights = batch.spread([token_weights[i] for i in idx])
+                batch.weights = batch.spread(token_weights)
     return batches
 
 
@@ -344,8 +361,11 @@ def _as_batches(inputs, token_weights=None, pack: bool = True):
 
 
 def run_batches(block: nn.Module, batches) -> list[torch.Tensor]:
-    """Each sample's block output, batch by batch, in sample order."""
-    return [y for batch in batches for y in batch.split(run_block(block, batch.hidden, batch.kwargs))]
+    """Each sample's block output, batch by batch, in the order of the inputs the batches were made from."""
+    out: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        out.update(zip(batch.index, batch.split(run_block(block, batch.hidden, batch.kwargs))))
+    return [out[i] for i in range(len(out))]
 
 
 @torch.no_grad()
@@ -588,11 +608,11 @@ def head_grad(norm, head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[t
 def block_vjp_batched(block: nn.Module, inputs: list[SampleInput], grads_out: list[torch.Tensor]) -> list[torch.Tensor]:
     """dL/d(block input) of each sample from dL/d(block output), in the batches of make_batches: samples packed
     in a row attend only to themselves, so each one's gradient is its own; padding gets none."""
-    out: list[torch.Tensor] = []
+    out: dict[int, torch.Tensor] = {}
     for batch in make_batches(inputs):
-        g = batch.spread(grads_out[len(out):len(out) + batch.size], features=1)
-        out += batch.split(block_vjp(block, batch.hidden, batch.kwargs, g))
-    return out
+        g = batch.spread(grads_out, features=1)
+        out.update(zip(batch.index, batch.split(block_vjp(block, batch.hidden, batch.kwargs, g))))
+    return [out[i] for i in range(len(inputs))]
 
 
 def block_vjp(block: nn.Module, hidden: torch.Tensor, kwargs: dict, grad_out: torch.Tensor) -> torch.Tensor:
