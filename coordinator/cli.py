@@ -468,19 +468,28 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
     from tlq_farm.jobs import format_status
     from worker import dispatch
 
+    from tlq_farm.steps import is_cancelled
+    from tlq_farm.store import keys
+
     last_advance = time.time()
     try:
         while True:
-            s = _status(store, job)
-            if not quiet:
-                click.echo(format_status(s), err=True)
-            if s["state"] == "done":
+            # A full status lists the whole job: every poll when it is printed, else only as often as the
+            # advance that looks for stalls; in between two marker lookups say whether the job ended.
+            full = not quiet or time.time() - last_advance > advance_every_s
+            if store.is_committed(keys.export_index(job)):
                 break
-            if s["state"] == "cancelled":
+            if is_cancelled(store, job):
                 raise click.ClickException(f"job {job} was cancelled")
-            if s["state"] == "stalled" or time.time() - last_advance > advance_every_s:
-                dispatch.advance(store.url, job, store)
-                last_advance = time.time()
+            if full:
+                s = _status(store, job)
+                if not quiet:
+                    click.echo(format_status(s), err=True)
+                if s["state"] == "done":
+                    break
+                if s["state"] == "stalled" or time.time() - last_advance > advance_every_s:
+                    dispatch.advance(store.url, job, store)
+                    last_advance = time.time()
             time.sleep(every_s)
     except KeyboardInterrupt:
         click.echo(f"\ndetached from job {job}; it goes on. Follow it with `tlq-farm status {job}`.", err=True)

@@ -83,11 +83,11 @@ def test_round_trip_and_overwrite(store):
     assert store.get_bytes(keys.report(JOB)) == b""
 
 
-def test_checksum_and_marker_are_stored(store):
+def test_the_marker_holds_the_checksum_and_is_the_only_companion(store):
     key = keys.acts(JOB, "q", 0, 1)
     data = b"activations" * 100
     digest = store.put_bytes(key, data)
-    assert raw_bytes(store, keys.checksum_key(key)) == f"{digest}  shard-0001.safetensors\n".encode()
+    assert not raw_exists(store, keys.checksum_key(key))  # one write per commit besides the object
     marker = json.loads(raw_bytes(store, keys.marker_key(key)))
     assert set(marker) == {"sha256", "size", "time"}
     assert marker["sha256"] == hashlib.sha256(data).hexdigest()
@@ -230,7 +230,6 @@ def test_local_store_leaves_no_temporaries_and_refuses_escapes(tmp_path):
     assert [n for n in names if not n.startswith(".locks/")] == [
         "jobs/job-1/spec.json",
         "jobs/job-1/spec.json.commit",
-        "jobs/job-1/spec.json.sha256",
     ]
     for bad in ("../escape", "/abs/path", "a//b", ".hidden", "a/./b"):
         with pytest.raises(ValueError, match="store key"):
@@ -290,7 +289,7 @@ def test_concurrent_writers_of_one_key_never_leave_a_torn_object(tmp_path):
     assert reader_problems == []
     final = store.get_bytes(key)  # verifies sha256 against the marker
     assert _payload_is_whole(final, size) and final[:4] != b"0099"
-    assert raw_bytes(store, keys.checksum_key(key)).startswith(hashlib.sha256(final).hexdigest().encode())
+    assert store.commit_info(key).sha256 == hashlib.sha256(final).hexdigest()
     leftovers = [p.name for p in (root / "jobs/job-1/staged").iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -318,7 +317,6 @@ def test_s3_store_lives_under_its_prefix(s3_store_factory):
     assert sorted(item["Key"] for item in listed) == [
         "team/a/jobs/job-1/spec.json",
         "team/a/jobs/job-1/spec.json.commit",
-        "team/a/jobs/job-1/spec.json.sha256",
     ]
     assert store.url == f"s3://{store.bucket}/team/a"
 

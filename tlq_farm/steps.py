@@ -929,8 +929,41 @@ def reconcile_job(store: Store, job: str, cache: dict | None = None, targets=Non
             cache[("groups", store.url, job)] = groups
     elif keys.plan_groups(job) not in committed:
         groups = None  # lost (corrupt and deleted): recomputed by its task
+    cache[("committed", store.url, job)] = set(committed)  # what ready_after trusts until the next listing
     wanted = targets(manifest, groups) if targets is not None and groups is not None else None
     return manifest, committed, groups, plan.reconcile(manifest, committed, groups, wanted)
+
+
+def ready_after(store: Store, job: str, task: Task, cache: dict) -> list[Task] | None:
+    """The tasks that `task`, just committed, may have made ready: those that read one of its outputs, whose
+    inputs are now all committed and whose outputs are not, checked marker by marker (a few lookups, where a
+    full reconcile lists every object of the job). None where only a full reconcile can tell: the plan was
+    not known before (`task` is the groups task) or is not cached here.
+
+    cache: a dict kept by the caller (the manifest, the plan's reverse index, and keys seen committed, which
+    stay committed; an input found missing later makes its reader report input-missing, and a full
+    reconcile follows)."""
+    manifest = cache.get(("manifest", store.url, job))
+    groups = cache.get(("groups", store.url, job))
+    if manifest is None or groups is None or task.kind == "groups":
+        return None
+    index_key = ("consumers", store.url, job)
+    if index_key not in cache:
+        consumers: dict[str, list[Task]] = {}
+        for t in plan.all_tasks(manifest, groups):
+            for k in plan.inputs(t, manifest, groups):
+                consumers.setdefault(k, []).append(t)
+        cache[index_key] = consumers
+    known = cache.setdefault(("committed", store.url, job), set())
+
+    def committed(key: str) -> bool:
+        if key not in known and store.is_committed(key):
+            known.add(key)
+        return key in known
+
+    candidates = dict.fromkeys(c for k in plan.outputs(task, manifest) for c in cache[index_key].get(k, []))
+    return [c for c in candidates if not all(committed(k) for k in plan.outputs(c, manifest))
+            and all(committed(k) for k in plan.inputs(c, manifest, groups))]
 
 
 class JobStuck(RuntimeError):

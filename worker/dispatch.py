@@ -49,19 +49,32 @@ def store_for(url: str) -> Store:
     return _stores[url]
 
 
-def advance(store_url: str, job: str, store: Store | None = None, idle_worker: str | None = None) -> dict:
+def advance(store_url: str, job: str, store: Store | None = None, idle_worker: str | None = None,
+            finished: plan.Task | None = None) -> dict:
     """Enqueue the ready, uncommitted, not already queued or running tasks of `job` -> a summary.
 
-    idle_worker: the calling worker, which is about to be idle whatever its last heartbeat says."""
+    idle_worker: the calling worker, which is about to be idle whatever its last heartbeat says.
+    finished: the task the caller just committed: only what it made ready is looked for (steps.ready_after,
+    a few marker lookups instead of a listing of the whole job); every other advance (heartbeats, resume,
+    the coordinator) reconciles in full, which finds anything this shortcut could miss."""
     store = store or store_for(store_url)
     r = redis_client()
     if steps.is_cancelled(store, job):
         r.hdel(JOBS_KEY, active_field(store_url, job))
         return {"job": job, "state": "cancelled", "sent": 0}
-    manifest, committed, groups, rec = steps.reconcile_job(store, job, cache=_plan_cache)
-    if rec.done:
+    if finished is not None and finished.kind == "export":
         r.hdel(JOBS_KEY, active_field(store_url, job))
         return {"job": job, "state": "done", "sent": 0}
+    ready = steps.ready_after(store, job, finished, _plan_cache) if finished is not None else None
+    if ready is None:
+        manifest, committed, groups, rec = steps.reconcile_job(store, job, cache=_plan_cache)
+        if rec.done:
+            r.hdel(JOBS_KEY, active_field(store_url, job))
+            return {"job": job, "state": "done", "sent": 0}
+        ready, missing = rec.ready, rec.missing
+    else:
+        manifest, groups = _plan_cache[("manifest", store.url, job)], _plan_cache[("groups", store.url, job)]
+        missing = []
     r.hset(JOBS_KEY, active_field(store_url, job), "1")
     records = {w["id"]: w for w in workers()}
     live = {i: w for i, w in records.items() if is_live(w)}
@@ -69,7 +82,7 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
         live[idle_worker] = dict(live[idle_worker], task=None)
     sent = []
     evidence = InFlight(r, records)
-    for task in rec.ready:
+    for task in ready:
         task_id = task.task_id(job)
         mark = mark_id(store_url, task_id)
         if evidence.running(mark):
@@ -88,7 +101,7 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
             queue = personal_queue(preferred)
         app.send_task(RUN_TASK, args=[store_url, job, task.to_dict()], task_id=task_id, queue=queue)
         sent.append(task.name)
-    return {"job": job, "state": "running", "sent": len(sent), "ready": len(rec.ready), "missing": rec.missing}
+    return {"job": job, "state": "running", "sent": len(sent), "ready": len(ready), "missing": missing}
 
 
 # A queued mark younger than this needs no evidence: its message may be between the sender and the queue,

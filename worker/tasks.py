@@ -48,7 +48,8 @@ def run_task(store_url: str, job: str, task: dict) -> str:
         r.delete(running_key(mark))
     if status == "computed" and t.kind in ("embed", "reembed", "forward", "propagate"):  # they write a shard's acts
         r.set(affinity_key(store_url, job, t.shard), STATE.id, ex=24 * 3600)
-    dispatch.advance(store_url, job, store, idle_worker=STATE.id)
+    # What this task made ready; on anything but a fresh commit (a skip, a missing input) the full reconcile.
+    dispatch.advance(store_url, job, store, idle_worker=STATE.id, finished=t if status == "computed" else None)
     return status
 
 

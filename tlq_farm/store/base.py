@@ -3,7 +3,7 @@
 Commit protocol of one object `key` (the store is the truth of a job; a reader must never trust a
 partial write):
 
-    write:  withdraw the old marker -> write the object -> write its checksum -> write the marker
+    write:  withdraw the old marker -> write the object -> write the marker (its sha256 and size)
     read:   marker missing                  -> NotCommitted
             object's sha256/size != marker  -> delete object, checksum and marker -> CorruptObject
 
@@ -122,11 +122,6 @@ def parse_marker(raw: bytes) -> Commit | None:
     if len(commit.sha256) != 64 or commit.size < 0:
         return None
     return commit
-
-
-def checksum_line(sha256: str, key: str) -> bytes:
-    """The checksum companion in `sha256sum` format: '<hex>  <file name>'."""
-    return f"{sha256}  {key.rsplit('/', 1)[-1]}\n".encode()
 
 
 class Store(ABC):
@@ -340,7 +335,8 @@ class Store(ABC):
     # ------------------------------------------------------------------------------ protocol internals
 
     def _commit(self, key: str, digest: str, size: int) -> None:
-        self._write_raw(keys.checksum_key(key), checksum_line(digest, key))
+        # The marker holds the checksum: one write per commit (no separate checksum file, which no reader
+        # needs, and which cost a write, or on S3 a request, per object).
         self._write_raw(keys.marker_key(key), marker_bytes(Commit(digest, size, time.time())))
 
     def _delete_companions_and_object(self, key: str) -> None:

@@ -25,8 +25,9 @@ also the numeric order (block-003 < block-010). Layout of one job:
     jobs/<job>/export/<name>
     jobs/<job>/tasks/<task_id>.json
 
-Next to each committed object the store keeps two companions named by `checksum_key` and `marker_key`;
-those suffixes are reserved and no object key may end with them.
+Next to each committed object the store keeps its commit marker, named by `marker_key`. Stores written by
+earlier versions also hold a checksum file (`checksum_key`), which nothing reads any more and deletes remove;
+both suffixes are reserved and no object key may end with them.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def marker_key(key: str) -> str:
 
 
 def checksum_key(key: str) -> str:
-    """Key of the checksum of `key` (sha256sum format, so `sha256sum -c` works on a local store)."""
+    """Key of the checksum file earlier versions wrote beside `key` (the marker holds the sha256 now)."""
     return key + CHECKSUM_SUFFIX
 
 

@@ -19,6 +19,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,19 +50,28 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+_MADE_FOLDERS: set[Path] = set()
+
+
 def _open_temporary(target: Path) -> tuple[int, Path]:
     """Create a fresh hidden file next to `target`, with the usual permissions (umask applies)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.parent not in _MADE_FOLDERS:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _MADE_FOLDERS.add(target.parent)
     while True:
         candidate = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
         try:
             return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
         except FileExistsError:
             continue
+        except FileNotFoundError:  # the folder went away (a deleted job) since it was made: make it again
+            _MADE_FOLDERS.discard(target.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write `data` to `target` through a fsynced temporary file and an atomic rename."""
+def atomic_write_bytes(target: Path, data: bytes, sync_folder: bool = True) -> None:
+    """Write `data` to `target` through a fsynced temporary file and an atomic rename (made durable with the
+    folder's fsync, or by a later write into the same folder that fsyncs it: sync_folder=False)."""
     handle, temporary = _open_temporary(target)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -72,11 +82,13 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_folder(target.parent)
+    if sync_folder:
+        _fsync_folder(target.parent)
 
 
 def atomic_copy_file(source: Path, target: Path) -> tuple[str, int]:
-    """Copy `source` to `target` atomically; return (sha256, size) of the bytes copied."""
+    """Copy `source` to `target` atomically; return (sha256, size) of the bytes copied. The rename is made
+    durable by the commit marker's write into the same folder."""
     digest = hashlib.sha256()
     size = 0
     handle, temporary = _open_temporary(target)
@@ -92,7 +104,6 @@ def atomic_copy_file(source: Path, target: Path) -> tuple[str, int]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_folder(target.parent)
     return digest.hexdigest(), size
 
 
@@ -121,6 +132,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
+        self._locks = threading.local()
         if not create:
             if self.root.is_dir():
                 return
@@ -155,8 +167,11 @@ class LocalStore(Store):
                 return None
 
     def _write_raw(self, raw_key: str, data: bytes) -> None:
+        # An object's rename is made durable by its commit marker's, written next into the same folder: one
+        # folder fsync per commit. (Should a crash lose the object's rename but keep the marker, the read
+        # finds them apart and the object is recomputed.)
         with _local_errors(self.root, f"write {raw_key!r}"):
-            atomic_write_bytes(self._file(raw_key), data)
+            atomic_write_bytes(self._file(raw_key), data, sync_folder=raw_key.endswith(keys.COMMIT_SUFFIX))
 
     def _delete_raw(self, raw_key: str) -> None:
         with _local_errors(self.root, f"delete {raw_key!r}"):
@@ -232,15 +247,23 @@ class LocalStore(Store):
         # however many keys a store holds. Lock files are never deleted: deleting a lock file another
         # process holds would split the lock in two.
         stripe = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % LOCK_STRIPES
-        lock_path = self.root / LOCK_FOLDER / f"stripe-{stripe:03d}.lock"
-        with _local_errors(self.root, f"lock {key!r}"):
-            lock_path.parent.mkdir(exist_ok=True)
-            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        handle = self._lock_handle(stripe, key)
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
-            os.close(handle)  # closing releases the lock
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _lock_handle(self, stripe: int, key: str) -> int:
+        """This thread's open descriptor of a stripe's lock file (opened once: an open per write cost as much
+        as the write). Per thread, since flock locks belong to an open file, which threads would share."""
+        handles = self._locks.__dict__.setdefault("handles", {})
+        if stripe not in handles:
+            lock_path = self.root / LOCK_FOLDER / f"stripe-{stripe:03d}.lock"
+            with _local_errors(self.root, f"lock {key!r}"):
+                lock_path.parent.mkdir(exist_ok=True)
+                handles[stripe] = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        return handles[stripe]
 
     def _write_guard(self, key: str) -> contextlib.AbstractContextManager:
         return self._lock(key, exclusive=True)
