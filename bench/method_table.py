@@ -105,7 +105,7 @@ def _shared_eval(model: str, heldout_jsonl: str, device: str):
     """(FP model, processor, prepared held-out set, FP answer logits), built once per worker process."""
     key = (model, heldout_jsonl, device)
     if _WORKER.get("key") != key:
-        from coordinator.eval_cmd import answer_logits, load_for_eval, prepare_eval_set
+        from tlq_farm.evaluate import answer_logits, load_for_eval, prepare_eval_set
 
         fp_model, processor, _ = load_for_eval(model, device=device)
         prepared = prepare_eval_set(processor, heldout_jsonl)
@@ -116,7 +116,7 @@ def _shared_eval(model: str, heldout_jsonl: str, device: str):
 
 def score(model, cfg: dict, heldout_jsonl: str, device: str) -> dict:
     """evaluate()'s metrics against the FP model, the held-out encodings and FP logits shared per process."""
-    from coordinator.eval_cmd import score_prepared
+    from tlq_farm.evaluate import score_prepared
 
     _, processor, prepared, ref_logits = _shared_eval(cfg["model"], heldout_jsonl, device)
     return score_prepared(model, processor, prepared, reference_logits=ref_logits,
@@ -133,7 +133,7 @@ def run_fp(cfg: dict, heldout_jsonl: str, device: str) -> dict:
 
 def run_config(cfg: dict, calib_jsonl: str, heldout_jsonl: str, device: str) -> dict:
     """Quantize (fake export into a temp folder) and score against the full-precision model."""
-    from coordinator.eval_cmd import load_for_eval
+    from tlq_farm.evaluate import load_for_eval
     from tlq_farm.pipeline import run_local
     from tlq_farm.spec import JobSpec, QuantSpec
 
@@ -314,8 +314,7 @@ def residual_updates(model: str, heldout_jsonl: str, *, samples: int = 16) -> li
     updates are small relative to the stream leave little for any quantizer, weighted or not, to get wrong."""
     import torch
 
-    from coordinator.eval_cmd import load_for_eval, prepare_eval_set
-    from tlq_farm.evaluate import model_inputs
+    from tlq_farm.evaluate import load_for_eval, model_inputs, prepare_eval_set
     from tlq_farm.models.adapter import block_output, find_layout
 
     fp, processor, _ = load_for_eval(model)
@@ -352,10 +351,8 @@ def blind_scores(model: str, heldout_jsonl: str, *, samples: int = 60) -> dict:
     tokens nothing to protect)."""
     from PIL import Image
 
-    from coordinator.eval_cmd import load_for_eval, prepare_eval_set, score_prepared
-    from tlq_farm.calib.encode import encode_example
     from tlq_farm.demo.scenes import blank_canvas
-    from tlq_farm.evaluate import answer_positions, read_jsonl_rows
+    from tlq_farm.evaluate import load_for_eval, prepare_eval_set, prepare_sample, read_jsonl_rows, score_prepared
 
     fp, processor, _ = load_for_eval(model)
     seeing = prepare_eval_set(processor, heldout_jsonl, samples)
@@ -363,10 +360,7 @@ def blind_scores(model: str, heldout_jsonl: str, *, samples: int = 60) -> dict:
     for row in read_jsonl_rows(heldout_jsonl, samples):
         sizes = [Image.open(p).size for p in row["image_paths"]]
         images = [blank_canvas().resize(size) for size in sizes]
-        full = encode_example(processor, images, row["prompt"], row["answer"])
-        positions, targets = answer_positions(full["labels"])
-        blind.append({"answer": row["answer"], "prompt_inputs": encode_example(processor, images, row["prompt"], None),
-                      "full_inputs": full, "positions": positions, "targets": targets})
+        blind.append(prepare_sample(processor, images, row["prompt"], row["answer"]))
     return {"samples": len(seeing), "with_image": score_prepared(fp, processor, seeing, max_new_tokens=3),
             "blank_image": score_prepared(fp, processor, blind, max_new_tokens=3)}
 

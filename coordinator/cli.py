@@ -28,6 +28,7 @@ def _default_out(model: str, q: QuantSpec) -> Path:
 def _user_errors():
     from tlq_farm.calib.data import CalibError
     from tlq_farm.calib.encode import SampleTooLong
+    from tlq_farm.evaluate import EvalInputError
     from tlq_farm.models.adapter import UnsupportedModel
 
     from tlq_farm.staging import StagingError
@@ -37,7 +38,7 @@ def _user_errors():
     from tlq_farm.jobs import ExportWriteError
 
     return (SpecError, CalibError, SampleTooLong, UnsupportedModel, FileExistsError, FileNotFoundError, StagingError,
-            JobStuck, StoreError, ExportWriteError)
+            JobStuck, StoreError, ExportWriteError, EvalInputError)
 
 
 DEFAULT_STORE = "tlq-runs"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from coordinator.eval_cmd import (activation_bits_to_fake, eval_command, evaluate_folder, load_for_eval,
-                                  recorded_source_model)
+from coordinator.eval_cmd import eval_command
+from tlq_farm.evaluate import activation_bits_to_fake, evaluate_folder, load_for_eval, recorded_source_model
 from tlq_farm.models.tiny import make_tiny, tiny_image
 from tlq_farm.pipeline import run_local
 from tlq_farm.spec import JobSpec, QuantSpec
@@ -148,7 +148,7 @@ def test_non_demo_model_needs_data(qwen_src):
 
 def test_prepared_scoring_equals_evaluate(exports, qwen_src, image_data):
     """The bench's shared-reference scorer computes exactly what evaluate() computes."""
-    from coordinator.eval_cmd import answer_logits, prepare_eval_set, score_prepared
+    from tlq_farm.evaluate import answer_logits, prepare_eval_set, score_prepared
 
     export = exports[("fake", 8)]
     direct = evaluate_folder(export, image_data, reference=qwen_src, max_new_tokens=3)

@@ -404,11 +404,11 @@ def score_held_out(model_dir: str | Path, n: int) -> dict:
     """Greedy exact match on `n` held-out samples, overall and per question kind."""
     import tempfile
 
-    from tlq_farm.evaluate import evaluate, load_model_and_processor
+    from tlq_farm.evaluate import evaluate, load_model_and_processor, write_heldout_set
 
     model, processor = load_model_and_processor(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        jsonl = scenes.write_set(tmp, n, HELD_OUT_SEED)
+        jsonl = write_heldout_set(tmp, n)
         result = {"overall": evaluate((model, processor), jsonl, max_new_tokens=4)["accuracy"]}
         rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
         for kind in scenes.QUESTION_KINDS:
