@@ -1,14 +1,20 @@
-"""Farm figures: overhead of the farm against the embedded run, 1 vs 2 workers, bytes moved per block.
+"""Farm time against the embedded run, and what a second worker gains.
 
-    .venv/bin/python bench/bench_farm.py [--layers 4] [--hidden 256] [--samples 16] [--shard-tokens 256]
+    .venv/bin/python bench/bench_farm.py                 # Llama hidden 1024, MLP 2816, 4 blocks, 32 x ~256 tokens
+    .venv/bin/python bench/bench_farm.py --hidden 256 --samples 8   # a quick check
 
-Builds a small Llama from a config (no download), stages one GPTQ job and runs it:
-  1. embedded (this process, folder store),
-  2. on a farm of 1 worker, then 2 workers (Celery over a private redis-server, moto S3 over loopback),
-     each worker with one torch thread;
-and reports wall time from staging to committed export, plus the bytes each block's tasks read and wrote
-through the store against the minimum (the block's weights, its input activations and its outputs).
-Prints a Markdown table (for docs/benchmarks.md, section "Farm").
+Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
+side by side, every command from its start to the downloaded export (the workers are started, and have
+imported torch, before the clock starts; one torch thread in every process):
+
+  1. the embedded run (`tlq-farm run`, a folder store, this machine's one process);
+  2. the farm with 1 worker: Celery over a private redis-server, S3 on moto's server over loopback;
+  3. the farm with 1 worker on a shared folder store (no S3);
+  4. two jobs submitted together (W4 and W3 of the same model), on 1 and on 2 workers (S3);
+  5. one GPTAQ + tlq job (the gradient pass, the fp chain) on 1 and on 2 workers (S3).
+
+Prints a Markdown table (docs/benchmarks.md, section "Farm") with the ratios, and checks that every farm
+export is the embedded run's bytes.
 """
 
 from __future__ import annotations
@@ -16,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,162 +30,166 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from tlq_farm import plan, steps  # noqa: E402
-from tlq_farm.staging import stage_job  # noqa: E402
-from tlq_farm.store import LocalStore, keys, open_store  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
 
 WORDS = "the a cat dog red blue green tree car house runs sits is on under near big small one two three".split()
+CLI = str(Path(sys.executable).parent / "tlq-farm")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_job(root: Path, layers: int, hidden: int, samples: int):
+def make_model(root: Path, layers: int, hidden: int, intermediate: int) -> Path:
     from tlq_farm.models.tiny import make_tiny
 
-    model = make_tiny("llama", root / "model", seed=0, num_hidden_layers=layers, hidden_size=hidden,
-                      intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=hidden // 4)
-    rng = torch.Generator().manual_seed(0)
+    heads = max(1, hidden // 64)
+    return make_tiny("llama", root / "model", seed=0, num_hidden_layers=layers, hidden_size=hidden,
+                     intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                     head_dim=hidden // heads)
+
+
+def make_calib(root: Path, samples: int, words: int) -> Path:
     rows = []
     for i in range(samples):
-        n = 24 + int(torch.randint(0, 16, (1,), generator=rng))
-        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (n,), generator=rng)]
-        rows.append(json.dumps({"prompt": " ".join(words[: n // 2]), "answer": " ".join(words[n // 2:])}))
-    calib = root / "calib.jsonl"
-    calib.write_text("\n".join(rows) + "\n")
-    return model, calib
+        w = [WORDS[(i * 7 + j * 3 + j * j) % len(WORDS)] for j in range(words)]
+        rows.append(json.dumps({"prompt": " ".join(w[: words // 2]), "answer": " ".join(w[words // 2:])}))
+    path = root / "calib.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
 
 
-def spec_for(model, calib, samples, shard_tokens):
-    from tlq_farm.spec import JobSpec, QuantSpec
+def export_files(folder: Path) -> dict[str, bytes]:
+    from test_farm_support import export_bytes
 
-    return JobSpec(model=str(model), calib=str(calib), quant=QuantSpec(group_size=64), samples=samples, seq_len=512,
-                   shard_tokens=shard_tokens)
-
-
-def bytes_per_block(store, job) -> list[dict]:
-    """Bytes read + written by each block's tasks (from commit sizes) and the minimum a block must move."""
-    manifest = steps.get_json(store, keys.manifest(job))
-    committed = steps.committed_keys(store, job)
-    groups = steps.job_groups(store, job, committed)
-
-    def size(k):
-        info = store.commit_info(k)
-        return info.size if info else 0
-
-    sizes: dict[str, int] = {}
-    rows = []
-    for b in range(manifest["n_blocks"]):
-        moved = 0
-        for t in plan.all_tasks(manifest, groups):
-            if t.block != b:
-                continue
-            for k in plan.inputs(t, manifest, groups) + plan.outputs(t, manifest):
-                if k not in sizes:
-                    sizes[k] = size(k)
-                moved += sizes[k]
-        shards = range(len(manifest["shards"]))
-        acts_in = sum(size(keys.acts(job, "q", b, k)) for k in shards)
-        acts_out = sum(size(keys.acts(job, "q", b + 1, k)) for k in shards) if b + 1 < manifest["n_blocks"] else 0
-        minimum = size(keys.staged_block(job, b)) + acts_in + acts_out
-        rows.append({"block": b, "moved": moved, "minimum": minimum})
-    return rows
+    return export_bytes(folder)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--shard-tokens", type=int, default=256)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="bench-farm-"))
-    model, calib = make_job(work, args.layers, args.hidden, args.samples)
-    spec = spec_for(model, calib, args.samples, args.shard_tokens)
+class Farm:
+    """A private redis-server, moto's S3 server (its own process) and worker processes."""
 
-    t = time.perf_counter()
-    store = LocalStore(work / "embedded")
-    job, _ = stage_job(store, spec)
-    assert steps.run_embedded(store, job)
-    embedded_s = time.perf_counter() - t
-    manifest = steps.get_json(store, keys.manifest(job))
-    n_tasks = len(plan.all_tasks(manifest, steps.job_groups(store, job, steps.committed_keys(store, job))))
-    per_block = bytes_per_block(store, job)
+    def __init__(self, root: Path, folder_store: Path):
+        from test_farm_support import free_port
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from s3_server import DUMMY_ENVIRONMENT, start_moto
+        from s3_server import DUMMY_ENVIRONMENT
 
-    os.environ.update(DUMMY_ENVIRONMENT)
-    server, endpoint = start_moto()
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL)
-    broker = f"redis://127.0.0.1:{port}/0"
-    env = dict(os.environ, TLQ_BROKER_URL=broker, AWS_ENDPOINT_URL=endpoint, TLQ_TORCH_THREADS="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TLQ_ALLOWED_STORES="s3://bench-farm")
-    cli = str(Path(sys.executable).parent / "tlq-farm")
-    farm_s = {}
-    workers: list[subprocess.Popen] = []
-    try:
-        time.sleep(0.5)
-        for n in (1, 2):
-            while len(workers) < n:
-                workers.append(subprocess.Popen([cli, "worker", "--loglevel", "WARNING"], env=env, cwd=ROOT,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(15)  # workers import torch and transformers before they take tasks
-            url = f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
-            s3 = open_store(url, endpoint_url=endpoint)
-            s3.ensure_bucket()
-            out = work / f"farm-{n}"
-            t = time.perf_counter()
-            subprocess.run([cli, "run", str(model), "--calib", str(calib), "--samples", str(args.samples),
-                            "--seq-len", "512", "--group-size", "64", "--shard-tokens", str(args.shard_tokens),
-                            "--store", url, "--broker", broker, "--quiet", "--out", str(out)],
-                           env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            farm_s[n] = time.perf_counter() - t
-            ref = work / "embedded-out"
-            if not ref.exists():
-                from tlq_farm.jobs import download_export
+        self.root = root
+        redis_port, s3_port = free_port(), free_port()
+        self.redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                                      stdout=subprocess.DEVNULL)
+        self.moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(s3_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.broker = f"redis://127.0.0.1:{redis_port}/0"
+        self.env = dict(os.environ, **DUMMY_ENVIRONMENT, TLQ_BROKER_URL=self.broker,
+                        AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", TLQ_TORCH_THREADS="1", OMP_NUM_THREADS="1",
+                        PYTHONPATH=str(ROOT), TLQ_ALLOWED_STORES=f"s3://bench-farm,{folder_store}",
+                        TLQ_CACHE_DIR=str(root / "cache"))
+        self.workers: list[subprocess.Popen] = []
+        time.sleep(2)
+        subprocess.run([sys.executable, "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='bench-farm')"],
+                       env=self.env, check=True)
 
-                download_export(store, job, ref)
-            same = all((out / p.name).read_bytes() == p.read_bytes() for p in ref.iterdir())
-            farm_s[f"same-{n}"] = same
-    finally:
-        for w in workers:
+    def scale(self, n: int) -> None:
+        """Exactly n workers, started and settled (imports done) before returning."""
+        while len(self.workers) > n:
+            w = self.workers.pop()
             w.terminate()
-        for w in workers:
-            w.wait(20)
-        redis.terminate()
-        server.stop()
+            w.wait(30)
+        while len(self.workers) < n:
+            log = open(self.root / f"worker-{len(self.workers)}.log", "ab")
+            self.workers.append(subprocess.Popen([CLI, "worker", "--loglevel", "WARNING"], env=self.env, cwd=ROOT,
+                                                 stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(20)  # a worker imports torch and transformers and says hello before it takes tasks
 
-    cpu = platform.processor() or platform.machine()
+    def stop(self) -> None:
+        self.scale(0)
+        self.redis.terminate()
+        self.moto.terminate()
+
+
+def timed(cmds: list[list[str]], env: dict) -> float:
+    """Wall seconds until every command (started together) has finished; each must succeed."""
+    t = time.perf_counter()
+    procs = [subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
+    for p, c in zip(procs, cmds):
+        _, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"{' '.join(c)} failed:\n{err.decode()[-2000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--words", type=int, default=120, help="words per calibration row (about 2 tokens each)")
+    ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-farm-"))
+    model = make_model(work, args.layers, args.hidden, args.intermediate)
+    calib = make_calib(work, args.samples, args.words)
+    folder_store = work / "shared-store"
+    folder_store.mkdir()
+    common = ["run", str(model), "--calib", str(calib), "--samples", str(args.samples), "--seq-len", "4096",
+              "--quiet", "--create-store"]
+    env1 = dict(os.environ, OMP_NUM_THREADS="1", TLQ_BROKER_URL="")
+    rows: list[tuple[str, float, str]] = []
+
+    def run(tag: str, extra: list[str], store: str, env: dict, broker: bool = False) -> list[str]:
+        out = work / f"out-{tag}-{uuid.uuid4().hex[:6]}"
+        cmd = [CLI, *common, *extra, "--store", store, "--out", str(out)] + (["--broker", farm.broker] if broker else [])
+        return cmd, out
+
+    farm = Farm(work, folder_store)
+    try:
+        if "single" not in args.skip:
+            cmd, ref = run("embedded", [], str(work / "embedded-store"), env1)
+            embedded = timed([cmd], env1)
+            rows.append(("embedded (folder store, one process)", embedded, "-"))
+            farm.scale(1)
+            cmd, out = run("s3-1", [], f"s3://bench-farm/{uuid.uuid4().hex[:8]}", farm.env, broker=True)
+            t = timed([cmd], farm.env)
+            rows.append(("farm, 1 worker (Redis + moto S3 over loopback)", t,
+                         f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}"))
+            if "folder" not in args.skip:
+                cmd, out = run("folder-1", [], str(folder_store / uuid.uuid4().hex[:8]), farm.env, broker=True)
+                t = timed([cmd], farm.env)
+                rows.append(("farm, 1 worker (Redis + a shared folder store)", t,
+                             f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}"))
+        if "two" not in args.skip:
+            found = {}
+            for n in (1, 2):
+                farm.scale(n)
+                prefix = f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
+                cmds = [run(f"two-{bits}", ["--bits", str(bits)], f"{prefix}-w{bits}", farm.env, broker=True)[0]
+                        for bits in (4, 3)]
+                found[n] = timed(cmds, farm.env)
+                rows.append((f"two jobs together (W4 and W3), {n} worker{'s' if n > 1 else ''}", found[n],
+                             "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
+        if "tlq" not in args.skip:
+            found = {}
+            for n in (1, 2):
+                farm.scale(n)
+                cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq"], f"s3://bench-farm/{uuid.uuid4().hex[:8]}",
+                             farm.env, broker=True)
+                found[n] = timed([cmd], farm.env)
+                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}", found[n],
+                             "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
+    finally:
+        farm.stop()
+    cpu = "?"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, 1 torch thread per process.")
-    print(f"Job: Llama {args.layers} blocks, hidden {args.hidden}, GPTQ w4 g64, {args.samples} samples, "
-          f"{len(manifest['shards'])} shards, {n_tasks} tasks.\n")
-    print("| run | wall time (s) | export equals embedded |")
-    print("|---|---:|---|")
-    print(f"| embedded (folder store, in process) | {embedded_s:.1f} | - |")
-    for n in (1, 2):
-        print(f"| farm, {n} worker{'s' if n > 1 else ''} (Redis + moto S3 over loopback) | {farm_s[n]:.1f} | "
-              f"{'yes' if farm_s[f'same-{n}'] else 'NO'} |")
-    print("\n| block | bytes moved through the store | minimum (weights + acts in + out) | ratio |")
-    print("|---:|---:|---:|---:|")
-    for r in per_block:
-        print(f"| {r['block']} | {r['moved']:,} | {r['minimum']:,} | {r['moved'] / max(r['minimum'], 1):.1f} |")
+    import torch
+
+    print(f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; one torch thread per process.")
+    print(f"Job: Llama {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, GPTQ W4 g128, "
+          f"{args.samples} samples of {args.words} words.\n")
+    print("| run | wall s | ratio |\n|---|---:|---|")
+    for name, t, note in rows:
+        print(f"| {name} | {t:.1f} | {note} |")
     shutil.rmtree(work, ignore_errors=True)
 
 

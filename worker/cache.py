@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from tlq_farm.store import CorruptObject, Store, keys
+from tlq_farm.store.base import Commit
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ class CachedStore:
             self._remember(digest, key, self._version(key))
         return digest
 
-    def get_bytes(self, key: str) -> bytes:
-        info = self._store.commit_info(key)
+    def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
+        info = commit or self._store.commit_info(key)
         if info is None:
             return self._store.get_bytes(key)  # raises NotCommitted / CorruptObject with the store's message
         path = self._path(info.sha256)
@@ -127,15 +128,15 @@ class CachedStore:
                 os.utime(path)
                 return data
             return self._confirm(key, data, info.sha256)
-        return self._fetch(key)
+        return self._fetch(key, info)
 
-    def get_file(self, key: str, path: str | os.PathLike) -> Path:
+    def get_file(self, key: str, path: str | os.PathLike, commit: Commit | None = None) -> Path:
         """The committed object `key` as the file `path` (large staged pieces are read this way): copied
         from the cache on a hit, as get_bytes serves one; otherwise downloaded, and a copy kept."""
         from tlq_farm.store.base import sha256_file
 
         target = Path(path)
-        info = self._store.commit_info(key)
+        info = commit or self._store.commit_info(key)
         if info is not None:
             cached = self._path(info.sha256)
             version = self._version(key)
@@ -151,7 +152,7 @@ class CachedStore:
                 return target
         version = self._version(key)
         self.misses += 1
-        out = self._store.get_file(key, target)
+        out = self._store.get_file(key, target, commit=info)
         digest, size = sha256_file(out)
         if size <= self.max_bytes and not self._path(digest).exists():
             cached = self._path(digest)
@@ -163,12 +164,12 @@ class CachedStore:
         self._remember(digest, key, version)
         return out
 
-    def _fetch(self, key: str) -> bytes:
+    def _fetch(self, key: str, commit: Commit | None = None) -> bytes:
         # The token is taken before the read: if the object changes in between, it is stale and the next
         # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
         version = self._version(key)
         self.misses += 1
-        data = self._store.get_bytes(key)
+        data = self._store.get_bytes(key, commit=commit)
         digest = hashlib.sha256(data).hexdigest()
         self._keep(digest, data)
         self._remember(digest, key, version)

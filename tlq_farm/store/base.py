@@ -218,20 +218,22 @@ class Store(ABC):
         self.bytes_written += size
         return digest
 
-    def get_bytes(self, key: str) -> bytes:
-        """The committed bytes of `key`, verified against the marker's sha256 and size."""
+    def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
+        """The committed bytes of `key`, verified against the marker's sha256 and size (`commit`: the marker
+        as the caller just read it, which spares a second read of it)."""
         keys.check_key(key)
 
         def fetch() -> tuple[bytes, str, int] | None:
             data = self._read_raw(key)
             return None if data is None else (data, sha256_hex(data), len(data))
 
-        data = self._read_verified(key, fetch, lambda data: None)
+        data = self._read_verified(key, fetch, lambda data: None, commit)
         self.bytes_read += len(data)
         return data
 
-    def get_file(self, key: str, path: str | os.PathLike) -> Path:
-        """Write the committed object `key` into the file `path` (verified, then renamed into place)."""
+    def get_file(self, key: str, path: str | os.PathLike, commit: Commit | None = None) -> Path:
+        """Write the committed object `key` into the file `path` (verified, then renamed into place);
+        `commit` as for get_bytes."""
         keys.check_key(key)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +255,7 @@ class Store(ABC):
                 raise
             return partial, digest, size
 
-        partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True))
+        partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True), commit)
         self.bytes_read += partial.stat().st_size
         os.replace(partial, target)
         return target
@@ -354,15 +356,17 @@ class Store(ABC):
         key: str,
         fetch: Callable[[], tuple[Payload, str, int] | None],
         reject: Callable[[Payload], None],
+        known: Commit | None = None,
     ) -> Payload:
         """Read marker and object, check one against the other; handle a concurrent rewrite.
 
         fetch() reads the object -> (payload, sha256, size), or None when the object is missing.
-        reject(payload) disposes of a payload that failed the check.
+        reject(payload) disposes of a payload that failed the check. known: the marker as the caller read it
+        just before (the first attempt trusts it; a mismatch reads the marker again, as a rewrite would).
         """
-        for _ in range(READ_ATTEMPTS):
+        for attempt in range(READ_ATTEMPTS):
             with self._read_guard(key):
-                present, commit = self._read_marker(key)
+                present, commit = (True, known) if attempt == 0 and known is not None else self._read_marker(key)
                 if not present:
                     raise NotCommitted(
                         f"{key!r} in {self.url} is not committed (no commit marker): it was never completely "

@@ -163,7 +163,7 @@ def get_tensors(store: Store, key: str) -> dict[str, torch.Tensor]:
     tensor at a time."""
     info = store.commit_info(key)
     if info is None or info.size < LARGE_BYTES:
-        data = store.get_bytes(key)
+        data = store.get_bytes(key, commit=info)
         try:
             return load(data)
         except Exception as error:  # the checksum matched: the writer stored something that is not safetensors
@@ -181,14 +181,14 @@ def get_tensors_and_metadata(store: Store, key: str) -> tuple[dict[str, torch.Te
     info = store.commit_info(key)
     try:
         if info is None or info.size < LARGE_BYTES:
-            data = store.get_bytes(key)
+            data = store.get_bytes(key, commit=info)
             return load(data), read_metadata(data)
         import tempfile
 
         from safetensors import safe_open
 
         with tempfile.TemporaryDirectory(prefix="tlq-get-") as tmp:
-            path = store.get_file(key, f"{tmp}/object.safetensors")
+            path = store.get_file(key, f"{tmp}/object.safetensors", commit=info)
             with safe_open(str(path), "pt") as f:
                 return {n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {})
     except StoreError:
