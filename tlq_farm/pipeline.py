@@ -89,7 +89,9 @@ def calibrate_blocks(blocks, captured: list[B.Captured], spec, *, prefix: str, s
                 stats = sharded_stats(block, q_inputs, weights, group, parts, act_bits=q.act_bits, act_names=names,
                                       fp_block=fp_block if q.method == "gptaq" else None,
                                       fp_inputs=fp_inputs if q.method == "gptaq" else None,
-                                      need_fp_gram=q.method == "gptaq")
+                                      need_fp_gram=q.method == "gptaq",
+                                      linear_weights={n: block.get_submodule(n).weight.detach().float()
+                                                      for n in group} if q.method == "gptaq" else None)
                 for n in group:
                     res = B.solve(block.get_submodule(n).weight.detach().float(), stats.get(n), q)
                     B.apply_qweight(block, n, res)
@@ -127,9 +129,11 @@ def block_partitions(shards: list[tuple[int, int]], shard_tokens: list[int], hid
     return [(shards[a][0], shards[e - 1][1]) for a, e in zip(starts, ends)]
 
 
-def sharded_stats(block, q_inputs, weights, names, partitions, *, fp_inputs=None, **kw) -> dict[str, dict]:
+def sharded_stats(block, q_inputs, weights, names, partitions, *, fp_inputs=None, linear_weights=None,
+                  **kw) -> dict[str, dict]:
     """accumulate_stats over each partition (in place, float32), then the partitions' partials summed in
-    partition order (float64): the farm's arithmetic, step for step."""
+    partition order (float64): the farm's arithmetic, step for step. linear_weights (GPTAQ): each linear's
+    weight, which its reduction folds D and Hfp into, as the farm's solve task does."""
     from .quant import reduce_partials
 
     per_part = [B.accumulate_stats(block, q_inputs[a:b], _shard_weights(weights, a, b), names,
@@ -141,6 +145,9 @@ def sharded_stats(block, q_inputs, weights, names, partitions, *, fp_inputs=None
         parts = [p[n] for p in per_part if n in p]
         if not parts:
             continue  # no sample reached this linear
+        if linear_weights is not None:
+            out[n] = reduce_partials(parts, W=linear_weights[n])
+            continue
         key = tuple(id(x) for x in parts)  # linears sharing a Gram share its reduction too
         if key not in reduced:
             reduced[key] = reduce_partials(parts)
