@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlq_farm.quant import finalize_hessian, hessian_partial, reduce_partials
+from tlq_farm.quant import finalize_hessian, finalize_stats, hessian_partial, reduce_partials
 
 torch.set_num_threads(1)
 
@@ -111,3 +111,66 @@ def test_errors_say_what_is_wrong():
         reduce_partials([hessian_partial(x, torch.ones(4)), hessian_partial(x, torch.ones(4), x_fp=x)])
     with pytest.raises(ValueError, match="no partial statistics"):
         reduce_partials([])
+
+
+def gptaq_shards(in_f: int, seed: int, tokens: int = 30, parts: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x_q = torch.randn(tokens, in_f, generator=g)
+    x_fp = x_q + 0.2 * torch.randn(tokens, in_f, generator=g)
+    w = torch.rand(tokens, generator=g)
+    cuts = torch.linspace(0, tokens, parts + 1).long().tolist()
+    return [hessian_partial(x_q[a:b], w[a:b], x_fp=x_fp[a:b], need_fp_gram=True, dtype=torch.float32)
+            for a, b in zip(cuts, cuts[1:])]
+
+
+def test_low_memory_gptaq_reduction_equals_products_of_the_reduced_grams():
+    shards = gptaq_shards(24, seed=12)
+    W = torch.randn(7, 24, generator=torch.Generator().manual_seed(13))
+    plain = finalize_stats(reduce_partials(shards))
+    folded = finalize_stats(reduce_partials(shards, W=W))
+    assert set(folded) == {"H", "WD", "WHfpW"}
+    assert torch.equal(folded["H"], plain["H"])  # H is reduced the same way either way
+    W64 = W.double()
+    WD = W64 @ plain["D"]
+    assert torch.allclose(folded["WD"], WD, rtol=0, atol=1e-13 * float(WD.abs().max()))
+    WHfpW = ((W64 @ plain["Hfp"]) * W64).sum()
+    assert float(folded["WHfpW"]) == pytest.approx(float(WHfpW), rel=1e-13)
+    with pytest.raises(ValueError, match="give the weight of the layer"):
+        reduce_partials(shards, W=W[:, :20])
+
+
+def test_consumed_partials_are_emptied_and_the_sum_is_the_float64_sum():
+    shards = gptaq_shards(16, seed=14)
+    kept = reduce_partials(shards)
+    copies = [{k: v.clone() for k, v in p.items()} for p in shards]
+    consumed = reduce_partials(iter(copies), consume=True)
+    assert all(p == {} for p in copies)
+    for key in kept:
+        assert torch.equal(consumed[key], kept[key]), key
+    # In place, float32 added to the float64 total: the same bits as adding its float64 copy.
+    expected = (shards[0]["D"].double() + shards[1]["D"].double()) + shards[2]["D"].double()
+    assert torch.equal(kept["D"], expected)
+
+
+def test_the_low_memory_reduction_allocates_one_in_by_in_matrix():
+    # Deterministic memory bound: two GPTAQ partials reduced with W create one [in, in] tensor (the float64 H
+    # total), against three (H, D, Hfp totals) without W. in = 4096: W D is formed 1024 columns at a time.
+    from test_gptq import LargeAllocations
+
+    in_f, out_f = 4096, 8
+    g = torch.Generator().manual_seed(15)
+
+    def partials():
+        for _ in range(2):
+            A = torch.randn(in_f, 4, generator=g)
+            yield {"H": A @ A.T, "D": 0.1 * A @ A.T, "Hfp": 2 * A @ A.T,
+                   "w_sum": torch.tensor(3.0, dtype=torch.float64), "tokens": torch.tensor(4)}
+
+    W = torch.randn(out_f, in_f, generator=g)
+    made = list(partials())
+    with LargeAllocations(4 * in_f * in_f) as folded:
+        reduce_partials(iter([dict(p) for p in made]), W=W, consume=True)
+    assert folded.count == 1
+    with LargeAllocations(4 * in_f * in_f) as grams:
+        reduce_partials(iter([dict(p) for p in made]), consume=True)
+    assert grams.count == 3

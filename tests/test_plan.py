@@ -245,8 +245,8 @@ def test_memory_classes_route_to_the_smallest_fitting_class():
     export = plan.estimate_memory(Task("export"), m, g)
     solve = plan.estimate_memory(Task("solve", block=0, group=0, module="self_attn.q_proj"), m, g)
     assert export == 10_000 + 4 * 20_000  # the staged prefix, and one part at a time (a block here)
-    # The column loop, the largest moment here: q's float64 H, its float32 factor, 56 bytes per weight
-    # (float64 and float32 copies, codes, the loss's terms), beside the weight as read.
+    # Adding a partial, the largest moment here: q's float64 H beside the small stored partial of its group
+    # held whole (q and k: two float32 Grams, as bytes and tensors), beside the weight as read. The solve:
+    # the factor in H's storage and 16 bytes per weight (work copy, codes, dequantized weight).
     assert solve == max(20_000, 4 * 64 * 64 + max(8 * 64 * 64 + 3 * (2 * 4 * 64 * 64),  # adding a partial
-                                                  2 * 8 * 64 * 64 + 12 * 64 * 64,     # the Cholesky factor
-                                                  8 * 64 * 64 + 4 * 64 * 64 + 56 * 64 * 64))
+                                                  8 * 64 * 64 + 16 * 64 * 64))         # factor and loop

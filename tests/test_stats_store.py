@@ -3,6 +3,7 @@ float32 sums that match a float64 reference, solves that reduce partials as they
 packed codes; and jobs of an older store format refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from coordinator.cli import main
 from tlq_farm import block as B
 from tlq_farm import plan, steps
 from tlq_farm.quant import finalize_hessian, hessian_partial, reduce_partials
+from tlq_farm.spec import QuantSpec
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore, keys
-from tlq_farm.store.tensors import get_json, get_tensors_and_metadata, put_json
+from tlq_farm.store.tensors import get_json, get_tensors_and_metadata, put_json, put_tensors
 
 from test_farm_support import job_spec, make_job_files
 
@@ -270,3 +272,55 @@ def test_task_records_count_the_store_bytes_each_task_moved(done_job):
     assert [b["index"] for b in s["store_io"]["blocks"]] == list(range(manifest["n_blocks"]))
     text = format_status(s)
     assert "store: " in text and "no cached reads" in text and "block 0: " in text
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_a_solve_task_peaks_within_its_estimate(tmp_path, monkeypatch, method):
+    # A solve task's own steps (bench/solve_peak.py, which measures them at 7B width) on a 64 x 4096 layer with
+    # two stored partials, read as large objects are (through a file, one mapping per tensor): its peak RSS
+    # stays within plan.estimate_memory + 30 %. One float64 [in, in] more (134 MB here, e.g. a float32 partial
+    # converted whole while it is added to the float64 total) breaks it.
+    from tlq_farm.store import tensors
+
+    monkeypatch.setattr(tensors, "LARGE_BYTES", 2**20)
+    out_f, in_f, module = 64, 4096, "mlp.down_proj"
+    store = LocalStore(tmp_path / "store")
+    g = torch.Generator().manual_seed(3)
+    gptaq = method == "gptaq"
+    for p in range(2):
+        A = torch.randn(in_f, 32, generator=g)
+        part = {"H": A @ A.T + 10 * torch.eye(in_f), "w_sum": torch.tensor(100.0, dtype=torch.float64),
+                "tokens": torch.tensor(100)}
+        if gptaq:
+            part["D"] = 0.1 * torch.randn(in_f, 32, generator=g) @ A.T
+            part["Hfp"] = part["H"] + part["D"] + part["D"].T
+        put_tensors(store, keys.stats("peak", 0, 0, p), {f"{module}{steps.SEP}{k}": t for k, t in part.items()},
+                    metadata={"tlq": json.dumps({"owners": {module: module}})})
+        del part, A
+    spec = QuantSpec(method=method, group_size=128)
+    manifest = {"sizes": {"blocks": [0], "embed": 0, "head": 0, "hidden": out_f}, "shard_tokens": [100],
+                "spec": {"quant": {"method": method, "importance": "uniform"}}}
+    groups = {"blocks": [{"groups": [[module]], "shapes": {module: [out_f, in_f]}, "in_features": {module: in_f}}]}
+    estimate = plan.estimate_memory(plan.Task("solve", block=0, group=0, module=module), manifest, groups)
+
+    # First use pages in library code and workspaces (tens of MB): not the task's data.
+    small = {"H": torch.eye(256) * 2, "w_sum": torch.tensor(1.0, dtype=torch.float64), "tokens": torch.tensor(1)}
+    if gptaq:
+        small.update(D=torch.zeros(256, 256), Hfp=torch.eye(256))
+    B.solve_partials(torch.randn(8, 256, generator=g), [small], spec)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    weight = torch.randn(out_f, in_f, generator=g)
+    parts = (steps.stored_partial(*get_tensors_and_metadata(store, keys.stats("peak", 0, 0, p)), module)
+             for p in range(2))
+    res, counts = B.solve_partials(weight, parts, spec)
+    own = _status_bytes("VmHWM") - before
+    assert counts["tokens"] == 200 and torch.isfinite(res.weight).all()
+    assert own <= 1.3 * estimate, (own, estimate)

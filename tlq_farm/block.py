@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .models.adapter import block_output
-from .quant import QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finish_sums, gptq_quantize, rtn_quantize, start_sums
+from .quant import (QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats, finish_sums,
+                    gptq_quantize, reduce_partials, rtn_quantize, start_sums)
 from .spec import QuantSpec
 
 SampleInput = tuple[torch.Tensor, dict]
@@ -349,8 +352,6 @@ def make_batches(inputs: list[SampleInput], token_weights=None, batch_tokens: in
 def _as_batches(inputs, token_weights=None, pack: bool = True):
     """Batches as given, or sample inputs (a list, or any iterable, which is read whole) packed into batches
     (make_batches)."""
-    import itertools
-
     it = iter(inputs)
     first = next(it, None)
     if first is None:
@@ -555,14 +556,34 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
 def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec, consume: bool = False) -> QuantResult:
     """Quantize one linear's weight from its reduced statistics (None: no data reached it -> RTN).
 
-    consume=True: the statistics are normalised in place and must not be used after (see finalize_hessian)."""
+    GPTAQ's statistics may hold D and Hfp, or W D and tr(W Hfp W^T) (reduce_partials with W=weight, what the
+    farm's solve task reduces to). consume=True: the statistics are normalised in place and must not be used
+    after (see finalize_stats)."""
     if spec.method == "rtn" or stats is None or float(stats["w_sum"]) == 0.0:
         H = finalize_hessian(stats, consume)[0] if stats is not None and float(stats["w_sum"]) > 0 else None
         return rtn_quantize(weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, H=H)
-    H, D, Hfp = finalize_hessian(stats, consume)
-    return gptq_quantize(weight, H, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, damp=spec.damp,
-                         blocksize=spec.blocksize, act_order=spec.act_order, static_groups=spec.static_groups,
-                         D=D if spec.method == "gptaq" else None, Hfp=Hfp if spec.method == "gptaq" else None)
+    gptaq = spec.method == "gptaq"
+    S = finalize_stats({k: v for k, v in stats.items() if gptaq or k not in ("D", "Hfp")}, consume)
+    # S["H"] is the caller's consumed sum or a fresh normalised copy: the solver may factor it in place.
+    return gptq_quantize(weight, S.pop("H"), bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+                         damp=spec.damp, blocksize=spec.blocksize, act_order=spec.act_order,
+                         static_groups=spec.static_groups, D=S.get("D"), Hfp=S.get("Hfp"), WD=S.get("WD"),
+                         WHfpW=S.get("WHfpW"), overwrite_H=True)
+
+
+def solve_partials(weight: torch.Tensor, partials: Iterable[dict], spec: QuantSpec) -> tuple[QuantResult, dict]:
+    """A solve task's math: the partials (a generator that reads them one at a time) reduced in their order and
+    consumed as they are added, then solve(). GPTAQ folds each partial's D and Hfp into W D and tr(W Hfp W^T)
+    (reduce_partials with W): no float64 [in, in] besides H. Returns (result, {"tokens", "weight_sum"}, or {}
+    when no partial came: no calibration token reached this linear, RTN)."""
+    parts = iter(partials)
+    first = next(parts, None)
+    if first is None:
+        return solve(weight, None, spec), {}
+    stats = reduce_partials(itertools.chain([first], parts), consume=True,
+                            W=weight if spec.method == "gptaq" else None)
+    counts = {"tokens": int(stats["tokens"]), "weight_sum": float(stats["w_sum"])}
+    return solve(weight, stats, spec, consume=True), counts
 
 
 @torch.no_grad()

@@ -576,18 +576,21 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             acts = max(shard_acts[k] for k in shards)
         return int(2 * block + 4 * acts * (2 if gptaq else 1) + held(partial(members)))
     if task.kind == "solve":
-        # The largest of four moments: the staged block as it is read (only the weight stays), the float64
-        # total while a partition's partial is added to it, the Cholesky factor beside H (and H^-1 kept for
-        # GPTAQ's target), and the column loop (H, the float32 factor, the weight in float64 and float32,
-        # its codes, the dequantized weight and the loss's terms: 56 bytes a weight, measured).
+        # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
+        # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored
+        #   partial is read one tensor at a time, each freed once added; a small one is held whole), and for
+        #   GPTAQ W in float64 and the running W D, [out, in] each, and a float64 [in, 1024] slab of D or Hfp;
+        # - the solve: the factorisation in H's own storage, the float64 factor then its float32 half, and
+        #   [out, in] terms: plain GPTQ its work copy, codes and dequantized weight (16 bytes a weight); GPTAQ W
+        #   and W D in float64 and the target's two triangular products (32 bytes a weight).
         out_in = block_plan(groups, task.block, task.tower)["shapes"][task.module] if groups else [hidden] * 2
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else [task.module]
         cols, params = out_in[1], out_in[0] * out_in[1]
-        total = partial([task.module], 8)
-        reduce_peak = total + held(partial(members))
-        factor_peak = total + 8 * cols ** 2 * (2 if gptaq else 1) + 12 * params
-        loop_peak = total + 4 * cols ** 2 + 56 * params
-        return int(max(block, 4 * params + max(reduce_peak, factor_peak, loop_peak)))
+        stored = partial(members)
+        read = held(stored) if stored < LARGE_BYTES else SUM_BYTES * cols ** 2
+        reduce_peak = 8 * cols ** 2 + read + ((16 * params + 8 * 1024 * (cols + out_in[0])) if gptaq else 0)
+        solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
+        return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
         # The staged block as read, the float32 block, one linear's rebuilt quantized weight at a time.
         return int(3 * block + 6 * acts)

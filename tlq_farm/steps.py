@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import os
 import socket
 import tempfile
@@ -27,7 +26,7 @@ from . import block as B
 from . import plan
 from .models.adapter import Layout, linear_names
 from .plan import Task
-from .quant import QuantResult, reduce_partials
+from .quant import QuantResult
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
@@ -539,22 +538,17 @@ def do_solve(ctx: JobContext, task: Task) -> None:
     q = ctx.spec.quant
     b, g, m, t = task.block, task.group, task.module, task.tower
     weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b, t))[f"{m}.weight"].float().to(ctx.device)
-    stats = None
-    if q.method != "rtn":
-        def partials():
-            # One partition's partial read at a time, added in partition order (float64): the same sum for
-            # any number of workers.
-            for p in plan.stat_partitions(ctx.manifest, ctx.groups, b, t):
-                part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p, t)), m)
-                if part is not None:
-                    yield ctx.to_device(part)
 
-        parts = partials()
-        first = next(parts, None)  # None: no calibration token reached this linear (RTN)
-        stats = None if first is None else reduce_partials(itertools.chain([first], parts))
-    counts = {} if stats is None else {"tokens": int(stats["tokens"]), "weight_sum": float(stats["w_sum"])}
-    res = B.solve(weight, stats, q, consume=True)
-    del stats
+    def partials():
+        # One partition's partial read at a time, added in partition order (float64): the same sum for any
+        # number of workers.
+        for p in plan.stat_partitions(ctx.manifest, ctx.groups, b, t):
+            part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p, t)), m)
+            if part is not None:
+                part = ctx.to_device(part)  # the dict the reduction empties: nothing else keeps its tensors
+                yield part
+
+    res, counts = B.solve_partials(weight, partials() if q.method != "rtn" else iter(()), q)
     # loss None: not measured (RTN has no statistics to measure it on).
     meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
             "sym": res.sym, "damp_used": float(res.damp_used), "group": g, **counts}

@@ -3,7 +3,7 @@
 from .actquant import fake_quant_per_token
 from .gptq import gptq_quantize
 from .grid import QuantResult, dequantize_grouped
-from .hessian import add_tokens, finalize_hessian, finish_sums, hessian_partial, reduce_partials, start_sums
+from .hessian import add_tokens, finalize_hessian, finalize_stats, finish_sums, hessian_partial, reduce_partials, start_sums
 from .rtn import rtn_quantize
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "dequantize_grouped",
     "fake_quant_per_token",
     "finalize_hessian",
+    "finalize_stats",
     "finish_sums",
     "gptq_quantize",
     "hessian_partial",

@@ -2,8 +2,13 @@
 
 The solver quantizes W [out, in] column by column on the integer grid of grid.py, and after each column
 spreads that column's rounding error over the columns not yet quantized, using rows of the upper Cholesky
-factor of H^-1 (the paper's Hinv). Updates are applied lazily: inside a block of `blocksize` columns at
-once, to the rest of the matrix once per block.
+factor U of H^-1 (the paper's Hinv, H^-1 = U^T U). Updates are applied lazily: inside a block of `blocksize`
+columns at once, to the rest of the matrix once per block.
+
+Factorisation. U comes from one Cholesky factorisation and one triangular inverse, both float64, in H's own
+storage: with J the reversal of the column order, J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper, so
+H^-1 = U^T U with U = J L^-1 J. That is 2 n^3 / 3 flops, against 4 n^3 / 3 for the textbook chain
+(Cholesky, inverse from it, Cholesky of the inverse), and no [in, in] matrix besides H.
 
 GPTAQ. With inputs X~ from the quantized chain and targets from the full-precision chain X, the layer's
 objective is the weighted ||W X - W_hat X~||^2. With H = 2 X~ X~^T / n and D = 2 (X - X~) X~^T / n (so that
@@ -14,19 +19,39 @@ GPTQ on (W*, H): same Hessian, shifted target, and the column-by-column updates 
 forms W* with the damped H_l = H + l I, the one GPTQ factorises: W* = W + W D H_l^-1 minimises the objective
 plus the proximal term l ||W_hat - W||^2 / 2 (what damping adds in plain GPTQ too, whose target is W), and
 that sum equals tr((W_hat - W*) H_l (W_hat - W*)^T) / 2 + const, so GPTQ on (W*, H_l) solves it.
-With D = 0, W + W @ 0 @ Hinv == W in floating point, so GPTAQ reduces bitwise to GPTQ.
+D enters only through W D ([out, in]) and the full-precision Gram Hfp only through tr(W Hfp W^T), so
+statistics can be reduced to those (hessian.reduce_partials with W) and W D H_l^-1 = ((W D) U^T) U.
+With D = 0, W + 0 == W in floating point, so GPTAQ reduces bitwise to GPTQ.
+
+Loss. With Err the column loop's scaled errors (err_j = (w_j - q_j) / U_jj), E = W_hat - W* = -Err U and
+H_l = U^-1 U^-T, so tr(E H_l E^T) = ||Err||_F^2 and tr(E H E^T) = ||Err||_F^2 - l ||E||_F^2 in exact
+arithmetic: the loss comes from the loop in O(out * in), not from a float64 product with H in O(out * in^2).
+The GPTAQ objective adds terms of W D, tr(W Hfp W^T) and tr(W H W^T) (docs/methods.md).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from .grid import QuantResult, check_grid_args, dequantize_grouped, find_params, natural_g_idx, quantize_codes
+from .grid import QuantResult, check_grid_args, dequantize_contiguous, find_params, natural_g_idx, round_to_grid
 
 # How many times the damping is multiplied by 10 after a failed Cholesky, before giving up.
 DAMP_ESCALATIONS = 3
 # A damp of 0 that fails is retried from this value upwards.
 DAMP_RETRY_FLOOR = 1e-3
+# Columns per step of the float64 factorisations and triangular products: matrix products large enough to run
+# near the BLAS peak, temporaries of [in, FACTOR_BLOCK] only.
+FACTOR_BLOCK = 512
+
+
+def _all_finite(M: torch.Tensor, rows: int = 64) -> bool:
+    """Whether M has no NaN or inf: its sum first (one pass, no temporary); only when that is not finite (a NaN,
+    an inf, or an overflowing sum of finite values), isfinite over row slabs, with no [in, in] temporary."""
+    if bool(torch.isfinite(M.sum())):
+        return True
+    return all(bool(torch.isfinite(M[i:i + rows]).all()) for i in range(0, M.shape[0], rows))
 
 
 def _check_square(name: str, M: torch.Tensor, columns: int) -> None:
@@ -35,26 +60,11 @@ def _check_square(name: str, M: torch.Tensor, columns: int) -> None:
             f"{name} has shape {tuple(M.shape)} but the weight has {columns} input columns: {name} must be "
             f"[{columns}, {columns}] (statistics of this layer's inputs)"
         )
-    if not bool(torch.isfinite(M).all()):
+    if not _all_finite(M):
         raise ValueError(
             f"{name} contains NaN or inf, so the Hessian is not positive definite: check this layer's "
             f"calibration activations (an earlier block may have diverged)"
         )
-
-
-def fix_dead_columns(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs that never fire (H_ii == 0) carry no information: H_ii = 1 and W[:, i] = 0 (copies).
-
-    Returns (W, H, dead mask [in]); W and H themselves when no column is dead (never changed in place).
-    """
-    dead = torch.diagonal(H) == 0
-    if not bool(dead.any()):
-        return W, H, dead  # nothing to fix: no copy of a Gram that may take gigabytes
-    H = H.clone()
-    W = W.clone()
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H, dead
 
 
 def damp_schedule(damp: float, escalations: int = DAMP_ESCALATIONS) -> list[float]:
@@ -63,33 +73,142 @@ def damp_schedule(damp: float, escalations: int = DAMP_ESCALATIONS) -> list[floa
     return [damp] + [base * 10**k for k in range(1, escalations + 1)]
 
 
-def damped_inverse_factor(H: torch.Tensor, damp: float, keep_inverse: bool = False
-                          ) -> tuple[torch.Tensor | None, torch.Tensor, float]:
-    """Add damp * mean(diag H) to diag H, escalating damp until H and H^-1 both have Cholesky factors.
+# ---- in-place reorderings of a square float64 matrix (no second [in, in] matrix) ---------------------------
 
-    H must be float64 and symmetric. Returns (Hinv = (H + lambda I)^-1 when keep_inverse, else None;
-    U = upper Cholesky factor of Hinv; damp used). The damping is added to H in place and its diagonal is
-    put back exactly after, and the inverse and its factor overwrite the Cholesky factor: besides H, one
-    [in, in] matrix (two with keep_inverse) instead of four, which at 18944 columns is 2.9 GB each.
+def reverse_(M: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """M <- J M J (rows and columns in reverse order), in place: for a contiguous square matrix this is the
+    reversal of its flat storage."""
+    flat = M.view(-1)
+    n = flat.numel()
+    for start in range(0, n // 2, chunk):
+        c = min(chunk, n // 2 - start)
+        head, tail = flat[start:start + c], flat[n - start - c:n - start]
+        saved = head.clone()
+        head.copy_(tail.flip(0))
+        tail.copy_(saved.flip(0))
+
+
+def permute_rows_(M: torch.Tensor, order: list[int]) -> None:
+    """M <- M[order] in place, following the permutation's cycles with one row of temporary."""
+    done = [False] * len(order)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        done[start] = True
+        if order[start] == start:
+            continue
+        saved = M[start].clone()
+        i = start
+        while order[i] != start:
+            M[i].copy_(M[order[i]])
+            i = order[i]
+            done[i] = True
+        M[i].copy_(saved)
+
+
+def transpose_(M: torch.Tensor, tile: int = FACTOR_BLOCK) -> None:
+    """M <- M^T in place, tile pair by tile pair."""
+    n = M.shape[0]
+    for i in range(0, n, tile):
+        a = M[i:i + tile, i:i + tile]
+        a.copy_(a.T.clone())
+        for j in range(i + tile, n, tile):
+            a, b = M[i:i + tile, j:j + tile], M[j:j + tile, i:i + tile]
+            saved = a.clone()
+            a.copy_(b.T)
+            b.copy_(saved.T)
+
+
+def permute_symmetric_(M: torch.Tensor, order: torch.Tensor) -> None:
+    """M <- M[order][:, order] in place (rows, transpose, rows, transpose: exact for any square M)."""
+    order_list = order.tolist()
+    for _ in range(2):
+        permute_rows_(M, order_list)
+        transpose_(M)
+
+
+def mirror_upper_(M: torch.Tensor, tile: int = FACTOR_BLOCK) -> None:
+    """Strict lower triangle <- strict upper triangle transposed, in place. cholesky_lower_ leaves the strict
+    upper triangle untouched, so this restores the matrix (but its diagonal) after a failed factorisation."""
+    n = M.shape[0]
+    for i in range(0, n, tile):
+        a = M[i:i + tile, i:i + tile]
+        a.copy_(torch.triu(a) + torch.triu(a, 1).T)
+        for j in range(i + tile, n, tile):
+            M[j:j + tile, i:i + tile] = M[i:i + tile, j:j + tile].T
+
+
+# ---- float64 factorisations in place -----------------------------------------------------------------------
+
+def cholesky_lower_(G: torch.Tensor, shift: float = 0.0, blocksize: int = FACTOR_BLOCK) -> int:
+    """Factor G + shift I = L L^T in place (left-looking, block column by block column).
+
+    Reads and writes only the lower triangle and the diagonal of G; the strict upper triangle is left as it
+    was (mirror_upper_ restores G from it). Returns 0 on success, else the 1-based index of the first
+    column whose pivot is not positive, or below n * eps of its diagonal entry: an exactly singular G can
+    leave a rounding-sized positive pivot instead of 0, and its factor would amplify rounding noise. G then
+    holds a partial factor in its lower triangle.
     """
-    mean_diag = float(torch.diagonal(H).mean())
-    diagonal = torch.diagonal(H).clone()
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    try:
-        for d in damp_schedule(damp):
-            H.diagonal().add_(d * mean_diag)
-            L, status = torch.linalg.cholesky_ex(H)
-            H.diagonal().copy_(diagonal)
-            if int(status) != 0:
-                continue
-            torch.cholesky_inverse(L, out=L)  # L holds Hinv now
-            Hinv = L.clone() if keep_inverse else None
-            U, _ = torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
-            if int(info) != 0:
-                continue
-            return Hinv, U, d
-    finally:
-        H.diagonal().copy_(diagonal)
+    n = G.shape[0]
+    tol = n * torch.finfo(G.dtype).eps
+    for j0 in range(0, n, blocksize):
+        j1 = min(j0 + blocksize, n)
+        b = j1 - j0
+        C = G[j0:, j0:j1].clone()
+        if j0 > 0:
+            C.addmm_(G[j0:, :j0], G[j0:j1, :j0].T, alpha=-1.0)
+        if shift:
+            C[:b].diagonal().add_(shift)
+        Ljj, info = torch.linalg.cholesky_ex(C[:b])
+        if int(info) != 0:
+            return j0 + int(info)
+        small = Ljj.diagonal().square() <= tol * (G[j0:j1, j0:j1].diagonal() + shift)
+        if bool(small.any()):
+            return j0 + 1 + int(small.nonzero()[0])
+        if j1 < n:
+            G[j1:, j0:j1] = torch.linalg.solve_triangular(Ljj, C[b:].T, upper=False).T
+        diagonal_block = G[j0:j1, j0:j1]
+        lower = torch.ones(b, b, dtype=torch.bool, device=G.device).tril()
+        diagonal_block.copy_(torch.where(lower, Ljj, diagonal_block))
+    return 0
+
+
+def invert_lower_(L: torch.Tensor, blocksize: int = FACTOR_BLOCK) -> None:
+    """L <- L^-1 in place for a lower-triangular L with zeros above the diagonal (n^3 / 3 flops).
+
+    Block columns from the last: X_jj = L_jj^-1 and X_(>j),j = -X_(>j),(>j) L_(>j),j X_jj, where X_(>j),(>j)
+    is already inverted in place and is multiplied one row block at a time up to its diagonal."""
+    n = L.shape[0]
+    for j0 in reversed(range(0, n, blocksize)):
+        j1 = min(j0 + blocksize, n)
+        b = j1 - j0
+        eye = torch.eye(b, dtype=L.dtype, device=L.device)
+        Xjj = torch.linalg.solve_triangular(L[j0:j1, j0:j1], eye, upper=False)
+        if j1 < n:
+            column = L[j1:, j0:j1]
+            product = torch.empty(n - j1, b, dtype=L.dtype, device=L.device)
+            for r0 in range(j1, n, blocksize):
+                r1 = min(r0 + blocksize, n)
+                torch.mm(L[r0:r1, j1:r1], column[:r1 - j1], out=product[r0 - j1:r1 - j1])
+            column.copy_(product @ Xjj).neg_()
+        L[j0:j1, j0:j1] = Xjj
+
+
+def damped_cholesky_(G: torch.Tensor, damp: float, mean_diag: float) -> tuple[float, float]:
+    """Factor G + lambda I = L L^T in place (G <- L, zeros above the diagonal), lambda = damp * mean_diag,
+    escalating damp (damp_schedule) until the factorisation succeeds. G must be float64, contiguous.
+
+    Only G's upper triangle and diagonal are read: a failed attempt is undone from them. Returns (damp used,
+    lambda used)."""
+    diagonal = G.diagonal().clone()
+    for d in damp_schedule(damp):
+        mirror_upper_(G)
+        G.diagonal().copy_(diagonal)
+        if cholesky_lower_(G, shift=d * mean_diag) == 0:
+            G.tril_()
+            return d, d * mean_diag
+    mirror_upper_(G)
+    G.diagonal().copy_(diagonal)
     tried = ", ".join(f"{d:g}" for d in damp_schedule(damp))
     raise ValueError(
         f"the Hessian is not positive definite even with damping {tried} (relative to mean diag H = "
@@ -101,7 +220,7 @@ def _to_float32_in_place(M: torch.Tensor) -> torch.Tensor:
     """A float64 [n, n] matrix as float32 in the first half of its own storage, row by row (the same values
     as M.to(float32), without a second matrix beside it: 1.4 GB at 18944 columns). M is consumed."""
     n = M.shape[0]
-    # LAPACK leaves factors column-major: work on the transpose then, whose rows are contiguous.
+    # A column-major matrix (a transposed view): work on its transpose, whose rows are contiguous.
     base = M if M.is_contiguous() else M.T
     if not base.is_contiguous():
         return M.to(torch.float32)
@@ -112,6 +231,72 @@ def _to_float32_in_place(M: torch.Tensor) -> torch.Tensor:
         out[i] = base[i].to(torch.float32)
     return out if base is M else out.T
 
+
+# ---- products with triangular factors, blocked so that only their nonzero half is multiplied ----------------
+
+def times_upper(A: torch.Tensor, U: torch.Tensor, blocksize: int = FACTOR_BLOCK) -> torch.Tensor:
+    """A U for an upper-triangular U (zeros below the diagonal)."""
+    out = torch.empty(A.shape[0], U.shape[1], dtype=A.dtype, device=A.device)
+    for j0 in range(0, U.shape[1], blocksize):
+        j1 = min(j0 + blocksize, U.shape[1])
+        out[:, j0:j1] = A[:, :j1] @ U[:j1, j0:j1]
+    return out
+
+
+def times_upper_t(A: torch.Tensor, U: torch.Tensor, blocksize: int = FACTOR_BLOCK) -> torch.Tensor:
+    """A U^T for an upper-triangular U (zeros below the diagonal)."""
+    out = torch.empty(A.shape[0], U.shape[0], dtype=A.dtype, device=A.device)
+    for j0 in range(0, U.shape[0], blocksize):
+        j1 = min(j0 + blocksize, U.shape[0])
+        out[:, j0:j1] = A[:, j0:] @ U[j0:j1, j0:].T
+    return out
+
+
+def sq_norm_times_lower(A: torch.Tensor, L: torch.Tensor, blocksize: int = FACTOR_BLOCK) -> float:
+    """||A L||_F^2 for a lower-triangular L, one block column of A L at a time (= tr(A L L^T A^T))."""
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for j0 in range(0, L.shape[1], blocksize):
+        j1 = min(j0 + blocksize, L.shape[1])
+        total += (A[:, j0:] @ L[j0:, j0:j1]).square().sum()
+    return float(total)
+
+
+def quadratic_trace(A: torch.Tensor, M: torch.Tensor, B: torch.Tensor) -> float:
+    """tr(A M B^T) in float64 without forming the product's full square (2 out in^2 flops)."""
+    return float(((A @ M) * B).sum())
+
+
+def plain_loss(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T) / 2, E = W_hat - W: the weighted mean squared output error when H = 2 X X^T / n."""
+    E = W_hat.to(torch.float64) - W.to(torch.float64)
+    return quadratic_trace(E, H, E) / 2
+
+
+def asymmetric_loss(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, WD: torch.Tensor, WHfpW: float) -> float:
+    """(tr(W Hfp W^T) - 2 tr(W_hat (H + D)^T W^T) + tr(W_hat H W_hat^T)) / 2 == mean ||W x - W_hat x~||^2, with
+    tr(W_hat D^T W^T) = <W_hat, W D>."""
+    W_hat = W_hat.to(torch.float64)
+    return (WHfpW - 2 * (quadratic_trace(W.to(torch.float64), H, W_hat) + inner(W_hat, WD))
+            + quadratic_trace(W_hat, H, W_hat)) / 2
+
+
+def sq_distance(A: torch.Tensor, B: torch.Tensor, rows: int = 256) -> float:
+    """||A - B||_F^2 in float64, a slab of rows at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for i in range(0, A.shape[0], rows):
+        total += (A[i:i + rows].to(torch.float64) - B[i:i + rows].to(torch.float64)).square().sum()
+    return float(total)
+
+
+def inner(A: torch.Tensor, B: torch.Tensor, rows: int = 256) -> float:
+    """<A, B> = sum(A * B) = tr(A B^T) in float64, a slab of rows at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for i in range(0, A.shape[0], rows):
+        total += (A[i:i + rows].to(torch.float64) * B[i:i + rows].to(torch.float64)).sum()
+    return float(total)
+
+
+# ---- the solver ------------------------------------------------------------------------------------------
 
 def block_starts(columns: int, blocksize: int, group_size: int, dynamic_groups: bool) -> list[int]:
     """Column positions where a lazy block starts.
@@ -125,37 +310,117 @@ def block_starts(columns: int, blocksize: int, group_size: int, dynamic_groups: 
     return sorted(starts)
 
 
-def gptaq_target(W: torch.Tensor, D: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor:
-    """W* = W + W D H^-1, the minimiser of ||W X - W_hat X~||^2 over W_hat (see the module docstring)."""
-    return W + (W @ D) @ Hinv
+def inverse_factor_(H: torch.Tensor, damp: float, perm: torch.Tensor | None,
+                    before_inverse=None) -> tuple[torch.Tensor, float, float]:
+    """U, the upper Cholesky factor of (H[perm][:, perm] + lambda I)^-1, in H's own storage (H is consumed).
+
+    H: float64, contiguous, symmetric (its lower triangle in the permuted order is what is factored, as LAPACK
+    reads it). lambda = damp * mean(diag H), damp escalated on failure (damped_cholesky_).
+    before_inverse(L, lambda): called with the Cholesky factor of J (H[perm][:, perm] + lambda I) J, J the
+    reversal, before it is overwritten. Returns (U, damp used, lambda used).
+    """
+    if perm is not None:
+        permute_symmetric_(H, perm)
+    mean_diag = float(torch.diagonal(H).mean())
+    reverse_(H)
+    damp_used, lam = damped_cholesky_(H, damp, mean_diag)
+    if before_inverse is not None:
+        before_inverse(H, lam)
+    invert_lower_(H)
+    reverse_(H)
+    return H, damp_used, lam
 
 
-def quadratic_trace(A: torch.Tensor, M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """tr(A M B^T) without forming the product's full square."""
-    return ((A @ M) * B).sum()
+def gptaq_target(W: torch.Tensor, WD: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """W* = W + W D H_l^-1 = W + ((W D) U^T) U (float64 [out, in]; H_l^-1 = U^T U, module docstring)."""
+    W_star = times_upper(times_upper_t(WD, U), U)
+    W_star += W
+    return W_star
 
 
-def plain_loss(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(E H E^T) / 2, E = W_hat - W: the weighted mean squared output error when H = 2 X X^T / n."""
-    E = W_hat - W
-    return float(quadratic_trace(E, H, E) / 2)
+def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int,
+                     group_size: int, sym: bool, blocksize: int, group_of_position: list[int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop (arXiv 2210.17323, Algorithm 1, with lazy batches) on W [out, in] in the processing
+    order, in place (W is the work copy; it ends as the weights before their last column's rounding).
+
+    U: the upper Cholesky factor of H_l^-1 in the same order, W's dtype. scale, zero [out, n_groups]: filled
+    group by group when group_of_position is None (dynamic groups: a group's grid is found at its first
+    column, on the updated weights), else given (static groups), group_of_position[j] being column j's group.
+    Returns (codes int32 [out, in], ||Err||_F^2 in float64: tr(E H_l E^T), the damped loss times 2).
+    """
+    out_f, in_f = W.shape
+    work = W.dtype
+    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
+    err_sq = torch.zeros((), dtype=torch.float64, device=W.device)
+    dynamic = group_of_position is None
+    starts = block_starts(in_f, blocksize, group_size, dynamic_groups=dynamic)
+    grid_of = None  # the group whose (scale, zero as float) s, z hold
+    for i1, i2 in zip(starts, starts[1:] + [in_f]):
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros(out_f, count, dtype=work, device=W.device)
+        C1 = torch.empty(out_f, count, dtype=work, device=W.device)  # the block's codes, as floats
+        U1 = U[i1:i2, i1:i2]
+        for i in range(count):
+            pos = i1 + i
+            if dynamic and pos % group_size == 0:
+                # pos == i1 (blocks are cut at group starts), so every column of the group is up to date.
+                g = pos // group_size
+                scale[:, g], zero[:, g] = find_params(W[:, pos:pos + group_size], bits, sym)
+                grid_of = None
+            g = pos // group_size if dynamic else group_of_position[pos]
+            if g != grid_of:
+                s, z, grid_of = scale[:, g], zero[:, g].to(work), g
+            w = W1[:, i]
+            c = round_to_grid(w, s, z, bits)
+            C1[:, i] = c
+            q = s * (c - z)
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        codes[:, i1:i2] = C1  # whole numbers in [0, 2^bits - 1]: exact as int32
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        err_sq += Err1.to(torch.float64).square().sum()
+    return codes, err_sq
 
 
-def asymmetric_loss(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor, D: torch.Tensor,
-                    Hfp: torch.Tensor) -> float:
-    """(tr(W Hfp W^T) - 2 tr(W_hat (H + D)^T W^T) + tr(W_hat H W_hat^T)) / 2 == mean ||W x - W_hat x~||^2."""
-    return float((quadratic_trace(W, Hfp, W) - 2 * quadratic_trace(W_hat, (H + D).T, W)
-                  + quadratic_trace(W_hat, H, W_hat)) / 2)
+def loop_loss(err_sq: float, lam: float, W_hat: torch.Tensor, W_target: torch.Tensor) -> float:
+    """tr(E H E^T) / 2 = (||Err||_F^2 - lambda ||E||_F^2) / 2, E = W_hat - W_target (module docstring)."""
+    return (err_sq - lam * sq_distance(W_hat, W_target)) / 2
+
+
+def gptaq_loop_loss(err_sq: float, lam: float, W_hat: torch.Tensor, W: torch.Tensor, WHfpW: float, WHW: float,
+                    cross: float) -> float:
+    """mean ||W x - W_hat x~||^2 = (tr(W Hfp W^T) - tr(W H W^T) - <W + W*, W D>) / 2
+                                  + (||Err||_F^2 - lambda ||W_hat - W||_F^2) / 2          (docs/methods.md)
+    with WHfpW = tr(W Hfp W^T), WHW = tr(W H W^T), cross = <W + W*, W D>; W without its dead columns."""
+    return (WHfpW - WHW - cross) / 2 + loop_loss(err_sq, lam, W_hat, W)
+
+
+def _clock(timings: dict | None):
+    """A function that adds the seconds since its last call to timings[phase] (nothing when timings is None)."""
+    last = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[phase] = timings.get(phase, 0.0) + now - last[0]
+        last[0] = now
+
+    return lap
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                   damp: float = 0.01, blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
-                  D: torch.Tensor | None = None, Hfp: torch.Tensor | None = None) -> QuantResult:
-    """Quantize one linear layer's weight with GPTQ (or GPTAQ when D is given).
+                  D: torch.Tensor | None = None, Hfp: torch.Tensor | None = None, WD: torch.Tensor | None = None,
+                  WHfpW: float | torch.Tensor | None = None, overwrite_H: bool = False,
+                  exact_loss: bool | None = None, timings: dict | None = None) -> QuantResult:
+    """Quantize one linear layer's weight with GPTQ (or GPTAQ when D or WD is given).
 
     Args:
         W: weight [out, in], any float dtype. Worked in float32 (float64 when W is float64); the Hessian's
-            Cholesky factors are computed in float64.
+            factorisations are computed in float64.
         H: 2 sum_t w_t x~_t x~_t^T / sum_t w_t, [in, in] (hessian.finalize_hessian), x~ the layer's inputs on
             the quantized chain.
         bits: 2, 3, 4 or 8.
@@ -173,18 +438,28 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
             chain's inputs). The target becomes W* = W + W D H^-1 (module docstring).
         Hfp: 2 sum_t w_t x_t x_t^T / sum_t w_t, [in, in]; with D it makes `loss` the exact asymmetric
             objective.
+        WD, WHfpW: instead of D and Hfp, what the solver needs of them: W D ([out, in]) and tr(W Hfp W^T)
+            (a number), as hessian.reduce_partials(..., W=W) and finalize_stats give them.
+        overwrite_H: H is float64 and may be destroyed: the factorisation then runs in its storage, with no
+            [in, in] copy (not with exact_loss, which keeps H).
+        exact_loss: compute `loss` with the float64 formulas on H (2 out in^2 flops, and H kept) instead of
+            from the column loop's errors. Default: exact when W is float64 (the reference-exact path).
+        timings: when a dict, the seconds of each phase are added to it: "factor" (the float64 factorisation),
+            "target" (GPTAQ's W D H^-1), "loop" (the column loop), "loss".
 
     Returns QuantResult in the original column order:
         weight: dequantized weight, float32 [out, in]; codes: int32 [out, in] in [0, 2^bits - 1];
         scale: float32 [out, n_groups]; zero: int32 [out, n_groups]; g_idx: int32 [in], group of each
         column (with act_order and dynamic groups, g_idx[j] = (position of j in perm) // group_size);
-        loss: the weighted output error of `weight`, in float64 with the undamped H:
+        loss: the weighted output error of `weight` with the undamped H (from the column loop's errors, float64
+        sums of the loop's float32 errors, see the module docstring; or exact_loss):
             tr(E H E^T) / 2 with E = weight - W (plain GPTQ);
-            mean ||W x - weight x~||^2 via H, D, Hfp (GPTAQ with Hfp);
+            mean ||W x - weight x~||^2 via H, D, Hfp (GPTAQ with Hfp or WHfpW);
             tr(E* H E*^T) / 2 with E* = weight - W* (GPTAQ without Hfp: the objective's excess over its
             optimum when the damping is negligible);
         perm: the processing order (int64 [in]) with act_order, else None; damp_used: the damping used.
     """
+    lap = _clock(timings)
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D weight [out, in], got shape {tuple(W.shape)}")
     if not W.is_floating_point():
@@ -198,90 +473,151 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
     if Hfp is not None and D is None:
         raise ValueError("Hfp was given without D: the full-precision Gram only enters the GPTAQ loss; "
                          "pass D as well (hessian.finalize_hessian with x_fp) or neither")
+    if WD is not None and (D is not None or Hfp is not None):
+        raise ValueError("WD was given with D or Hfp: pass either the Grams (D, Hfp) or the products (WD, WHfpW) "
+                         "that hessian.reduce_partials(..., W=W) makes of them, not both")
+    if WHfpW is not None and WD is None:
+        raise ValueError("WHfpW was given without WD: tr(W Hfp W^T) only enters the GPTAQ loss; pass WD as well "
+                         "(hessian.reduce_partials(..., W=W)) or neither")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or inf: the layer's weights must be finite before quantization")
     device = W.device
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    H = H.to(device=device, dtype=torch.float64)
     _check_square("H", H, in_f)
+    gptaq = D is not None or WD is not None
+    # GPTAQ's target and loss terms are float64 products with W; plain GPTQ needs W only in the work dtype.
+    W64 = W.to(torch.float64) if gptaq else None  # never written to: it is W itself when W is float64
     if D is not None:
         D = D.to(device=device, dtype=torch.float64)
         _check_square("D", D, in_f)
-    if Hfp is not None:
-        Hfp = Hfp.to(device=device, dtype=torch.float64)
-        _check_square("Hfp", Hfp, in_f)
+        WD = W64 @ D
+        if Hfp is not None:
+            Hfp = Hfp.to(device=device, dtype=torch.float64)
+            _check_square("Hfp", Hfp, in_f)
+            WHfpW = inner(W64 @ Hfp, W64)
+        del D, Hfp
+        lap("target")
+    elif WD is not None:
+        if tuple(WD.shape) != (out_f, in_f):
+            raise ValueError(f"WD has shape {tuple(WD.shape)} but W has {(out_f, in_f)}: WD must be W D, "
+                             f"[out, in] (hessian.reduce_partials(..., W=W))")
+        WD = WD.to(device=device, dtype=torch.float64)
+        if not _all_finite(WD):
+            raise ValueError("WD contains NaN or inf: check this layer's full-precision calibration activations")
+    if WHfpW is not None:
+        WHfpW = float(WHfpW)
 
-    W_orig = W.to(torch.float64)
-    W_start, H_fixed, dead = fix_dead_columns(W_orig, H)
-    perm = (torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True) if act_order
-            else torch.arange(in_f, device=device))
-    Hp = H_fixed[perm][:, perm] if act_order else H_fixed
-    Hinv, U, damp_used = damped_inverse_factor(Hp, damp, keep_inverse=D is not None)
-    del Hp
+    exact = work == torch.float64 if exact_loss is None else bool(exact_loss)
+    H_exact = H.to(device=device, dtype=torch.float64) if exact else None
+    if overwrite_H and not exact and H.dtype == torch.float64 and H.device == device and H.is_contiguous():
+        Hw = H
+    else:
+        Hw = torch.empty(in_f, in_f, dtype=torch.float64, device=device)
+        Hw.copy_(H)
+    # Inputs that never fire (H_ii == 0) carry no information: H_ii = 1 and W[:, i] = 0.
+    dead = torch.diagonal(Hw) == 0
+    any_dead = bool(dead.any())
+    if any_dead:
+        Hw.diagonal()[dead] = 1
 
-    W_target = None  # W* in original order, for the loss without Hfp
-    if D is not None:
-        # W X reads every full-precision input, also those dead on the quantized chain: use W before zeroing.
-        Wp_target = gptaq_target(W_orig[:, perm], D[perm][:, perm], Hinv)
-        Wp_target[:, dead[perm]] = 0
-        W_target = torch.empty_like(Wp_target)
-        W_target[:, perm] = Wp_target
-        W_start = W_target
-    del Hinv
-    Wq_work = W_start[:, perm].to(work)
-    U = _to_float32_in_place(U) if work == torch.float32 else U
+    def without_dead(M: torch.Tensor) -> torch.Tensor:
+        if not any_dead:
+            return M
+        M = M.clone()
+        M[:, dead] = 0
+        return M
+
+    perm = torch.argsort(torch.diagonal(Hw), descending=True, stable=True) if act_order else None
+
+    def in_solver_order(M: torch.Tensor) -> torch.Tensor:
+        return M[:, perm] if perm is not None else M
+
+    loop_loss_terms = WHfpW is not None and not exact
+    trace_WHW = None
+
+    def measure_WHW(L: torch.Tensor, lam: float) -> None:
+        # tr(W H W^T) for the GPTAQ loss, while the Cholesky factor of the (permuted, reversed) damped H is there:
+        # tr(W0 (H + lambda I) W0^T) = ||W0 J L||^2 with W0 = W without its dead columns.
+        nonlocal trace_WHW
+        lap("factor")
+        W0 = without_dead(W64)
+        trace_WHW = sq_norm_times_lower(in_solver_order(W0).flip(1), L) - lam * inner(W0, W0)
+        lap("loss")
+
+    U, damp_used, lam = inverse_factor_(Hw, damp, perm, measure_WHW if loop_loss_terms else None)
+    del Hw
+    lap("factor")
+
+    cross = None
+    if gptaq:
+        # W X reads every full-precision input, also those dead on the quantized chain: W before zeroing.
+        W_star_p = gptaq_target(in_solver_order(W64), in_solver_order(WD), U)
+        if loop_loss_terms:
+            cross = inner(W_star_p, in_solver_order(WD)) + inner(W64, WD)
+        if any_dead:
+            W_star_p[:, dead[perm] if perm is not None else dead] = 0
+        if perm is not None:
+            W_start = torch.empty_like(W_star_p)
+            W_start[:, perm] = W_star_p
+        else:
+            W_start = W_star_p
+        Wq_work = W_star_p.to(work, copy=True)  # the loop works in place; W_start stays the target
+        del W_star_p
+        if not exact:
+            del WD
+        lap("target")
+    else:
+        W_start = without_dead(W.to(work))  # W itself when nothing is dead: only read
+        Wq_work = in_solver_order(W_start).to(work, copy=True)  # the loop works in place
+    if work == torch.float32:
+        U = _to_float32_in_place(U)
+    lap("factor")
 
     gs = in_f if group_size == -1 else group_size
     n_groups = in_f // gs
     scale = torch.empty(out_f, n_groups, dtype=work, device=device)
     zero = torch.empty(out_f, n_groups, dtype=torch.int32, device=device)
+    group_of_position = None
     if static_groups:
         W_natural = W_start.to(work)
         for g in range(n_groups):
             scale[:, g], zero[:, g] = find_params(W_natural[:, g * gs:(g + 1) * gs], bits, sym)
-        group_of_position = (perm // gs).tolist()
-    else:
-        group_of_position = [pos // gs for pos in range(in_f)]
+        del W_natural
+        group_of_position = ((perm if perm is not None else torch.arange(in_f, device=device)) // gs).tolist()
+    codes_p, err_sq = quantize_columns(Wq_work, U, scale, zero, bits=bits, group_size=gs, sym=sym,
+                                       blocksize=blocksize, group_of_position=group_of_position)
+    del U, Wq_work
 
-    codes_p = torch.empty(out_f, in_f, dtype=torch.int32, device=device)
-    starts = block_starts(in_f, blocksize, gs, dynamic_groups=not static_groups)
-    for i1, i2 in zip(starts, starts[1:] + [in_f]):
-        count = i2 - i1
-        W1 = Wq_work[:, i1:i2].clone()
-        Err1 = torch.zeros(out_f, count, dtype=work, device=device)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(count):
-            pos = i1 + i
-            if not static_groups and pos % gs == 0:
-                # pos == i1 (blocks are cut at group starts), so every column of the group is up to date.
-                scale[:, pos // gs], zero[:, pos // gs] = find_params(Wq_work[:, pos:pos + gs], bits, sym)
-            g = group_of_position[pos]
-            s, z = scale[:, g], zero[:, g].to(work)
-            w = W1[:, i]
-            c = quantize_codes(w, s, zero[:, g], bits)
-            codes_p[:, pos] = c
-            q = s * (c.to(work) - z)
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Wq_work[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    codes = torch.empty_like(codes_p)
-    codes[:, perm] = codes_p
+    scale = scale.to(torch.float32)
     if static_groups:
         g_idx = natural_g_idx(in_f, group_size).to(device)
     else:
         g_idx = torch.empty(in_f, dtype=torch.int32, device=device)
-        g_idx[perm] = (torch.arange(in_f, device=device) // gs).to(torch.int32)
-    scale = scale.to(torch.float32)
-    weight = dequantize_grouped(codes, scale, zero, g_idx)
-
-    W_hat = weight.to(torch.float64)
-    if D is None:
-        loss = plain_loss(W_hat, W_orig, H)
-    elif Hfp is not None:
-        loss = asymmetric_loss(W_hat, W_orig, H, D, Hfp)
+        g_idx[perm if perm is not None else torch.arange(in_f, device=device)] = (
+            torch.arange(in_f, device=device) // gs).to(torch.int32)
+    if perm is None:
+        codes = codes_p
+        weight = dequantize_contiguous(codes, scale, zero)
     else:
-        loss = plain_loss(W_hat, W_target, H)
+        codes = torch.empty_like(codes_p)
+        codes[:, perm] = codes_p
+        if static_groups:
+            weight = dequantize_contiguous(codes, scale, zero)
+        else:  # groups are consecutive in the processing order
+            weight = torch.empty(out_f, in_f, dtype=torch.float32, device=device)
+            weight[:, perm] = dequantize_contiguous(codes_p, scale, zero)
+    del codes_p
+    lap("loop")
+
+    if exact:
+        if WHfpW is not None:
+            loss = asymmetric_loss(weight, W, H_exact, WD, WHfpW)
+        else:
+            loss = plain_loss(weight, W_start if gptaq else W, H_exact)
+    elif WHfpW is not None:
+        loss = gptaq_loop_loss(float(err_sq), lam, weight, without_dead(W), WHfpW, trace_WHW, cross)
+    else:
+        loss = loop_loss(float(err_sq), lam, weight, W_start)
+    lap("loss")
     return QuantResult(weight=weight, codes=codes, scale=scale, zero=zero, g_idx=g_idx, loss=loss, bits=bits,
-                       group_size=group_size, sym=sym, perm=perm if act_order else None, damp_used=damp_used)
+                       group_size=group_size, sym=sym, perm=perm, damp_used=damp_used)

@@ -75,13 +75,18 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     return scale, zero.to(torch.int32)
 
 
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """clamp(round(w / scale) + zero, 0, 2^bits - 1): the codes of w as floats of w's dtype (scale and zero
+    broadcast against w; zero may be int32 or float, the sum is the same)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, qmax(bits))
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Round w ([rows] or [rows, cols]) onto the grid given per row -> int32 codes."""
     if w.dim() == 2:
         scale = scale.unsqueeze(1)
         zero = zero.unsqueeze(1)
-    q = torch.round(w.to(_work_dtype(w)) / scale) + zero
-    return torch.clamp(q, 0, qmax(bits)).to(torch.int32)
+    return round_to_grid(w.to(_work_dtype(w)), scale, zero, bits).to(torch.int32)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -91,8 +96,20 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale * (codes.to(torch.float32) - zero.to(torch.float32))
 
 
+def dequantize_contiguous(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Dequantize [out, in] codes whose groups are consecutive runs of in / n_groups columns (g_idx natural):
+    the same values as dequantize_grouped, broadcast per group instead of gathered per column."""
+    out_f, in_f = codes.shape
+    n_groups = scale.shape[1]
+    grouped = codes.reshape(out_f, n_groups, in_f // n_groups).to(torch.float32)
+    return (scale.unsqueeze(2) * (grouped - zero.unsqueeze(2).to(torch.float32))).reshape(out_f, in_f)
+
+
 def dequantize_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """Dequantize [out, in] codes with per-group scale/zero [out, n_groups] selected by g_idx [in]."""
+    in_f, n_groups = codes.shape[1], scale.shape[1]
+    if in_f % n_groups == 0 and torch.equal(g_idx.long().cpu(), torch.arange(in_f) // (in_f // n_groups)):
+        return dequantize_contiguous(codes, scale, zero)
     g = g_idx.long()
     return scale[:, g] * (codes.to(torch.float32) - zero[:, g].to(torch.float32))
 

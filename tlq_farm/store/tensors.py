@@ -190,7 +190,14 @@ def get_tensors_and_metadata(store: Store, key: str) -> tuple[dict[str, torch.Te
         with tempfile.TemporaryDirectory(prefix="tlq-get-") as tmp:
             path = store.get_file(key, f"{tmp}/object.safetensors", commit=info)
             with safe_open(str(path), "pt") as f:
-                return {n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {})
+                names, metadata = list(f.keys()), dict(f.metadata() or {})
+            # One mapping of the file per tensor: a tensor's pages leave memory when that tensor is dropped,
+            # not when the last of the object's tensors is (a solve adds a partial's H, D and Hfp one by one).
+            tensors = {}
+            for n in names:
+                with safe_open(str(path), "pt") as f:
+                    tensors[n] = f.get_tensor(n)
+            return tensors, metadata
     except StoreError:
         raise
     except Exception as error:  # the checksum matched, so the writer stored something that is not safetensors
