@@ -1,12 +1,13 @@
 """The farm at real width: every task's peak memory and every block's store bytes on a Qwen2-VL-7B-shaped model.
 
-    .venv/bin/python bench/bench_scale.py [--blocks 2] [--samples 4] [--root /tmp/tlq-scale]
+    .venv/bin/python bench/bench_scale.py [--blocks 2] [--samples 4] [--dtype bfloat16] [--root /tmp/tlq-scale]
 
 Builds a checkpoint of Qwen2-VL-7B's shapes (hidden 3584, MLP 18944, 28 heads / 4 KV heads, vocab 152064,
 a vision tower of 32 blocks of width 1280) with `--blocks` decoder blocks, in bfloat16, written part by part
 (the vision tower, the embeddings, each block, the head) without ever holding the model whole; weights are
 random (normal, std 0.02), which is all that memory and bytes depend on. Then runs two jobs through
-`tlq-farm run` (embedded: the farm's tasks in one process on a folder store): gptq + tlq and gptaq + uniform.
+`tlq-farm run` (embedded: the farm's tasks in one process on a folder store): gptq + tlq and gptaq + uniform,
+computing in --dtype (bfloat16 by default: what `--dtype auto` gives a bf16 checkpoint on a GPU or a farm).
 
 Prints, for each job, every task kind's measured peak RSS (from the task records) against
 plan.estimate_memory and against 10 GB (what a 12 GB card leaves), and every block's bytes in the store
@@ -103,11 +104,12 @@ def make_calib(root: Path, samples: int) -> Path:
     return write_image_calib(root / "calib", samples, size=112)
 
 
-def run_job(model: Path, calib: Path, store: Path, out: Path, samples: int, method: str, importance: str) -> dict:
+def run_job(model: Path, calib: Path, store: Path, out: Path, samples: int, method: str, importance: str,
+            dtype: str) -> dict:
     """`tlq-farm run` in its own process (one torch thread); returns its wall and CPU seconds and peak RSS."""
     cmd = [sys.executable, "-m", "coordinator.cli", "run", str(model), "--calib", str(calib), "--store", str(store),
            "--create-store", "--out", str(out), "--samples", str(samples), "--method", method,
-           "--importance", importance, "--quiet", "--overwrite"]
+           "--importance", importance, "--dtype", dtype, "--quiet", "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -164,10 +166,17 @@ def task_table(store: Path, job: str) -> list[str]:
     return rows
 
 
+def chains_of(manifest: dict) -> int:
+    """The chains a job carries through a block: q; fp for gptaq, vlmq and the gradient pass; tlq's RTN
+    chain; the gradient chain of tlq and modality."""
+    return (1 + plan.needs_fp_chain(manifest) + plan.needs_rtn_chain(manifest)
+            + plan.needs_global_importance(manifest))
+
+
 def minimum_block_bytes(manifest: dict, groups: dict, objects: dict[str, int], b: int, job: str) -> int:
     """A block's weights as staged (checkpoint dtype), its activations in and out per chain, its qweights
     packed at the job's bits."""
-    chains = 2 if plan.needs_fp_chain(manifest) else 1
+    chains = chains_of(manifest)
     acts_in = sum(objects.get(keys.acts(job, "q", b, k), 0) for k in range(len(manifest["shards"])))
     weights = objects[keys.staged_block(job, b)]
     params = sum(o * i for o, i in groups["blocks"][b]["shapes"].values())
@@ -205,35 +214,38 @@ def arithmetic_7b(method: str) -> list[str]:
                           "in_features": {n: s[1] for n, s in shapes.items()}}] * 28}
     shards = 32
     block_bytes = sum(o * i for o, i in shapes.values()) * 2 + 4 * h
-    manifest = {"job": "x", "spec": {"quant": {"method": method, "importance": "uniform", "bits": 4}, "partition_tokens": 0},
-                "n_blocks": 28, "shards": [[4 * k, 4 * k + 4] for k in range(shards)], "shard_tokens": [8192] * shards,
+    importance = "tlq" if method == "gptq" else "uniform"  # the two jobs the benchmark runs
+    manifest = {"job": "x", "spec": {"quant": {"method": method, "importance": importance, "bits": 4},
+                                     "partition_tokens": 0, "dtype": "bfloat16"},
+                "calibration": {"vision_tokens": 262144 // 2}, "n_blocks": 28,
+                "shards": [[4 * k, 4 * k + 4] for k in range(shards)], "shard_tokens": [8192] * shards,
                 "shard_input_bytes": [8192 * 8] * shards, "files": [],
-                "sizes": {"embed": 152064 * h * 4 + 675_000_000 * 4, "head": 152064 * h * 4, "blocks": [2 * block_bytes] * 28,
+                "sizes": {"embed": 152064 * h * 2 + 675_000_000 * 2, "head": 152064 * h * 2, "blocks": [block_bytes] * 28,
                           "hidden": h}}
     starts = plan.stat_partitions(manifest, groups, 0)
     partial = sum(plan.partial_bytes(manifest["spec"]["quant"], g, grp, groups["blocks"][0]["in_features"]) for g in grp)
-    acts = 262144 * h * plan.ACT_BYTES
-    rows = [f"| {method}, 28 blocks, 128 x 2048 tokens | |", "|---|---:|",
+    acts = 262144 * h * plan.act_bytes(manifest)
+    chains = chains_of(manifest)
+    rows = [f"| {method} + {importance}, 28 blocks, 128 x 2048 tokens, bf16 | |", "|---|---:|",
             f"| statistics partitions per block | {len(starts)} |",
             f"| statistics in the store per block | {len(starts) * partial / GB:.2f} GB |",
-            f"| one chain's activations entering a block (float32) | {acts / GB:.2f} GB |",
+            f"| one chain's activations entering a block (bf16) | {acts / GB:.2f} GB |",
+            f"| chains through a block | {chains} |",
             f"| statistics for the job | {28 * len(starts) * partial / GB:.0f} GB (format 1: ~3100 GB for gptq) |"]
     # A block's bytes in the store: staged weights (bf16), activations in and out per chain, statistics,
-    # packed 4-bit qweights; against the minimum with bf16 activations and no statistics.
-    chains = 2 if method == "gptaq" else 1
+    # packed 4-bit qweights; against the minimum without statistics.
     weights, packed = block_bytes, sum(o * i for o, i in shapes.values()) // 2
     stored = weights + 2 * chains * acts + len(starts) * partial + packed
-    minimum = weights + 2 * chains * acts // 2 + packed
-    rows.append(f"| store bytes per block (float32 activations) | {stored / GB:.1f} GB = {stored / minimum:.2f} x the "
-                f"minimum ({minimum / GB:.1f} GB) |")
-    # With activations stored in bf16 a partition must hold twice the tokens: the plan's own rule, again.
-    bf16_starts = plan.partition_starts([8192 * h * 2 * chains] * shards, partial)
-    bf16 = weights + 2 * chains * acts // 2 + len(bf16_starts) * partial + packed
-    rows.append(f"| the same with bf16 activations ({len(bf16_starts)} partition(s)) | {bf16 / GB:.1f} GB = "
-                f"{bf16 / minimum:.2f} x |")
-    for kind, task in [("embed", plan.Task("embed", shard=0)), ("stats (down_proj)", plan.Task("stats", block=0, group=3, shard=0)),
-                       ("solve (down_proj)", plan.Task("solve", block=0, group=3, module="mlp.down_proj")),
-                       ("propagate", plan.Task("propagate", block=0, shard=0)), ("export", plan.Task("export"))]:
+    minimum = weights + 2 * chains * acts + packed
+    rows.append(f"| store bytes per block | {stored / GB:.1f} GB = {stored / minimum:.2f} x the minimum "
+                f"({minimum / GB:.1f} GB) |")
+    tasks = [("embed", plan.Task("embed", shard=0)), ("forward", plan.Task("forward", block=0, shard=0)),
+             ("backward (a block)", plan.Task("backward", block=0, shard=0)),
+             ("backward (the head)", plan.Task("backward", block=28, shard=0)), ("importance", plan.Task("importance")),
+             ("stats (down_proj)", plan.Task("stats", block=0, group=3, shard=0)),
+             ("solve (down_proj)", plan.Task("solve", block=0, group=3, module="mlp.down_proj")),
+             ("propagate", plan.Task("propagate", block=0, shard=0)), ("export", plan.Task("export"))]
+    for kind, task in tasks:
         rows.append(f"| estimate: {kind} | {plan.estimate_memory(task, manifest, groups) / GB:.1f} GB |")
     return rows
 
@@ -244,6 +256,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--jobs", nargs="+", default=["gptq:tlq", "gptaq:uniform"])
+    ap.add_argument("--dtype", default="bfloat16", help="the jobs' compute dtype (--dtype of tlq-farm run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -252,7 +265,8 @@ def main() -> None:
     store = args.root / "store"
     for spec in args.jobs:
         method, importance = spec.split(":")
-        run = run_job(model, calib, store, args.root / f"out-{method}-{importance}", args.samples, method, importance)
+        run = run_job(model, calib, store, args.root / f"out-{method}-{importance}", args.samples, method, importance,
+                      args.dtype)
         job = job_of(store, method, importance)
         print(f"\n### {method} + {importance} (job {job}): whole command {run['wall_s']:.0f} s wall, "
               f"{run['cpu_s']:.0f} s CPU, peak RSS {run['peak_rss_gb']:.2f} GB\n")

@@ -3,8 +3,8 @@
     .venv/bin/python bench/solve_peak.py --method gptq  --shape 3584x18944
     .venv/bin/python bench/solve_peak.py --method gptaq --shape 3584x18944 --partials 2
 
-Synthetic float32 partials of the right shapes (sums of H, and for GPTAQ D and Hfp) are written to a folder
-store as the stats task writes them; then, from a reset high-water mark (/proc/self/clear_refs), the solve
+Synthetic float32 partials of the right shapes (sums of H, and for GPTAQ the linear's W D and
+tr(W Hfp W^T), hessian.fold_cross_terms) are written to a folder store as the stats task writes them; then, from a reset high-water mark (/proc/self/clear_refs), the solve
 task's own steps run: the partials read one at a time as do_solve reads them (stored_partial over
 get_tensors_and_metadata) and block.solve_partials (the ordered float64 reduction, then the solver). The
 weight is made in float32 inside the measured region, as the task reads it. Prints the peak RSS, the task's
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tlq_farm import block as B
 from tlq_farm import plan
+from tlq_farm.quant import fold_cross_terms
 from tlq_farm.spec import QuantSpec
 from tlq_farm.steps import SEP, stored_partial
 from tlq_farm.store import LocalStore
@@ -43,8 +44,9 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}: this script needs Linux")
 
 
-def synthetic_partial(in_f: int, gptaq: bool, seed: int, rank: int = 64) -> dict[str, torch.Tensor]:
-    """Float32 sums of one partition, shaped like the stats task's: H (positive definite), D, Hfp."""
+def synthetic_partial(in_f: int, gptaq: bool, seed: int, weight: torch.Tensor, rank: int = 64) -> dict[str, torch.Tensor]:
+    """Float32 sums of one partition, shaped like the stats task's: H (positive definite), and for GPTAQ the
+    products of D and Hfp with the weight."""
     g = torch.Generator().manual_seed(seed)
     tokens = 8192
     B_q = torch.randn(in_f, rank, generator=g) * (tokens / rank) ** 0.5
@@ -52,8 +54,9 @@ def synthetic_partial(in_f: int, gptaq: bool, seed: int, rank: int = 64) -> dict
     part["H"].diagonal().add_(0.1 * tokens)
     if gptaq:
         B_d = 0.1 * torch.randn(in_f, rank, generator=g) * (tokens / rank) ** 0.5
-        part["D"] = B_d @ B_q.T
-        part["Hfp"] = part["H"] + part["D"] + part["D"].T + B_d @ B_d.T
+        D = B_d @ B_q.T
+        part.update(fold_cross_terms(weight, {"D": D, "Hfp": part["H"] + D + D.T + B_d @ B_d.T}))
+        del D
     part["w_sum"] = torch.tensor(float(tokens), dtype=torch.float64)
     part["tokens"] = torch.tensor(tokens)
     return part
@@ -82,12 +85,15 @@ def main() -> None:
     gptaq = args.method == "gptaq"
     spec = QuantSpec(method=args.method, bits=4, group_size=128, act_order=args.act_order)
 
+    def weight() -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(9)) / in_f**0.5
+
     with tempfile.TemporaryDirectory(prefix="tlq-solve-peak-", dir=args.store) as tmp:
         store = LocalStore(Path(tmp) / "store")
         keys = [store_keys.stats("solve-peak", 0, 3, p) for p in range(args.partials)]
         t0 = time.perf_counter()
         for p, key in enumerate(keys):
-            part = synthetic_partial(in_f, gptaq, seed=p)
+            part = synthetic_partial(in_f, gptaq, p, weight())
             put_tensors(store, key, {f"{MODULE}{SEP}{k}": t for k, t in part.items()},
                         metadata={"tlq": json.dumps({"owners": {MODULE: MODULE}}, sort_keys=True)})
             del part
@@ -97,7 +103,7 @@ def main() -> None:
             f.write("5")
         before = status_bytes("VmRSS")
         wall, cpu = time.perf_counter(), time.process_time()
-        weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(9)) / in_f**0.5
+        w = weight()
         reduced = {}
 
         def partials():
@@ -106,7 +112,7 @@ def main() -> None:
                 yield part
             reduced["wall"], reduced["cpu"] = time.perf_counter() - wall, time.process_time() - cpu
 
-        res, counts = B.solve_partials(weight, partials(), spec)
+        res, counts = B.solve_partials(w, partials(), spec)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = status_bytes("VmHWM")
     own = peak - before

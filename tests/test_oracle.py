@@ -146,6 +146,18 @@ def test_the_chains_are_the_blocks_run_one_sample_at_a_time(job, reference):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def close_to_reference(got: dict, want: dict, weight: torch.Tensor, gptaq: bool, where) -> None:
+    """The stored sums against the reference's: H; for GPTAQ each linear's W D and tr(W Hfp W^T), which the
+    partial holds instead of D and Hfp."""
+    W = weight.detach().double()
+    pairs = [("H", want["H"])]
+    if gptaq:
+        pairs += [("WD", W @ want["D"]), ("WHfpW", ((W @ want["Hfp"]) * W).sum())]
+    for name, ref in pairs:
+        scale = float(ref.abs().max())
+        assert float((got[name].double() - ref).abs().max()) <= 1e-5 * scale, (where, name)
+
+
 def test_statistics_are_the_float64_per_sample_sums_and_the_solve_follows(job, reference):
     store, job_id, spec = job
     ctx = steps.job_context(store, job_id)
@@ -164,9 +176,7 @@ def test_statistics_are_the_float64_per_sample_sums_and_the_solve_follows(job, r
                          for p in plan.stat_partitions(ctx.manifest, ctx.groups, b)]
                 got = reduce_partials(parts)
                 assert float(got["w_sum"]) == pytest.approx(want[m]["w_sum"], rel=1e-6)
-                for name in ("H", "D", "Hfp") if gptaq else ("H",):
-                    scale = float(want[m][name].abs().max())
-                    assert float((got[name] - want[m][name]).abs().max()) <= 1e-5 * scale, (b, m, name)
+                close_to_reference(got, want[m], blk.get_submodule(m).weight, gptaq, (b, m))
                 # The solver on the reference statistics gives the stored codes (both sums agree closely).
                 res, _ = steps.qresult_from_store(store, keys.qweights(job_id, b, m))
                 if not gptaq:
@@ -238,9 +248,7 @@ def test_a_quantized_vision_tower_runs_as_tasks_and_matches_the_reference(vision
                                            fp_block=ctx.block(b, tower="vision"), fp_inputs=fp_in)
             for m in members:
                 got = steps.stored_partial(*get_tensors_and_metadata(store, keys.stats(job_id, b, g, 0, "vision")), m)
-                for name in ("H", "D", "Hfp"):
-                    scale = float(want[m][name].abs().max())
-                    assert float((got[name].double() - want[m][name]).abs().max()) <= 1e-5 * scale, (b, m, name)
+                close_to_reference(got, want[m], blk.get_submodule(m).weight, True, (b, m))
     # The decoder's fp chain starts from the full-precision tower, its q chain from the quantized one.
     vision_path = find_layout(model).vision_blocks
     fp_first = [c.hidden for c in captured]

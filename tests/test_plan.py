@@ -138,9 +138,14 @@ def test_shared_inputs_share_a_partial_and_the_partition_follows_the_blocks_byte
     # 32 KiB / 256 B per token = 128 tokens per partition.
     assert plan.block_partitions([64, 64, 64, 64, 80], 64, q, grps, classes, cols) == [0, 2]
     assert plan.block_partitions([128] * 3, 64, q, grps, classes, cols) == [0, 1, 2]
-    # Three owners (per-linear weights) need 1.5x the tokens; GPTAQ's three Grams over two chains, 1.5x.
+    # Three owners (per-linear weights) need 1.5x the tokens. GPTAQ: the Grams and each linear's W D (q, k,
+    # o: 48 KiB) and tr(W Hfp W^T) (8 B each) over two chains: 80 KiB + 24 B / 512 B = 160.05 tokens.
+    shapes = g["blocks"][0]["shapes"]
+    gptaq = {**q, "method": "gptaq"}
+    assert plan.partial_bytes(gptaq, grps[0], classes, cols, shapes=shapes) == 4 * 64 * 64 * 3 + 16
     assert plan.block_partitions([64] * 6, 64, {**q, "importance": "vlmq"}, grps, classes, cols) == [0, 3]
-    assert plan.block_partitions([128] * 6, 64, {**q, "method": "gptaq"}, grps, classes, cols) == [0, 2, 4]
+    assert plan.block_partitions([160] * 6, 64, gptaq, grps, classes, cols, shapes=shapes) == [0, 2, 4]
+    assert plan.block_partitions([161] * 6, 64, gptaq, grps, classes, cols, shapes=shapes) == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_partition_of_shards_is_one_stats_task_reading_each_shard():

@@ -113,7 +113,8 @@ def act_bytes(manifest: dict) -> int:
 
 def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_groups: list[list[str]],
                      classes: list[list[str]] | None, in_features: dict[str, int],
-                     partition_tokens: int = 0, element_bytes: int = 4) -> list[int]:
+                     partition_tokens: int = 0, element_bytes: int = 4,
+                     shapes: dict[str, list[int]] | None = None) -> list[int]:
     """First shard of each statistics partition of one block, shared by all its true-sequential groups (see
     partition_starts): a partition holds at least the bytes of the block's partials (every group's, per
     owner H and for GPTAQ also D and Hfp, float32 [in, in]) in the activations a stats task reads (the q
@@ -121,7 +122,7 @@ def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_gr
     if partition_tokens > 0:
         return partition_starts(shard_tokens, partition_tokens)
     per_token = hidden * element_bytes * (2 if quant["method"] == "gptaq" else 1)
-    partials = sum(partial_bytes(quant, members, classes, in_features) for members in block_groups)
+    partials = sum(partial_bytes(quant, members, classes, in_features, shapes=shapes) for members in block_groups)
     return partition_starts([n * per_token for n in shard_tokens], partials)
 
 
@@ -133,15 +134,19 @@ def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = No
     block = groups["blocks"][b]
     return block_partitions(manifest["shard_tokens"], manifest["sizes"]["hidden"], manifest["spec"]["quant"],
                             block["groups"], block.get("inputs"), block["in_features"],
-                            manifest["spec"].get("partition_tokens", 0), act_bytes(manifest))
+                            manifest["spec"].get("partition_tokens", 0), act_bytes(manifest), block.get("shapes"))
 
 
 def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | None,
-                  in_features: dict[str, int], element_bytes: int = SUM_BYTES) -> int:
-    """Bytes of one partial of a group: per owner, H (+ D and Hfp for GPTAQ) as [in, in]."""
-    grams = 3 if quant["method"] == "gptaq" else 1
+                  in_features: dict[str, int], element_bytes: int = SUM_BYTES,
+                  shapes: dict[str, list[int]] | None = None) -> int:
+    """Bytes of one partial of a group: per owner, H as [in, in]; for GPTAQ also per linear its W D [out, in]
+    and tr(W Hfp W^T) (a float64 scalar; hessian.fold_cross_terms). shapes: name -> [out, in] (GPTAQ)."""
     owners = group_owners(members, classes, quant["importance"] in PER_MODULE_IMPORTANCE)
-    return sum(grams * element_bytes * in_features[o] ** 2 for o in owners)
+    grams = sum(element_bytes * in_features[o] ** 2 for o in owners)
+    if quant["method"] != "gptaq":
+        return grams
+    return grams + sum(element_bytes * shapes[m][0] * shapes[m][1] + 8 for m in members)
 
 
 def partition_shards(starts: list[int], n_shards: int, start: int) -> range:
@@ -533,7 +538,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     def partial(members: list[str], element_bytes: int = SUM_BYTES) -> int:
         blk = block_plan(groups, task.block, task.tower) if groups else {}
         cols = {m: blk.get("in_features", {}).get(m, hidden) for m in members}
-        return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes)
+        shapes = {m: blk.get("shapes", {}).get(m, [hidden, hidden]) for m in members}
+        return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes, shapes)
 
     if task.kind in ("embed", "reembed"):
         # The prefix only (decoder blocks and head on the meta device), filled one tensor at a time; the
@@ -569,17 +575,24 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "stats":
         # The block (with the earlier groups' qweights), one shard of each chain alive at a time, the
         # running sums while they are written.
+        # For GPTAQ the running sums are H, D and Hfp per owner until each linear's W D and W Hfp (for its
+        # trace) are taken from them.
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else []
+        sums, fold = 0, 0
         if groups:
             shards = partition_shards(stat_partitions(manifest, groups, task.block, task.tower),
                                       len(manifest["shards"]), task.shard)
             acts = max(shard_acts[k] for k in shards)
-        return int(2 * block + 4 * acts * (2 if gptaq else 1) + held(partial(members)))
+            blk = block_plan(groups, task.block, task.tower)
+            owners = group_owners(members, blk.get("inputs"), quant["importance"] in PER_MODULE_IMPORTANCE)
+            sums = sum(SUM_BYTES * blk["in_features"][o] ** 2 for o in owners) * (3 if gptaq else 1)
+            fold = 2 * SUM_BYTES * max(blk["shapes"][m][0] * blk["shapes"][m][1] for m in members) if gptaq else 0
+        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + held(partial(members)))
     if task.kind == "solve":
         # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
         # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored
         #   partial is read one tensor at a time, each freed once added; a small one is held whole), and for
-        #   GPTAQ W in float64 and the running W D, [out, in] each, and a float64 [in, 1024] slab of D or Hfp;
+        #   GPTAQ the running float64 W D [out, in] beside the partial's float32 one;
         # - the solve: the factorisation in H's own storage, the float64 factor then its float32 half, and
         #   [out, in] terms: plain GPTQ its work copy, codes and dequantized weight (16 bytes a weight); GPTAQ W
         #   and W D in float64 and the target's two triangular products (32 bytes a weight).
@@ -588,7 +601,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         cols, params = out_in[1], out_in[0] * out_in[1]
         stored = partial(members)
         read = held(stored) if stored < LARGE_BYTES else SUM_BYTES * cols ** 2
-        reduce_peak = 8 * cols ** 2 + read + ((16 * params + 8 * 1024 * (cols + out_in[0])) if gptaq else 0)
+        reduce_peak = 8 * cols ** 2 + read + (12 * params if gptaq else 0)
         solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":

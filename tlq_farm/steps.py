@@ -26,7 +26,7 @@ from . import block as B
 from . import plan
 from .models.adapter import Layout, linear_names
 from .plan import Task
-from .quant import QuantResult
+from .quant import QuantResult, fold_cross_terms
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
@@ -516,20 +516,29 @@ def do_stats(ctx: JobContext, task: Task) -> None:
                                fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,
                                stop_early=block_plan.get("once", False))
     owners = B.stat_owners(stats)
-    put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard, t),
-                {f"{m}{SEP}{name}": t for m in set(owners.values()) for name, t in stats[m].items()},
+    out = {f"{m}{SEP}{name}": x for m in set(owners.values()) for name, x in stats[m].items()
+           if name not in ("D", "Hfp")}
+    if gptaq:  # each linear's W D and tr(W Hfp W^T) instead of the owner's [in, in] D and Hfp
+        for m in owners:
+            folded = fold_cross_terms(blk.get_submodule(m).weight.detach(), stats[m])
+            out.update({f"{m}{SEP}{name}": x for name, x in folded.items()})
+    put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard, t), out,
                 metadata={"tlq": json.dumps({"owners": owners}, sort_keys=True)})
 
 
 def stored_partial(tensors: dict[str, torch.Tensor], metadata: dict[str, str], module: str) -> dict | None:
-    """One module's statistics in a stored partial (None: no sample reached it)."""
+    """One module's statistics in a stored partial: the sums of the linear that holds its Gram (H, w_sum,
+    tokens), and for GPTAQ its own W D and tr(W Hfp W^T). None: no sample reached it."""
     import json
 
     owner = json.loads(metadata["tlq"])["owners"].get(module)
     if owner is None:
         return None
-    prefix = owner + SEP
-    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+    out = {name[len(owner) + 1:]: t for name, t in tensors.items() if name.startswith(owner + SEP)
+           and name[len(owner) + 1:] not in ("WD", "WHfpW")}
+    out.update({name[len(module) + 1:]: t for name, t in tensors.items()
+                if name in (f"{module}{SEP}WD", f"{module}{SEP}WHfpW")})
+    return out
 
 
 def do_solve(ctx: JobContext, task: Task) -> None:

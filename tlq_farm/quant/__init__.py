@@ -3,7 +3,8 @@
 from .actquant import fake_quant_per_token
 from .gptq import gptq_quantize
 from .grid import QuantResult, dequantize_grouped
-from .hessian import add_tokens, finalize_hessian, finalize_stats, finish_sums, hessian_partial, reduce_partials, start_sums
+from .hessian import (add_tokens, finalize_hessian, finalize_stats, finish_sums, fold_cross_terms, hessian_partial,
+                      reduce_partials, start_sums)
 from .rtn import rtn_quantize
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "finalize_hessian",
     "finalize_stats",
     "finish_sums",
+    "fold_cross_terms",
     "gptq_quantize",
     "hessian_partial",
     "reduce_partials",

@@ -176,6 +176,15 @@ def _add_products_(total: dict[str, torch.Tensor], key: str, M: torch.Tensor, W6
             total["WHfpW"] += (block * W64[:, c0:c0 + PRODUCT_COLUMNS]).sum()
 
 
+def fold_cross_terms(W: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One linear's share of a GPTAQ partial: its W D_p ([out, in], in the sums' dtype) and tr(W Hfp_p W^T)
+    (float64), which are all the solve needs of D and Hfp (reduce_partials). Stored instead of the [in, in]
+    sums: at Qwen2-VL-7B a block's partial then holds H and 0.9 GB of these instead of 4.8 GB of Grams, and the
+    products are taken here, on the device that summed them, not in float64 by the solve."""
+    Wf = W.to(sums["D"].dtype)
+    return {"WD": Wf @ sums["D"], "WHfpW": (Wf @ sums["Hfp"]).mul_(Wf).sum(dtype=torch.float64)}
+
+
 def reduce_partials(partials: Iterable[dict[str, torch.Tensor]], W: torch.Tensor | None = None,
                     consume: bool = False) -> dict[str, torch.Tensor]:
     """Sum partial statistics in iteration order, in float64, so the result only depends on that order.
