@@ -158,7 +158,8 @@ def task_table(store: Path, job: str) -> list[str]:
             continue
         worst = max(rs, key=lambda r: r["peak_rss_mib"])
         peak, est = worst["peak_rss_mib"] * 2**20 / GB, worst["estimate_bytes"] / GB
-        start = worst.get("rss_start_mib")
+        # Its own memory: the peak above what was in use at its start (the heap kept free counts as its own).
+        start = None if worst.get("rss_start_mib") is None else worst["rss_start_mib"] - (worst.get("held_free_mib") or 0)
         own = "" if start is None else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB:.2f}"
         ratio = "" if start is None else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB / est:.2f}"
         rows.append(f"| {kind} | {len(rs)} | {peak:.2f} | {own} | {est:.2f} | {ratio} | "

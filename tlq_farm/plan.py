@@ -387,6 +387,15 @@ def outputs(task: Task, manifest: dict) -> list[str]:
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
+def task_shards(task: Task, manifest: dict, groups: dict | None) -> list[int]:
+    """The shards whose activations a task reads or writes (a stats task: its partition's): whoever ran it
+    holds them in its cache, so the tasks that read them next are best sent there."""
+    if task.kind == "stats" and groups is not None:
+        return list(partition_shards(stat_partitions(manifest, groups, task.block, task.tower),
+                                     len(manifest["shards"]), task.shard))
+    return [] if task.shard is None else [task.shard]
+
+
 def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -> list[Task]:
     """A tower's per-block tasks in order: weights, then each group's stats and solves, then propagate."""
     n_shards, n = len(manifest["shards"]), tower_blocks(manifest, tower)

@@ -93,7 +93,7 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
             r.set(queued_key(mark), repr(time.time()), ex=REQUEUE_AFTER)  # lost: send it again
         need = plan.memory_class(plan.estimate_memory(task, manifest, groups))
         queue = plan.queue_name(need)
-        preferred = affine_worker(r, store_url, job, task, need, live)
+        preferred = affine_worker(r, store_url, job, task, need, live, manifest, groups)
         if preferred:
             live[preferred] = dict(live[preferred], task=task_id)  # one task per worker and advance
             # Short mark: if that worker does not take it soon, the next advance sends it to its class queue.
@@ -206,15 +206,19 @@ AFFINE_KINDS = ("forward", "backward", "weights", "stats", "propagate")
 AFFINITY_WAIT_S = 10
 
 
-def affine_worker(r, store_url: str, job: str, task, need: int, live: dict) -> str | None:
-    """The live, idle worker that wrote this task's shard last, if its memory class fits the task."""
-    if task.kind not in AFFINE_KINDS or task.shard is None:
+def affine_worker(r, store_url: str, job: str, task, need: int, live: dict, manifest: dict,
+                  groups: dict | None) -> str | None:
+    """The live, idle worker that last read or wrote most of this task's shards (they are in its cache), if
+    its memory class fits the task."""
+    if task.kind not in AFFINE_KINDS:
         return None
-    owner = r.get(affinity_key(store_url, job, task.shard))
-    w = live.get(owner.decode()) if owner else None
-    if not w or w.get("task") or (w.get("class_bytes") or 0) < need:
-        return None
-    return w["id"]
+    shards = plan.task_shards(task, manifest, groups)
+    owners = [o.decode() for o in r.mget([affinity_key(store_url, job, k) for k in shards]) if o] if shards else []
+    for owner in sorted(set(owners), key=lambda o: (-owners.count(o), o)):
+        w = live.get(owner)
+        if w and not w.get("task") and (w.get("class_bytes") or 0) >= need:
+            return w["id"]
+    return None
 
 
 def advance_active_jobs() -> None:

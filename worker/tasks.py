@@ -13,7 +13,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tlq_farm import steps
+from tlq_farm import plan, steps
 from tlq_farm.plan import Task
 from tlq_farm.store import StoreUnavailable
 
@@ -46,8 +46,10 @@ def run_task(store_url: str, job: str, task: dict) -> str:
     finally:
         STATE.current = None
         r.delete(running_key(mark))
-    if status == "computed" and t.kind in ("embed", "reembed", "forward", "propagate"):  # they write a shard's acts
-        r.set(affinity_key(store_url, job, t.shard), STATE.id, ex=24 * 3600)
+    if status == "computed":  # the shards it read or wrote are in this worker's cache now
+        ctx = steps.job_context(store, job)
+        for k in plan.task_shards(t, ctx.manifest, ctx.groups if t.kind not in ("embed", "groups") else None):
+            r.set(affinity_key(store_url, job, k), STATE.id, ex=24 * 3600)
     # What this task made ready; on anything but a fresh commit (a skip, a missing input) the full reconcile.
     dispatch.advance(store_url, job, store, idle_worker=STATE.id, finished=t if status == "computed" else None)
     return status

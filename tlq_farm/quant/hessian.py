@@ -40,16 +40,32 @@ def _check_token_weights(token_weights: torch.Tensor, leading_shape: torch.Size)
     return w
 
 
-def _symmetrize_(m: torch.Tensor, tile: int = 1024) -> None:
-    """Make m exactly symmetric in place, (m + m^T) / 2, tile pair by tile pair (no [in, in] temporary: a
-    down_proj Gram at 7B is 1.4 GB): (a*w)^T a rounds its two triangles differently."""
+# Rows of a Gram summed per product: a running sum gets only its upper block triangle (add_gram_), which
+# saves up to half the flops (41 % at 2816 columns, nearly half at 18944) for a few more, still large, products.
+GRAM_TILE = 1024
+
+
+def add_gram_(S: torch.Tensor, A: torch.Tensor, B: torch.Tensor, tile: int = GRAM_TILE) -> None:
+    """S += A^T B for a symmetric result (A = diag(w) B): only the block rows' upper part, [i:i+tile, i:]; the
+    lower blocks are filled from the upper ones by finish_sums (the diagonal blocks hold both triangles)."""
+    n = S.shape[0]
+    if n <= tile:
+        S.addmm_(A.T, B)
+        return
+    for i in range(0, n, tile):
+        S[i:i + tile, i:].addmm_(A[:, i:i + tile].T, B[:, i:])
+
+
+def _symmetrize_(m: torch.Tensor, tile: int = GRAM_TILE) -> None:
+    """Make m exactly symmetric in place from its upper block triangle (add_gram_): each diagonal block
+    averaged with its transpose ((a*w)^T a rounds its two triangles differently), each block below it the
+    transpose of its mirror. No [in, in] temporary: a down_proj Gram at 7B is 1.4 GB."""
     n = m.shape[0]
     for i in range(0, n, tile):
-        for j in range(i, n, tile):
-            a, b = m[i:i + tile, j:j + tile], m[j:j + tile, i:i + tile]
-            s = (a + b.T) * 0.5
-            a.copy_(s)
-            b.copy_(s.T)
+        d = m[i:i + tile, i:i + tile]
+        d.copy_((d + d.T) * 0.5)
+        for j in range(i + tile, n, tile):
+            m[j:j + tile, i:i + tile].copy_(m[i:i + tile, j:j + tile].T)
 
 
 def start_sums(in_features: int, *, cross: bool = False, need_fp_gram: bool = False,
@@ -98,7 +114,7 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
                          "activations (an earlier block may have diverged)")
     ones = bool((w == 1).all())  # uniform weights: x * 1 is x, so the product and its copy can be skipped
     wc = w.to(dtype).unsqueeze(1)
-    sums["H"].addmm_(Xq.T if ones else (Xq * wc).T, Xq)
+    add_gram_(sums["H"], Xq if ones else Xq * wc, Xq)
     if x_fp is not None:
         Xfp = _flatten_tokens(x_fp, "x_fp", dtype)
         Xfp = Xfp if whole else Xfp[kept]
@@ -107,7 +123,7 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
                              "chain's activations")
         sums["D"].addmm_((Xfp - Xq).T if ones else ((Xfp - Xq) * wc).T, Xq)
         if "Hfp" in sums:
-            sums["Hfp"].addmm_(Xfp.T if ones else (Xfp * wc).T, Xfp)
+            add_gram_(sums["Hfp"], Xfp if ones else Xfp * wc, Xfp)
     sums["w_sum"] += w.sum()
     sums["tokens"] += n_kept
 
