@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 
 import pytest
 import torch
@@ -508,11 +509,11 @@ class RewriteDuringRead(LocalStore):
     def _read_guard(self, key):
         return contextlib.nullcontext()
 
-    def _read_raw(self, raw_key):
+    def _read_identified(self, raw_key):
         if self.interleave is not None and not keys.is_reserved(raw_key):
             interleave, self.interleave = self.interleave, None
             interleave(LocalStore(self.root))
-        return super()._read_raw(raw_key)
+        return super()._read_identified(raw_key)
 
 
 def test_rewrite_between_marker_and_object_is_not_taken_for_corruption(tmp_path):
@@ -535,3 +536,24 @@ def test_rewrite_in_progress_reads_as_not_committed_and_deletes_nothing(tmp_path
     with pytest.raises(NotCommitted, match="withdrawn while being read"):
         reader.get_bytes(key)
     assert (tmp_path / key).read_bytes() == b"new, not yet committed"
+
+
+def test_a_folder_store_hashes_an_unchanged_file_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    from tlq_farm.store import local
+
+    store = LocalStore(tmp_path)
+    key = keys.staged_block(JOB, 0)
+    store.put_bytes(key, b"weights" * 1000)
+    hashed = []
+    real = local.sha256_hex
+    monkeypatch.setattr(local, "sha256_hex", lambda data: hashed.append(len(data)) or real(data))
+    for _ in range(3):
+        assert store.get_bytes(key) == b"weights" * 1000
+    assert hashed == [7000]  # read three times, hashed once
+    # Damage in place, same size: the file's identity (its mtime) changed, so it is hashed and found out.
+    path = store.path(key)
+    time.sleep(0.01)
+    path.write_bytes(b"Weights" + b"weights" * 999)
+    with pytest.raises(CorruptObject):
+        store.get_bytes(key)
+    assert hashed == [7000, 7000]

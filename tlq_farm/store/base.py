@@ -172,6 +172,12 @@ class Store(ABC):
     def _download_file(self, raw_key: str, path: Path) -> bool:
         """Write the object into the file `path`; False when the object does not exist."""
 
+    def _fetch_bytes(self, raw_key: str) -> tuple[bytes, str, int] | None:
+        """(bytes, their sha256, size) of an object as stored, None when it does not exist (get_bytes checks
+        them against the marker)."""
+        data = self._read_raw(raw_key)
+        return None if data is None else (data, sha256_hex(data), len(data))
+
     def _object_version(self, raw_key: str) -> str | None:
         """A token that changes whenever the object's bytes may have changed, or None when it does not exist.
 
@@ -222,12 +228,7 @@ class Store(ABC):
         """The committed bytes of `key`, verified against the marker's sha256 and size (`commit`: the marker
         as the caller just read it, which spares a second read of it)."""
         keys.check_key(key)
-
-        def fetch() -> tuple[bytes, str, int] | None:
-            data = self._read_raw(key)
-            return None if data is None else (data, sha256_hex(data), len(data))
-
-        data = self._read_verified(key, fetch, lambda data: None, commit)
+        data = self._read_verified(key, lambda: self._fetch_bytes(key), lambda data: None, commit)
         self.bytes_read += len(data)
         return data
 

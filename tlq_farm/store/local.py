@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tlq_farm.store import keys
-from tlq_farm.store.base import FILE_CHUNK, Store, StoreMissing, StoreUnavailable
+from tlq_farm.store.base import FILE_CHUNK, Store, StoreMissing, StoreUnavailable, sha256_hex
 
 try:
     import fcntl
@@ -133,6 +133,7 @@ class LocalStore(Store):
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
         self._locks = threading.local()
+        self._digests: dict[str, tuple[tuple, str]] = {}  # raw key -> (file identity, sha256 of its bytes)
         if not create:
             if self.root.is_dir():
                 return
@@ -160,11 +161,36 @@ class LocalStore(Store):
     # ---------------------------------------------------------------------------------- primitives
 
     def _read_raw(self, raw_key: str) -> bytes | None:
+        found = self._read_identified(raw_key)
+        return None if found is None else found[0]
+
+    def _read_identified(self, raw_key: str) -> tuple[bytes, tuple] | None:
+        """(the file's bytes, the identity of the file they were read from: device, inode, size, mtime)."""
         with _local_errors(self.root, f"read {raw_key!r}"):
             try:
-                return self._file(raw_key).read_bytes()
+                handle = os.open(self._file(raw_key), os.O_RDONLY)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
+            try:
+                st = os.fstat(handle)
+                with os.fdopen(handle, "rb", closefd=False) as f:
+                    data = f.read()
+            finally:
+                os.close(handle)
+        return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _fetch_bytes(self, raw_key: str) -> tuple[bytes, str, int] | None:
+        # The sha256 of a file this process hashed before, unchanged since (same inode, size and mtime: every
+        # write renames a new file into place), is not computed again: the stats, solve and propagate tasks
+        # of a block read the same block and shards, and hashing them was 5 % of a job's CPU.
+        found = self._read_identified(raw_key)
+        if found is None:
+            return None
+        data, version = found
+        known = self._digests.get(raw_key)
+        digest = known[1] if known is not None and known[0] == version and len(data) == version[2] else sha256_hex(data)
+        self._digests[raw_key] = (version, digest)
+        return data, digest, len(data)
 
     def _write_raw(self, raw_key: str, data: bytes) -> None:
         # An object's rename is made durable by its commit marker's, written next into the same folder: one
