@@ -248,13 +248,16 @@ def main() -> None:
 @click.option("--create-store", is_flag=True,
               help="Create the --store folder or bucket if it does not exist (otherwise a missing one is an error).")
 @click.option("--detach", is_flag=True, help="Farm: stage and enqueue, print the job id and return at once.")
+@click.option("--threads", default="auto", show_default=True,
+              help="torch threads of an embedded or in-memory run on the CPU; auto: about one per 1024 of the model's "
+                   "hidden width (narrow blocks keep no more busy), or $OMP_NUM_THREADS when set.")
 @click.option("--in-memory", is_flag=True, help="Keep nothing: run the job's tasks here on a temporary store that is "
               "deleted at the end (no resume).")
 @click.option("--workers", "n_workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="No broker: run the job's tasks in N local processes (one torch thread each when N > 1).")
 def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importance, samples, seq_len, seed, act_order,
         static_groups, damp, blocksize, true_sequential, quantize_vision, tlq_keep, qig_steps, fmt, shard_tokens, partition_tokens,
-        device, dtype, overwrite, quiet, broker, store_url, create_store, detach, in_memory, n_workers):
+        device, dtype, overwrite, quiet, broker, store_url, create_store, detach, threads, in_memory, n_workers):
     """Quantize MODEL_DIR (default: the bundled demo VLM) and export it.
 
     With no broker the job's tasks run here, through the same store and reconciler as on a farm; with
@@ -276,6 +279,7 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if not broker or in_memory:  # the device is used only where this process computes
         _check_device(device)
+    n_threads = _thread_count(threads)
     try:
         spec.validate()
         _check_out_apart(out_dir, model=str(model_dir), calib=str(calib), store_folder=_store_folder(store_url))
@@ -285,6 +289,8 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
             if in_memory or not (out_dir / "tlq_report.json").is_file():
                 raise FileExistsError(f"output folder {out_dir} is not empty: choose another --out or pass "
                                       f"--overwrite")
+        if in_memory or not broker:  # staging, encoding and the tasks all compute here
+            _set_threads(n_threads, _hidden_size(spec.model), device)
         if in_memory:
             try:
                 _run_in_memory(spec, out_dir, device, quiet, overwrite)
@@ -329,6 +335,42 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         _follow(store, job, out_dir, overwrite, quiet)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from e
+
+
+def _thread_count(option: str) -> int | None:
+    """--threads as a count (None: auto), refused in one line when it is neither."""
+    if option == "auto":
+        return None
+    try:
+        n = int(option)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{option!r} is not a number of threads: give auto or a count such as 4",
+                                 param_hint="--threads")
+    return n
+
+
+def _hidden_size(model_dir: str) -> int:
+    from tlq_farm.staging import model_config
+
+    config = model_config(model_dir)
+    return int((config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size)
+
+
+def _set_threads(count: int | None, hidden: int, device: str) -> None:
+    """torch threads for computing a job here: the --threads count, or plan.cpu_threads for the model's
+    width on a CPU (unless OMP_NUM_THREADS says how many)."""
+    import os
+
+    import torch
+
+    from tlq_farm.plan import cpu_threads
+
+    if count is not None:
+        torch.set_num_threads(count)
+    elif not os.environ.get("OMP_NUM_THREADS") and str(device).startswith("cpu"):
+        torch.set_num_threads(cpu_threads({"sizes": {"hidden": hidden}}, os.cpu_count() or 1))
 
 
 def _job_dtype(option: str, model_dir: str, device: str, farm: bool) -> str:

@@ -178,3 +178,28 @@ def test_embed_with_blocks_on_meta_records_what_the_full_forward_does(tmp_path, 
         want.update(steps.captured_to_tensors(i, c))
     assert sorted(kwargs) == sorted(want)
     assert all(torch.equal(kwargs[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_next", "llama"])
+def test_samples_of_one_shape_share_a_prefix_forward_with_the_same_result(tiny_models, calib_jsonl, arch):
+    """capture_many joins samples with identical input shapes into one forward of the prefix (as a processor
+    batches them) and splits hidden states and kwargs back by sample: what one forward per sample gives."""
+    model, proc = load_model(str(tiny_models(arch)))
+    blocks = find_layout(model).decoder_blocks(model)
+    samples = load_calibration(calib_jsonl, proc, samples=8, seq_len=512, seed=0).samples
+    inputs = [model_inputs(s) for s in samples]
+    shapes = [tuple(sorted((k, tuple(v.shape)) for k, v in x.items())) for x in inputs]
+    assert len(set(shapes)) < len(shapes)  # some samples do share a forward
+    together = B.capture_many(model, blocks, inputs)
+    for x, got in zip(inputs, together):
+        alone = B.capture(model, blocks, x, run_blocks=False)
+        torch.testing.assert_close(got.hidden, alone.hidden, rtol=1e-5, atol=1e-6)
+        assert got.kw_index == alone.kw_index
+        for a, b in zip(got.kwargs_sets, alone.kwargs_sets):
+            fa, fb = B.flatten_kwargs(a), B.flatten_kwargs(b)
+            assert fa.keys() == fb.keys()
+            for name in fa:
+                if fb[name] is None:
+                    assert fa[name] is None or name == "attention_mask"
+                else:
+                    torch.testing.assert_close(fa[name], fb[name], rtol=1e-5, atol=1e-6)

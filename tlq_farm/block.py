@@ -163,6 +163,55 @@ def capture(model: nn.Module, blocks: nn.ModuleList, model_inputs: dict, run_blo
     return Captured(first_hidden[0], sets, index)
 
 
+def _sample_signature(inputs: dict) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()) if isinstance(v, torch.Tensor))
+
+
+def _slice_kwargs(kwargs: dict, j: int, size: int, tokens: int) -> dict:
+    """Sample j of kwargs captured for a batch of `size`: a tensor [size, ..., tokens, ...] is the batch's, any
+    other tensor is shared by every sample."""
+    def one(v):
+        if isinstance(v, tuple):
+            return tuple(one(x) for x in v)
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == size and tokens in v.shape[1:]:
+            return v[j:j + 1]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == size:
+            raise ValueError(f"a kwarg of shape {tuple(v.shape)} cannot be split by sample")
+        return v
+    return {k: one(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def capture_many(model: nn.Module, blocks: nn.ModuleList, inputs: list[dict],
+                 batch_tokens: int | None = None) -> list[Captured]:
+    """capture(run_blocks=False) of every sample; samples whose inputs have the very same shapes (one length,
+    one image grid) share a forward of the prefix, joined along their first dimension as a processor joins
+    a batch, up to batch_tokens tokens. A model whose kwargs cannot be split by sample runs one at a time."""
+    batch_tokens = batch_tokens or BATCH_TOKENS
+    out: list[Captured | None] = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(_sample_signature(x), []).append(i)
+    for idx in by_shape.values():
+        tokens = inputs[idx[0]]["input_ids"].shape[-1] if "input_ids" in inputs[idx[0]] else 1
+        per = max(1, batch_tokens // max(1, tokens))
+        for chunk in [idx[a:a + per] for a in range(0, len(idx), per)]:
+            if len(chunk) > 1:
+                batched = {k: torch.cat([inputs[i][k] for i in chunk]) for k in inputs[chunk[0]]}
+                c = capture(model, blocks, batched, run_blocks=False)
+                try:
+                    for j, i in enumerate(chunk):
+                        out[i] = Captured(c.hidden[j:j + 1].clone(),
+                                          [_slice_kwargs(kw, j, len(chunk), c.hidden.shape[1]) for kw in c.kwargs_sets],
+                                          c.kw_index)
+                    continue
+                except ValueError:
+                    pass
+            for i in chunk:
+                out[i] = capture(model, blocks, inputs[i], run_blocks=False)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- run
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -335,14 +335,15 @@ def do_embed(ctx: JobContext, task: Task) -> None:
     ctx.load_prefix(model)
     blocks = ctx.layout.decoder_blocks(model)
     kwargs, hidden, masks, v_kwargs, v_hidden = {}, [], {}, {}, []
-    for i, s in enumerate(ctx.samples(start, end)):
-        if vision:
+    samples = ctx.samples(start, end)
+    for i, c in enumerate(B.capture_many(model, blocks, [model_inputs(s) for s in samples])):
+        kwargs.update(captured_to_tensors(start + i, c))
+        hidden.append(c.hidden)
+    for i, s in enumerate(samples):
+        if vision:  # one sample at a time: a batch's patches would share one vision sequence
             c = B.capture(model, ctx.layout.vision_block_list(model), model_inputs(s), run_blocks=False)
             v_kwargs.update(captured_to_tensors(start + i, c))
             v_hidden.append(c.hidden)
-        c = B.capture(model, blocks, model_inputs(s), run_blocks=False)
-        kwargs.update(captured_to_tensors(start + i, c))
-        hidden.append(c.hidden)
         valid = s["attention_mask"].reshape(-1).float()
         vis = s["vision_mask"].reshape(-1).bool() if "vision_mask" in s else torch.zeros_like(valid, dtype=torch.bool)
         masks.update({f"valid{SEP}{start + i}": valid, f"vision{SEP}{start + i}": vis,
@@ -365,8 +366,8 @@ def do_reembed(ctx: JobContext, task: Task) -> None:
     model = ctx.prefix_model()
     ctx.load_prefix(model, quantized_vision=True)
     blocks = ctx.layout.decoder_blocks(model)
-    hidden = [B.capture(model, blocks, model_inputs(s), run_blocks=False).hidden for s in ctx.samples(start, end)]
-    put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, hidden))
+    captured = B.capture_many(model, blocks, [model_inputs(s) for s in ctx.samples(start, end)])
+    put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, [c.hidden for c in captured]))
 
 
 def _block_plans(ctx: JobContext, tower: str | None, sample: B.Captured) -> list[dict]:
