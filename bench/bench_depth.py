@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +49,24 @@ def make_calib(root: Path, samples: int) -> Path:
     return path
 
 
-def run(model: Path, calib: Path, store: Path, out: Path, samples: int, importance: str) -> None:
-    """`tlq-farm run` in a process of its own, one torch thread."""
+def run(model: Path, calib: Path, store: Path, out: Path, samples: int, importance: str) -> float:
+    """`tlq-farm run` in a process of its own, one torch thread -> the process's largest RSS in GB, read from
+    /proc every 20 ms (its own high-water mark is reset by each task to measure that task)."""
     cmd = [str(Path(sys.executable).parent / "tlq-farm"), "run", str(model), "--calib", str(calib), "--store",
            str(store), "--create-store", "--out", str(out), "--samples", str(samples), "--seq-len", "128",
            "--group-size", "64", "--importance", importance, "--quiet", "--overwrite"]
-    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max(peak, next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return peak * 1024 / 1e9
 
 
 def peaks(store: Path) -> dict[str, float]:
@@ -81,12 +94,13 @@ def main() -> None:
         store = args.root / f"store-{depth}-{args.importance}"
         if store.exists():
             shutil.rmtree(store)  # a job staged before would only be attached to
-        run(model, calib, store, args.root / f"out-{depth}-{args.importance}", args.samples, args.importance)
+        whole = run(model, calib, store, args.root / f"out-{depth}-{args.importance}", args.samples, args.importance)
         found[depth] = peaks(store)
+        found[depth]["whole `tlq-farm run` process"] = whole
     a, b = args.depths
     print(f"| peak RSS (GB) | {a} blocks | {b} blocks | {b} / {a} |")
     print("|---|---:|---:|---:|")
-    for kind in plan.KINDS:
+    for kind in [*plan.KINDS, "whole `tlq-farm run` process"]:
         if kind in found[a] and kind in found[b]:
             print(f"| {kind} | {found[a][kind]:.2f} | {found[b][kind]:.2f} | {found[b][kind] / found[a][kind]:.2f} |")
 
