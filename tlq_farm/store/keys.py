@@ -15,6 +15,7 @@ also the numeric order (block-003 < block-010). Layout of one job:
     jobs/<job>/acts/q/block-003/shard-0001.safetensors    activations entering block 3, quantized chain
     jobs/<job>/acts/fp/block-003/shard-0001.safetensors   same, full-precision chain
     jobs/<job>/acts/rtn/block-003/shard-0001.safetensors  same, through round-to-nearest copies of blocks 0-2
+    jobs/<job>/kwargs/shard-0001.safetensors              what every block receives (kwargs/vision/...: the tower's)
     jobs/<job>/tokens/shard-0001.safetensors              per sample: real tokens, vision tokens, labels
     jobs/<job>/grads/block-003/shard-0001.safetensors     dL/d(input of block 3), full-precision chain
     jobs/<job>/importance/scores/block-003/shard-0001.safetensors   what block 3's gradients say of tokens
