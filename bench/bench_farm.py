@@ -1,6 +1,6 @@
 """Farm time against the embedded run, and what a second worker gains.
 
-    .venv/bin/python bench/bench_farm.py                 # Llama hidden 1024, MLP 2816, 4 blocks, 32 x ~256 tokens
+    .venv/bin/python bench/bench_farm.py                 # Llama hidden 1024, MLP 2816, 4 blocks, 32 x ~256 tokens in 2048-token shards
     .venv/bin/python bench/bench_farm.py --hidden 256 --samples 8   # a quick check
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
@@ -99,10 +99,22 @@ class Farm:
                                                  stdout=log, stderr=subprocess.STDOUT))
         time.sleep(20)  # a worker imports torch and transformers and says hello before it takes tasks
 
+    def timed(self, cmds: list[list[str]]) -> tuple[float, float]:
+        """(wall seconds of the commands, CPU seconds the S3 server spent meanwhile on this machine's cores)."""
+        before = cpu_seconds(self.moto.pid)
+        wall = timed(cmds, self.env)
+        return wall, cpu_seconds(self.moto.pid) - before
+
     def stop(self) -> None:
         self.scale(0)
         self.redis.terminate()
         self.moto.terminate()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(cmds: list[list[str]], env: dict) -> float:
@@ -123,6 +135,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--words", type=int, default=120, help="words per calibration row (about 2 tokens each)")
+    ap.add_argument("--shard-tokens", type=int, default=2048,
+                    help="calibration tokens per shard: several shards let workers split a block's data")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-farm-"))
@@ -131,9 +145,9 @@ def main() -> None:
     folder_store = work / "shared-store"
     folder_store.mkdir()
     common = ["run", str(model), "--calib", str(calib), "--samples", str(args.samples), "--seq-len", "4096",
-              "--quiet", "--create-store"]
+              "--shard-tokens", str(args.shard_tokens), "--quiet", "--create-store"]
     env1 = dict(os.environ, OMP_NUM_THREADS="1", TLQ_BROKER_URL="")
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, float, float | None, str]] = []
 
     def run(tag: str, extra: list[str], store: str, env: dict, broker: bool = False) -> list[str]:
         out = work / f"out-{tag}-{uuid.uuid4().hex[:6]}"
@@ -145,16 +159,16 @@ def main() -> None:
         if "single" not in args.skip:
             cmd, ref = run("embedded", [], str(work / "embedded-store"), env1)
             embedded = timed([cmd], env1)
-            rows.append(("embedded (folder store, one process)", embedded, "-"))
+            rows.append(("embedded (folder store, one process)", embedded, None, "-"))
             farm.scale(1)
             cmd, out = run("s3-1", [], f"s3://bench-farm/{uuid.uuid4().hex[:8]}", farm.env, broker=True)
-            t = timed([cmd], farm.env)
-            rows.append(("farm, 1 worker (Redis + moto S3 over loopback)", t,
+            t, moto = farm.timed([cmd])
+            rows.append(("farm, 1 worker (Redis + moto S3 over loopback)", t, moto,
                          f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}"))
             if "folder" not in args.skip:
                 cmd, out = run("folder-1", [], str(folder_store / uuid.uuid4().hex[:8]), farm.env, broker=True)
-                t = timed([cmd], farm.env)
-                rows.append(("farm, 1 worker (Redis + a shared folder store)", t,
+                t, _ = farm.timed([cmd])
+                rows.append(("farm, 1 worker (Redis + a shared folder store)", t, None,
                              f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}"))
         if "two" not in args.skip:
             found = {}
@@ -163,8 +177,8 @@ def main() -> None:
                 prefix = f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
                 cmds = [run(f"two-{bits}", ["--bits", str(bits)], f"{prefix}-w{bits}", farm.env, broker=True)[0]
                         for bits in (4, 3)]
-                found[n] = timed(cmds, farm.env)
-                rows.append((f"two jobs together (W4 and W3), {n} worker{'s' if n > 1 else ''}", found[n],
+                found[n], moto = farm.timed(cmds)
+                rows.append((f"two jobs together (W4 and W3), {n} worker{'s' if n > 1 else ''}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
         if "tlq" not in args.skip:
             found = {}
@@ -172,8 +186,8 @@ def main() -> None:
                 farm.scale(n)
                 cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq"], f"s3://bench-farm/{uuid.uuid4().hex[:8]}",
                              farm.env, broker=True)
-                found[n] = timed([cmd], farm.env)
-                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}", found[n],
+                found[n], moto = farm.timed([cmd])
+                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
     finally:
         farm.stop()
@@ -186,10 +200,10 @@ def main() -> None:
 
     print(f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; one torch thread per process.")
     print(f"Job: Llama {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, GPTQ W4 g128, "
-          f"{args.samples} samples of {args.words} words.\n")
-    print("| run | wall s | ratio |\n|---|---:|---|")
-    for name, t, note in rows:
-        print(f"| {name} | {t:.1f} | {note} |")
+          f"{args.samples} samples of {args.words} words, {args.shard_tokens} tokens per shard.\n")
+    print("| run | wall s | S3 server CPU s | ratio |\n|---|---:|---:|---|")
+    for name, t, moto, note in rows:
+        print(f"| {name} | {t:.1f} | {'-' if moto is None else f'{moto:.1f}'} | {note} |")
     shutil.rmtree(work, ignore_errors=True)
 
 

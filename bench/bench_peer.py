@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_peer.py --arch llama --samples 16            # --repeats 2, --seq-len 256
     .venv/bin/python bench/bench_peer.py --arch qwen2 --samples 64 --json /tmp/peer.json
     .venv/bin/python bench/bench_peer.py --layers 2 --samples 4 --repeats 1   # a quick end-to-end check
+    .venv/bin/python bench/bench_peer.py --tlq-args=--no-true-sequential      # llm-compressor's own schedule
 
 What it does:
 
@@ -332,7 +333,7 @@ def run_tlq(model: Path, calib: Path, run_dir: Path, args) -> dict:
            "--bits", "4", "--group-size", "128", "--sym", "--method", "gptq", "--importance", "uniform",
            "--no-act-order", "--damp", "0.01", "--format", "fake", "--out", str(run_dir / "out"),
            # A fresh store per run: the same job in a used store would attach to the finished one.
-           "--store", str(run_dir / "store"), "--create-store", "--quiet"]
+           "--store", str(run_dir / "store"), "--create-store", "--quiet", *args.tlq_args.split()]
     # The checkout's code, not whatever the venv has installed.
     return measured(cmd, child_env(str(ROOT)), run_dir / "log.txt")
 
@@ -531,6 +532,8 @@ def main() -> None:
     ap.add_argument("--peer-venv", type=Path, default=PEER_VENV)
     ap.add_argument("--llmc-version", help="llmcompressor version to install (default: the newest)")
     ap.add_argument("--json", type=Path, help="write the raw rows here")
+    ap.add_argument("--tlq-args", default="", help="more tlq-farm run options, e.g. '--no-true-sequential' (one "
+                    "forward for all of a block's linears, as llm-compressor's sequential pipeline calibrates)")
     ap.add_argument("--llmc-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llmc_child:
@@ -583,7 +586,8 @@ def main() -> None:
           f"{peer['compressed_tensors']}); project venv torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
     print(f"job: {args.arch}, {args.layers} layers, hidden 1024; W4A16 g128 sym GPTQ, damp 0.01; "
-          f"{len(ids)} x {args.seq_len} calibration tokens; {HELD_OUT} x {args.seq_len} held-out")
+          f"{len(ids)} x {args.seq_len} calibration tokens; {HELD_OUT} x {args.seq_len} held-out"
+          + (f"; tlq-farm also given {args.tlq_args}" if args.tlq_args else ""))
     print(f"token ids differing between the two tools' calibration inputs: "
           f"{max(m['id_mismatches'] for m in rows)}; embeddings and lm_head kept: "
           f"{all(m['kept'] for m in rows)}\n")

@@ -1,5 +1,7 @@
 """The worker's local object cache: hits only for the committed digest, never stale, bounded in size."""
 
+import os
+
 import pytest
 from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
 
@@ -26,6 +28,21 @@ def test_a_damaged_cache_file_is_fetched_again(tmp_path):
     digest = cached.put_bytes("k", b"payload")
     (tmp_path / "cache" / digest[:2] / digest).write_bytes(b"garbage")
     assert cached.get_bytes("k") == b"payload" and cached.misses == 1
+
+
+def test_a_cache_file_damaged_after_a_verified_hit_is_fetched_again(tmp_path):
+    # Hits on an unchanged file skip the hash; a file rewritten since (same size, new bytes) is hashed again.
+    store = LocalStore(tmp_path / "store")
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    digest = cached.put_bytes("k", b"payload")
+    for n in (1, 2):
+        assert cached.get_bytes("k") == b"payload" and (cached.hits, cached.misses) == (n, 0)
+    cached_file = tmp_path / "cache" / digest[:2] / digest
+    before = cached_file.stat().st_mtime_ns
+    cached_file.write_bytes(b"PAYLOAD")
+    os.utime(cached_file, ns=(before + 10**9, before + 10**9))  # a later write, even on a coarse clock
+    assert cached.get_bytes("k") == b"payload" and cached.misses == 1
+    assert cached_file.read_bytes() == b"payload"  # the fetched bytes took the damaged entry's place
 
 
 def test_the_cache_stays_within_its_size(tmp_path):

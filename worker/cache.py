@@ -2,7 +2,8 @@
 
 Entries are named by sha256, so a cached copy serves any key whose commit marker names that digest; the
 marker is still read on every get (a rewrite or a corrupt-and-deleted object is seen at once). The
-oldest-used files go first when the cache exceeds its size.
+oldest-used files go first when the cache exceeds its size. A cache file is hashed when this process first
+serves it and again only once it changed (inode, size or mtime), as the folder store does.
 
 A hit also checks that the store's object is still the one that was verified, so that damage in the store
 does not hide behind the cache: beside each entry lies, per store key, the object's version token
@@ -20,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from tlq_farm.store import CorruptObject, Store, keys
@@ -46,6 +48,9 @@ class CachedStore:
         self.hit_bytes = 0
         self.misses = 0
         self.repairs = 0
+        # cache file -> (its identity: inode, size, mtime, when it last hashed to its name): a hit on an
+        # unchanged file is not hashed again (a block's tasks read the same activations several times).
+        self._verified: dict[Path, tuple] = {}
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -113,22 +118,60 @@ class CachedStore:
         if info is None:
             return self._store.get_bytes(key)  # raises NotCommitted / CorruptObject with the store's message
         path = self._path(info.sha256)
-        try:
-            data = path.read_bytes()
-        except OSError:  # not cached, or evicted by another process meanwhile
-            data = None
-        if data is not None and hashlib.sha256(data).hexdigest() != info.sha256:
-            path.unlink(missing_ok=True)  # a damaged cache file: fetch the object again
-            data = None
+        data = self._read_cached(path, info.sha256)
         if data is not None:
             version = self._version(key)
             if version is not None and version == self._recorded(info.sha256, key):
                 self.hits += 1
                 self.hit_bytes += len(data)
-                os.utime(path)
+                self._touch(path)
                 return data
             return self._confirm(key, data, info.sha256)
         return self._fetch(key, info)
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        # Marks the entry as used for eviction (access time) and leaves its mtime, part of its identity.
+        try:
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+        except OSError:
+            pass
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _read_cached(self, path: Path, digest: str) -> bytes | None:
+        """The cached bytes named `digest`, None when absent or damaged (a damaged file is deleted)."""
+        try:
+            with open(path, "rb") as f:
+                identity = self._identity(os.fstat(f.fileno()))
+                data = f.read()
+        except OSError:  # not cached, or evicted by another process meanwhile
+            return None
+        if self._verified.get(path) == identity and len(data) == identity[2]:
+            return data
+        if hashlib.sha256(data).hexdigest() != digest:
+            path.unlink(missing_ok=True)  # a damaged cache file: fetch the object again
+            self._verified.pop(path, None)
+            return None
+        self._verified[path] = identity
+        return data
+
+    def _file_verified(self, path: Path, digest: str, size: int) -> bool:
+        """Whether the cache file `path` holds the bytes of `digest` (hashed again only when it changed)."""
+        from tlq_farm.store.base import sha256_file
+
+        try:
+            identity = self._identity(path.stat())
+        except OSError:
+            return False
+        if self._verified.get(path) == identity:
+            return identity[2] == size
+        if sha256_file(path) != (digest, size):
+            return False
+        self._verified[path] = identity
+        return True
 
     def get_file(self, key: str, path: str | os.PathLike, commit: Commit | None = None) -> Path:
         """The committed object `key` as the file `path` (large staged pieces are read this way): copied
@@ -140,13 +183,13 @@ class CachedStore:
         if info is not None:
             cached = self._path(info.sha256)
             version = self._version(key)
-            if (cached.exists() and version is not None and version == self._recorded(info.sha256, key)
-                    and sha256_file(cached) == (info.sha256, info.size)):
+            if (version is not None and version == self._recorded(info.sha256, key)
+                    and self._file_verified(cached, info.sha256, info.size)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
                 shutil.copyfile(cached, tmp)
                 os.replace(tmp, target)
-                os.utime(cached)
+                self._touch(cached)
                 self.hits += 1
                 self.hit_bytes += info.size
                 return target
