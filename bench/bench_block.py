@@ -68,10 +68,11 @@ def main() -> None:
         tokens = sum(manifest["shard_tokens"])
         print(f"Llama, hidden {args.hidden}, MLP {args.intermediate}, {args.samples} samples, {tokens} tokens, "
               f"{args.method} / {args.importance}, device {args.device}, torch threads {args.threads}\n")
-        print("| task | wall s | CPU s | peak RSS (MiB) |\n|---|---:|---:|---:|")
+        print("| task | wall s | CPU s | peak RSS (MiB) | outputs reused | kept after (MiB) |\n|---|---:|---:|---:|---:|---:|")
         for r in records:
             if r["block"] in (None, 0) and r["kind"] != "export":
-                print(f"| {r['task']} | {r['seconds']:.3f} | {r['cpu_s']:.3f} | {r['peak_rss_mib']:.0f} |")
+                print(f"| {r['task']} | {r['seconds']:.3f} | {r['cpu_s']:.3f} | {r['peak_rss_mib']:.0f} | "
+                      f"{r.get('reused_outputs', 0)} | {r.get('kept_outputs_mib', 0):.0f} |")
         block0 = [r for r in records if r["block"] == 0]
         print(f"\nblock 0: {sum(r['seconds'] for r in block0):.2f} s wall, {sum(r['cpu_s'] for r in block0):.2f} s CPU "
               f"in {len(block0)} tasks")

@@ -263,6 +263,7 @@ class Batch:
     places: list[tuple[int, int, int]] | None  # per sample: (row, first token, tokens)
     weights: torch.Tensor | dict | None = None  # token weights in the batch's layout (0 on padding)
     index: list[int] = field(default_factory=lambda: [0])  # each sample's position in the inputs
+    key: tuple | None = None  # names the batch across a block's forwards (tlq_farm.reuse); None: not kept
 
     @property
     def size(self) -> int:
@@ -410,21 +411,24 @@ def _as_batches(inputs, token_weights=None, pack: bool = True):
     return make_batches([first, *it], token_weights, pack=pack)
 
 
-def run_batches(block: nn.Module, batches) -> list[torch.Tensor]:
-    """Each sample's block output, batch by batch, in the order of the inputs the batches were made from."""
+def run_batches(block: nn.Module, batches, reuse=None) -> list[torch.Tensor]:
+    """Each sample's block output, batch by batch, in the order of the inputs the batches were made from
+    (reuse: an open ForwardReuse stage of `block`, told each batch's key)."""
     out: dict[int, torch.Tensor] = {}
     for batch in batches:
+        if reuse is not None:
+            reuse.key = batch.key
         out.update(zip(batch.index, batch.split(run_block(block, batch.hidden, batch.kwargs))))
     return [out[i] for i in range(len(out))]
 
 
 @torch.no_grad()
 def propagate(block: nn.Module, inputs, *, act_bits: int | None = None,
-              act_names: list[str] | None = None, pack: bool = True) -> list[torch.Tensor]:
+              act_names: list[str] | None = None, pack: bool = True, reuse=None) -> list[torch.Tensor]:
     """Outputs of a block for each sample input (the next block's hidden states); inputs: sample inputs
     (packed here, make_batches) or Batches."""
     with act_fake_quant(block, act_names or [], act_bits):
-        return run_batches(block, _as_batches(inputs, pack=pack))
+        return run_batches(block, _as_batches(inputs, pack=pack), reuse)
 
 
 # ----------------------------------------------------------------------------------------------- groups
@@ -503,7 +507,8 @@ def stat_owners(stats: dict[str, dict]) -> dict[str, str]:
 def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str], *,
                      act_bits: int | None = None, act_names: list[str] | None = None,
                      fp_block: nn.Module | None = None, fp_inputs=None, need_fp_gram: bool = False,
-                     dtype: torch.dtype = torch.float32, stop_early: bool = True) -> dict[str, dict]:
+                     dtype: torch.dtype = torch.float32, stop_early: bool = True,
+                     q_reuse=None, fp_reuse=None) -> dict[str, dict]:
     """Statistics of the named linears over the given samples, summed in place batch by batch.
 
     q_inputs (and fp_inputs): sample inputs (packed here into batches, make_batches) with token_weights one
@@ -515,6 +520,7 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
     are absent. Only the running sums stay alive: no per-batch partial is kept.
     stop_early: each forward stops once every named linear has had its input (the rest of the block does not
     change it); only valid where no linear is called twice in a forward (called_once).
+    q_reuse / fp_reuse: open ForwardReuse stages of the two blocks; each forward names its batch to them.
     """
     current_w: dict[str, torch.Tensor] = {}
     fp_x: dict[str, torch.Tensor] = {}
@@ -587,7 +593,11 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
                     current_w[n] = views.setdefault(id(w), w.reshape(batch.hidden.shape[:-1]))
                 if fp_block is not None:
                     fp_batch = next(fp_iter)
+                    if fp_reuse is not None:
+                        fp_reuse.key = fp_batch.key
                     forward(fp_block, fp_batch)
+                if q_reuse is not None:
+                    q_reuse.key = batch.key
                 forward(block, batch)
                 fp_x.clear()
                 raw_x.clear()

@@ -25,8 +25,10 @@ whose inputs are all committed. Shards are fixed by token count (`shard_ranges`)
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
+from .spec import parse_size
 from .store import keys
 
 # Strategies whose token weights come from a global gradient pass (forward / backward / importance tasks),
@@ -40,6 +42,8 @@ RTN_CHAIN_IMPORTANCE = ("tlq",)
 PER_MODULE_IMPORTANCE = ("vlmq",)
 # Bytes per element of partial statistics (float32 running sums, whatever the compute dtype).
 SUM_BYTES = 4
+# Submodule outputs a process keeps from one forward of a block to the next (tlq_farm.reuse), at most.
+REUSE_BYTES = parse_size(os.environ.get("TLQ_REUSE_BYTES", "1g"))
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
 KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "propagate",
@@ -596,7 +600,14 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             owners = group_owners(members, blk.get("inputs"), quant["importance"] in PER_MODULE_IMPORTANCE)
             sums = sum(SUM_BYTES * blk["in_features"][o] ** 2 for o in owners) * (3 if gptaq else 1)
             fold = 2 * SUM_BYTES * max(blk["shapes"][m][0] * blk["shapes"][m][1] for m in members) if gptaq else 0
-        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + held(partial(members)))
+        # Kept for the block's later forwards (tlq_farm.reuse): outputs of the linears before the group, and of
+        # the submodules they make up, for each shard of each chain, within REUSE_BYTES.
+        kept = 0
+        if groups and task.group > 0 and blk.get("once"):
+            before = [m for gg in blk["groups"][:task.group] for m in gg]
+            kept = sum(shard_acts[k] for k in shards) // hidden * sum(blk["shapes"][m][0] for m in before)
+            kept = min(REUSE_BYTES, 2 * kept * (2 if gptaq else 1))
+        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + held(partial(members)) + kept)
     if task.kind == "solve":
         # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
         # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 METHODS = ("rtn", "gptq", "gptaq")
@@ -12,6 +13,22 @@ IMPORTANCE = ("uniform", "modality", "vlmq", "qig", "tlq")
 FORMATS = ("compressed", "fake")
 # The dtype blocks compute in and activations are stored in (statistics are float32 sums whatever it is).
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'512m', '4GiB', '2g', '1048576' -> bytes (None stays None)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"memory size {text!r} is not understood: write a number with an optional unit, "
+                         "e.g. 512m, 4g, 24GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 class SpecError(ValueError):

@@ -28,6 +28,7 @@ from .models.adapter import Layout, linear_names
 from .plan import Task
 from .quant import QuantResult, fold_cross_terms
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
+from .reuse import ForwardReuse, final_modules
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
 from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors
@@ -475,6 +476,16 @@ def shard_state(tensors: dict[str, torch.Tensor], start: int, end: int) -> dict:
     return state
 
 
+# Submodule outputs kept between a block's forwards in this process (tlq_farm.reuse), all jobs together.
+REUSE = ForwardReuse(plan.REUSE_BYTES)
+
+
+def reuse_scope(ctx: JobContext, tower: str | None, block: int, chain: str | None = None) -> tuple:
+    """The scope of a block's kept outputs (ForwardReuse); without chain, the prefix of both chains'."""
+    scope = (ctx.store.url, ctx.job, tower or "", block)
+    return scope if chain is None else scope + (chain,)
+
+
 def do_weights(ctx: JobContext, task: Task) -> None:
     """Token weights of a block-local strategy (vlmq, qig) on one shard."""
     from .importance import ImportanceContext, get_strategy
@@ -503,6 +514,8 @@ def do_stats(ctx: JobContext, task: Task) -> None:
                                    len(ctx.manifest["shards"]), task.shard)
     blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]], t)
     gptaq = q.method == "gptaq"
+    fp_blk = ctx.block(b, tower=t) if gptaq else None
+    once = block_plan.get("once", False)
 
     def chain(name: str):
         for k in shards:  # one shard's activations alive at a time
@@ -510,12 +523,26 @@ def do_stats(ctx: JobContext, task: Task) -> None:
             weights = None
             if name == "q":  # a vision tower's tokens all weigh the same
                 weights = [torch.ones(h.shape[:-1]) for h, _ in inputs] if t else ctx.token_weights(b, k)
-            yield from B.make_batches(inputs, weights, pack=t is None)
+            for j, batch in enumerate(B.make_batches(inputs, weights, pack=t is None)):
+                batch.key = (k, j)
+                yield batch
 
-    stats = B.accumulate_stats(blk, chain("q"), None, groups[g], act_bits=q.act_bits, act_names=ctx.names(b, t),
-                               fp_block=ctx.block(b, tower=t) if gptaq else None,
-                               fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,
-                               stop_early=block_plan.get("once", False))
+    with contextlib.ExitStack() as stack:
+        # Where no linear runs twice in a forward, what the earlier groups alone compute is kept and served
+        # (tlq_farm.reuse): the same numbers, computed once per batch instead of once per group.
+        # The full-precision chain's last forward through the block is its last group's; the quantized chain's
+        # is the propagate, where there is one.
+        last = g == len(groups) - 1
+        keep = {"q": not (last and b == plan.tower_blocks(ctx.manifest, t) - 1), "fp": not last}
+        reuse = {name: stack.enter_context(REUSE.stage(block, reuse_scope(ctx, t, b, name),
+                                                       final_modules(block, groups, g), keep=keep[name]))
+                 for name, block in (("q", blk), ("fp", fp_blk)) if once and block is not None}
+        stats = B.accumulate_stats(blk, chain("q"), None, groups[g], act_bits=q.act_bits, act_names=ctx.names(b, t),
+                                   fp_block=fp_blk, fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,
+                                   stop_early=once, q_reuse=reuse.get("q"), fp_reuse=reuse.get("fp"))
+    for name in [n for n in keep if not keep[n]]:
+        for k in shards:
+            REUSE.forget(reuse_scope(ctx, t, b, name), (k,))
     owners = B.stat_owners(stats)
     out = {f"{m}{SEP}{name}": x for m in set(owners.values()) for name, x in stats[m].items()
            if name not in ("D", "Hfp")}
@@ -573,8 +600,18 @@ def do_propagate(ctx: JobContext, task: Task) -> None:
     start, _ = ctx.manifest["shards"][k]
     names = ctx.names(b, t)
     blk = ctx.block(b, names, t)
-    q_out = B.propagate(blk, _inputs(ctx.captured("q", b, k, t), b), act_bits=q.act_bits, act_names=names,
-                        pack=t is None)
+    block_plan = plan.block_plan(ctx.groups, b, t) if ctx.groups else {}
+    batches = B.make_batches(_inputs(ctx.captured("q", b, k, t), b), pack=t is None)
+    for j, batch in enumerate(batches):
+        batch.key = (k, j)
+    with contextlib.ExitStack() as stack:
+        reuse = None
+        if block_plan.get("once") and q.method != "rtn":
+            groups = block_plan["groups"]
+            reuse = stack.enter_context(REUSE.stage(blk, reuse_scope(ctx, t, b, "q"),
+                                                    final_modules(blk, groups, len(groups)), keep=False))
+        q_out = B.propagate(blk, batches, act_bits=q.act_bits, act_names=names, reuse=reuse)
+    REUSE.forget(reuse_scope(ctx, t, b), (k,))  # the shard's last forward through this block
     put_tensors(ctx.store, keys.acts(ctx.job, "q", b + 1, k, t), _acts_tensors(start, q_out))
 
 
@@ -761,6 +798,7 @@ def drop_contexts(store: Store, job: str) -> None:
     """Forget the cached contexts of a job in this process, and their local files (a finished local run)."""
     for key in [k for k in _CONTEXTS if k[0] == id(store) and k[1] == job]:
         _CONTEXTS.pop(key)._files_dir.cleanup()
+    REUSE.forget((store.url, job))
 
 
 _ALLOCATOR = {"set": False}
@@ -787,10 +825,10 @@ def keep_large_allocations_in_the_heap() -> None:
         pass
 
 
-def _release_free_memory() -> None:
+def _release_free_memory() -> bool:
     """Hand memory the allocator keeps after an earlier task back to the system (glibc's malloc_trim) once it
     is more than KEEP_FREE_BYTES, so that a task's measured memory is its own and a worker does not hold its
-    largest task's peak forever."""
+    largest task's peak forever. Returns whether it did: the free heap left is then not resident."""
     try:
         import ctypes
 
@@ -798,8 +836,10 @@ def _release_free_memory() -> None:
         free = _free_heap_bytes(libc)
         if free is None or free > KEEP_FREE_BYTES:
             libc.malloc_trim(0)
+            return True
     except (OSError, AttributeError):
         pass
+    return False
 
 
 def _reset_peak_rss() -> bool:
@@ -858,14 +898,16 @@ class TaskMeter:
         self.device = device
         self.store = store
         self.io0 = io_counters(store)
+        self.reused0 = REUSE.hits
         keep_large_allocations_in_the_heap()
-        _release_free_memory()
+        trimmed = _release_free_memory()
         start = _proc_status_kib("VmRSS")
         # What the process held when the task began (libraries, cached job context), and of it the heap
         # the allocator keeps free for reuse (KEEP_FREE_BYTES): the task's own memory is its peak above what
-        # was in use, rss_start_mib - held_free_mib.
+        # was in use, rss_start_mib - held_free_mib. After a trim the free heap is no longer resident (0);
+        # otherwise its size bounds the resident part from above (pages trimmed earlier stay counted).
         self.rss_start_mib = None if start is None else start / 1024.0
-        free = _free_heap_bytes()
+        free = 0 if trimmed else _free_heap_bytes()
         self.held_free_mib = None if free is None else free / 2**20
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.reset = _reset_peak_rss()
@@ -882,6 +924,8 @@ class TaskMeter:
                 "peak_rss_scope": scope if self.reset else "process", "rss_start_mib": self.rss_start_mib,
                 "held_free_mib": self.held_free_mib,
                 "cuda_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None,
+                # Submodule outputs served from an earlier forward, and what this process keeps for later ones.
+                "reused_outputs": REUSE.hits - self.reused0, "kept_outputs_mib": REUSE.nbytes / 2**20,
                 **{k: v - self.io0[k] for k, v in io_counters(self.store).items()}}
 
 

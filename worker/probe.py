@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 
 from tlq_farm import plan
+from tlq_farm.spec import parse_size
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # Part of a device's memory a worker plans to fill with task tensors; the rest is the runtime's.
 USABLE_FRACTION = 0.9
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'512m', '4GiB', '2g', '1048576' -> bytes (None stays None)."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(i?b)?\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"memory size {text!r} is not understood: write a number with an optional unit, "
-                         "e.g. 512m, 4g, 24GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def ram_bytes() -> int:

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from .grid import QuantResult, check_grid_args, dequantize_contiguous, find_params, natural_g_idx, round_to_grid
+from .grid import QuantResult, check_grid_args, dequantize_contiguous, find_params, natural_g_idx, qmax
 
 # How many times the damping is multiplied by 10 after a failed Cholesky, before giving up.
 DAMP_ESCALATIONS = 3
@@ -351,6 +351,7 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero
     """
     out_f, in_f = W.shape
     work = W.dtype
+    top = float(qmax(bits))
     codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
     err_sq = torch.zeros((), dtype=torch.float64, device=W.device)
     dynamic = group_of_position is None
@@ -358,10 +359,13 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero
     grid_of = None  # the group whose (scale, zero as float) s, z hold
     for i1, i2 in zip(starts, starts[1:] + [in_f]):
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros(out_f, count, dtype=work, device=W.device)
-        C1 = torch.empty(out_f, count, dtype=work, device=W.device)  # the block's codes, as floats
+        # The block transposed: column i is row i, contiguous, so each step is a few in-place vector ops on
+        # rows and one rank-1 update (addr_) of the rows after it, with no temporaries.
+        W1 = W[:, i1:i2].T.contiguous()
+        Err1 = torch.empty(count, out_f, dtype=work, device=W.device)
+        C1 = torch.empty(count, out_f, dtype=work, device=W.device)  # the block's codes, as floats
         U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
         for i in range(count):
             pos = i1 + i
             if dynamic and pos % group_size == 0:
@@ -372,15 +376,18 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero
             g = pos // group_size if dynamic else group_of_position[pos]
             if g != grid_of:
                 s, z, grid_of = scale[:, g], zero[:, g].to(work), g
-            w = W1[:, i]
-            c = round_to_grid(w, s, z, bits)
-            C1[:, i] = c
-            q = s * (c - z)
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        codes[:, i1:i2] = C1  # whole numbers in [0, 2^bits - 1]: exact as int32
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            w, c, err = W1[i], C1[i], Err1[i]
+            torch.div(w, s, out=c)  # c = clamp(round(w / s) + z, 0, qmax): round_to_grid, in place
+            c.round_().add_(z).clamp_(0, top)
+            torch.sub(c, z, out=err)  # err = (w - s (c - z)) / U[i, i]
+            err.mul_(s)
+            torch.sub(w, err, out=err)
+            err.div_(diag[i])
+            if i + 1 < count:
+                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        codes[:, i1:i2] = C1.T  # whole numbers in [0, 2^bits - 1]: exact as int32
+        if i2 < in_f:
+            W[:, i2:].addmm_(Err1.T, U[i1:i2, i2:], alpha=-1)
         err_sq += Err1.to(torch.float64).square().sum()
     return codes, err_sq
 

@@ -68,6 +68,12 @@ def _symmetrize_(m: torch.Tensor, tile: int = GRAM_TILE) -> None:
             m[j:j + tile, i:i + tile].copy_(m[i:i + tile, j:j + tile].T)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    # A sum is finite only if every term is (NaN and inf propagate); one reduction without a [T, in] mask.
+    # A finite sum can only be refused by overflow, which the exact test then settles.
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def start_sums(in_features: int, *, cross: bool = False, need_fp_gram: bool = False,
                dtype: torch.dtype = torch.float32, device="cpu") -> dict[str, torch.Tensor]:
     """Zeroed running sums for one linear's input (see add_tokens); cross: GPTAQ's D, need_fp_gram: Hfp."""
@@ -109,7 +115,7 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
     whole = n_kept == w.numel()
     if not whole:
         Xq, w = Xq[kept], w[kept]
-    if not bool(torch.isfinite(Xq).all()):
+    if not _all_finite(Xq):
         raise ValueError("x_q contains NaN or inf on tokens of nonzero weight: check the quantized chain's "
                          "activations (an earlier block may have diverged)")
     ones = bool((w == 1).all())  # uniform weights: x * 1 is x, so the product and its copy can be skipped
@@ -118,7 +124,7 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
     if x_fp is not None:
         Xfp = _flatten_tokens(x_fp, "x_fp", dtype)
         Xfp = Xfp if whole else Xfp[kept]
-        if not bool(torch.isfinite(Xfp).all()):
+        if not _all_finite(Xfp):
             raise ValueError("x_fp contains NaN or inf on tokens of nonzero weight: check the full-precision "
                              "chain's activations")
         sums["D"].addmm_((Xfp - Xq).T if ones else ((Xfp - Xq) * wc).T, Xq)

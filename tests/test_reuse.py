@@ -1,0 +1,146 @@
+"""Submodule outputs kept between a block's forwards (tlq_farm.reuse): served only where they are the numbers
+a recomputation gives, so that a job's export is the same bytes with them and without."""
+
+import pytest
+import torch
+from torch import nn
+
+from tlq_farm import steps
+from tlq_farm.reuse import ForwardReuse, final_modules
+from tlq_farm.staging import stage_job
+from tlq_farm.store import LocalStore
+
+from test_farm_support import export_bytes, job_spec, make_job_files
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(300)
+
+
+class Counted(nn.Linear):
+    """A linear that counts the times it computes (a served output is not computed)."""
+
+    def forward(self, x):
+        self.computed += 1
+        return super().forward(x)
+
+
+class Attn(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.a1, self.a2, self.inplace = Counted(8, 8), Counted(8, 8), inplace
+
+    def forward(self, x):
+        h = self.a1(x)
+        if self.inplace:
+            h.mul_(0.5)
+        return self.a2(torch.tanh(h))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m1, self.m2 = Counted(8, 16), Counted(16, 8)
+
+    def forward(self, x):
+        return self.m2(torch.relu(self.m1(x)))
+
+
+class Toy(nn.Module):
+    """attn (a1 -> a2) then mlp (m1 -> m2), a residual around each; `inplace`: attn edits a1's output."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn, self.mlp = Attn(inplace), Mlp()
+        for m in self.modules():
+            m.computed = 0
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {n: self.get_submodule(n).computed for n in ("attn.a1", "attn.a2", "mlp.m1", "mlp.m2")}
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+GROUPS = [["attn.a1"], ["attn.a2"], ["mlp.m1"], ["mlp.m2"]]
+
+
+def test_final_modules_are_those_whose_linears_are_all_in_earlier_groups():
+    toy = Toy()
+    assert final_modules(toy, GROUPS, 0) == []
+    assert final_modules(toy, GROUPS, 1) == ["attn.a1"]
+    assert final_modules(toy, GROUPS, 2) == ["attn", "attn.a1", "attn.a2"]
+    assert final_modules(toy, GROUPS, 4) == ["attn", "attn.a1", "attn.a2", "mlp", "mlp.m1", "mlp.m2"]
+
+
+def stages(toy: Toy, reuse: ForwardReuse, x: torch.Tensor) -> list[torch.Tensor]:
+    """One forward per stage (as a true-sequential block runs), each under its stage's final modules."""
+    outs = []
+    for g in range(len(GROUPS) + 1):
+        with torch.no_grad(), reuse.stage(toy, ("job", 0, "q"), final_modules(toy, GROUPS, g),
+                                          keep=g < len(GROUPS)) as handle:
+            handle.key = (0, 0)
+            outs.append(toy(x))
+    return outs
+
+
+def test_served_outputs_skip_the_linears_and_change_no_number():
+    x = torch.randn(3, 8)
+    plain = Toy()
+    expected = stages(plain, ForwardReuse(0), x)
+    assert plain.calls == {n: 5 for n in plain.calls}
+    toy, reuse = Toy(), ForwardReuse(1 << 20)
+    got = stages(toy, reuse, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # a1 once (stage 1, kept); a2 at stages 0-2 (attn kept at 2, serving a1 inside it); mlp's linears
+    # until they are final (m1 kept at stage 3, served at 4).
+    assert toy.calls == {"attn.a1": 2, "attn.a2": 3, "mlp.m1": 4, "mlp.m2": 5}
+    assert reuse.hits == 4 and reuse.entries and "attn" not in toy.__dict__
+
+
+def test_an_output_edited_in_place_is_computed_again():
+    x = torch.randn(3, 8)
+    expected = stages(Toy(inplace=True), ForwardReuse(0), x)
+    toy, reuse = Toy(inplace=True), ForwardReuse(1 << 20)
+    got = stages(toy, reuse, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # Kept at stages 1 and 2 and edited after each time: never served (served, it would be halved twice).
+    assert toy.calls["attn.a1"] == 3 and reuse.hits == 3  # attn at stages 3 and 4, m1 at 4
+
+
+def test_a_full_budget_keeps_nothing_more_and_changes_no_number():
+    x = torch.randn(3, 8)
+    expected = stages(Toy(), ForwardReuse(0), x)
+    reuse = ForwardReuse(3 * 8 * 4)  # room for one [3, 8] float32 output
+    got = stages(Toy(), reuse, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert reuse.refused > 0 and reuse.nbytes <= reuse.max_bytes
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_job_files(tmp_path_factory.mktemp("reuse"))
+
+
+@pytest.mark.parametrize("quant", [dict(), dict(method="gptaq", importance="vlmq")], ids=["gptq", "gptaq-vlmq"])
+def test_a_job_exports_the_same_bytes_with_and_without_kept_outputs(files, tmp_path, monkeypatch, quant):
+    from tlq_farm.jobs import download_export
+
+    spec = job_spec(*files, **quant)
+    found = {}
+    for budget in (0, 1 << 30):
+        monkeypatch.setattr(steps.REUSE, "max_bytes", budget)
+        store = LocalStore(tmp_path / f"store-{budget}")
+        job, _ = stage_job(store, spec)
+        assert steps.run_embedded(store, job)
+        download_export(store, job, tmp_path / f"out-{budget}")
+        found[budget] = export_bytes(tmp_path / f"out-{budget}")
+        records = steps.task_records(store, job)
+        reused = sum(r.get("reused_outputs", 0) for r in records)
+        assert (reused > 0) == (budget > 0)
+        stats = [r for r in records if r["kind"] == "stats" and "-g00-" not in r["task"]]
+        assert stats and all("reused_outputs" in r for r in stats)
+    assert found[0] == found[1 << 30]
+    assert not steps.REUSE.entries  # each shard's entries go with its propagate

@@ -1,0 +1,181 @@
+"""Submodule outputs kept from one forward of a batch through a block to serve the block's later forwards.
+
+A true-sequential block is run once per group (each group's statistics need the inputs that the groups
+quantized before it produce) and once more to propagate. The part of the block that only earlier groups
+feed is the same in every one of those forwards: once q/k/v are quantized, their outputs are fixed, and
+once o_proj is too, so is the whole attention's. Keeping those outputs per batch (one batch = the same
+samples, packed the same way, in every forward of the block) turns the 3-4 forwards of a Llama block into
+about one forward's worth of linears:
+
+    stage (group)          computed                            kept for later stages
+    stats q/k/v            (up to q_proj's input)              -
+    stats o_proj           q/k/v, attention                    q_proj, k_proj, v_proj
+    stats gate/up          attention core, o_proj              self_attn (q/k/v dropped)
+    stats down_proj        gate_proj, up_proj                  gate_proj, up_proj
+    propagate              down_proj                           -
+
+A module is *final* at a stage when every quantized linear inside it belongs to an earlier group: its input
+is final too (groups follow the forward's order and, where a stage uses this, no linear runs twice in a
+forward), so its output is the very tensor a full recomputation would give, bit for bit. A served output
+whose tensors were changed in place since they were kept (a model that edits a module's output) is not
+served: the module runs again. Nothing here changes a number, only what is computed twice; a process
+without the entries (another worker, a restart, a full budget) computes them and gets the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def module_linears(block: nn.Module, linears: list[str]) -> dict[str, list[str]]:
+    """Submodule name -> the given linears inside it (itself included), for every submodule holding one;
+    the block itself ('') is left out."""
+    out: dict[str, list[str]] = {}
+    for name, _ in block.named_modules():
+        if name:
+            inside = [n for n in linears if n == name or n.startswith(name + ".")]
+            if inside:
+                out[name] = inside
+    return out
+
+
+def final_modules(block: nn.Module, groups: list[list[str]], stage: int) -> list[str]:
+    """Submodules whose every quantized linear is in a group before `stage` (stage = len(groups): all of them,
+    the propagate; a full-precision block: pass stage = len(groups) as well)."""
+    done = {n for g in groups[:stage] for n in g}
+    every = [n for g in groups for n in g]
+    return [m for m, inside in module_linears(block, every).items() if all(n in done for n in inside)]
+
+
+def _tensors(output) -> list[torch.Tensor] | None:
+    """The tensors of a module output that can be served again as it is: a tensor, or a tuple / list of
+    tensors and None; None for anything else (a dict, a dataclass: not kept)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)) and all(x is None or isinstance(x, torch.Tensor) for x in output):
+        return [x for x in output if x is not None]
+    return None
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    # A kept view holds its whole storage alive.
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+@dataclass
+class _Entry:
+    output: object
+    versions: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class ForwardReuse:
+    """Kept submodule outputs of this process, within max_bytes (0: nothing kept). Entries are keyed by
+    (scope, batch, module); scope names the job, tower, block and chain. Counts: hits (outputs served),
+    kept (outputs stored), refused (not kept: over the budget, or not a tensor / tuple output)."""
+
+    max_bytes: int
+    entries: dict[tuple, _Entry] = field(default_factory=dict)
+    nbytes: int = 0
+    hits: int = 0
+    kept: int = 0
+    refused: int = 0
+
+    def _drop(self, key: tuple) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+
+    def forget(self, scope_prefix: tuple, batch_prefix: tuple = ()) -> None:
+        """Drop the entries whose scope starts with scope_prefix and batch with batch_prefix."""
+        n, m = len(scope_prefix), len(batch_prefix)
+        for key in [k for k in self.entries if k[0][:n] == scope_prefix and k[1][:m] == batch_prefix]:
+            self._drop(key)
+
+    def _make_room(self, nbytes: int, scope: tuple) -> bool:
+        if self.nbytes + nbytes <= self.max_bytes:
+            return True
+        # Other blocks' entries first: a worker moves on block by block, and what another process finished
+        # (its propagate) is never asked for here again.
+        for key in [k for k in self.entries if k[0] != scope]:
+            self._drop(key)
+        return self.nbytes + nbytes <= self.max_bytes
+
+    def serve(self, scope: tuple, key, module: str):
+        entry = self.entries.get((scope, key, module))
+        if entry is None:
+            return None
+        tensors = _tensors(entry.output)
+        if tuple(t._version for t in tensors) != entry.versions:
+            self._drop((scope, key, module))  # changed in place after it was kept: run the module again
+            return None
+        self.hits += 1
+        return entry.output
+
+    def keep(self, scope: tuple, key, module: str, output) -> None:
+        tensors = _tensors(output)
+        if tensors is None or any(t.requires_grad for t in tensors):
+            self.refused += 1
+            return
+        nbytes = _storage_bytes(tensors)
+        for k in list(self.entries):
+            # What a kept module's output subsumes: its submodules' entries are never asked for again. And a
+            # process that moved on to another block of the tower will not come back to the one it left
+            # (the scope's last element is the chain, the one before it the block).
+            if ((k[0] == scope and k[1] == key and k[2].startswith(module + "."))
+                    or (k[0][:-2] == scope[:-2] and k[0][-2] != scope[-2])):
+                self._drop(k)
+        if not self._make_room(nbytes, scope):
+            self.refused += 1
+            return
+        self.entries[(scope, key, module)] = _Entry(output, tuple(t._version for t in tensors), nbytes)
+        self.nbytes += nbytes
+        self.kept += 1
+
+    @contextlib.contextmanager
+    def stage(self, block: nn.Module, scope: tuple, final: list[str], keep: bool = True):
+        """While open, the final modules of `block` are served from this process's entries for the batch
+        named by the returned handle's `key` (set before each forward; None: neither served nor kept), and,
+        with keep, their outputs are kept when they run. The block's modules are restored on exit."""
+        handle = _Stage()
+        patched: list[tuple[nn.Module, bool, object]] = []
+
+        def wrap(name: str, module: nn.Module, run):
+            def forward(*args, **kwargs):
+                if handle.key is None or self.max_bytes <= 0:
+                    return run(*args, **kwargs)
+                out = self.serve(scope, handle.key, name)
+                if out is not None:
+                    return out
+                out = run(*args, **kwargs)
+                if keep:
+                    self.keep(scope, handle.key, name, out)
+                return out
+            return forward
+
+        try:
+            for name in final:
+                module = block.get_submodule(name)
+                own = "forward" in module.__dict__
+                patched.append((module, own, module.__dict__.get("forward")))
+                module.forward = wrap(name, module, module.forward)
+            yield handle
+        finally:
+            for module, own, previous in reversed(patched):
+                if own:
+                    module.forward = previous
+                else:
+                    del module.forward
+
+
+class _Stage:
+    key = None
