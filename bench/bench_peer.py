@@ -331,7 +331,7 @@ def run_tlq(model: Path, calib: Path, run_dir: Path, args) -> dict:
     cmd = [sys.executable, "-c", TLQ_LAUNCH, "run", str(model), "--calib", str(calib),
            "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
            "--bits", "4", "--group-size", "128", "--sym", "--method", "gptq", "--importance", "uniform",
-           "--no-act-order", "--damp", "0.01", "--format", "fake", "--out", str(run_dir / "out"),
+           "--no-act-order", "--damp", "0.01", "--out", str(run_dir / "out"),
            # A fresh store per run: the same job in a used store would attach to the finished one.
            "--store", str(run_dir / "store"), "--create-store", "--quiet", *args.tlq_args.split()]
     # The checkout's code, not whatever the venv has installed.

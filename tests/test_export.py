@@ -305,12 +305,16 @@ def test_vlm_compressed_export_with_processor(tmp_path):
 # Streamed writing: parts, shards, the file format
 
 
-def test_streamed_safetensors_are_the_librarys_bytes(tmp_path):
+@pytest.mark.parametrize("chunk", [5, 64 * 2**20])  # 5 bytes: every tensor copied in many reads
+def test_streamed_safetensors_are_the_librarys_bytes(tmp_path, monkeypatch, chunk):
     """Our writer lays out a file exactly as safetensors does: every dtype, scalars, empty tensors, names
     that sort differently from their insertion order."""
     from safetensors.torch import save, save_file
 
+    from tlq_farm.quant import export
     from tlq_farm.quant.export import TensorEntry, write_safetensors
+
+    monkeypatch.setattr(export, "COPY_CHUNK", chunk)
 
     g = torch.Generator().manual_seed(0)
     tensors = {"z.w": torch.randn(3, 5, generator=g), "a.bias": torch.randn(7, generator=g).to(torch.bfloat16),

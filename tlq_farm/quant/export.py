@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..store.tensors import safetensors_layout
+from ..store.tensors import safetensors_layout, write_tensors_file
 from .grid import QuantResult, natural_g_idx
 
 QUANT_SUMMARY_FILE = "tlq_quant.json"
@@ -326,6 +327,9 @@ def loading_kwargs(export_dir: str | Path) -> dict:
 
 # Shards of a streamed checkpoint; a smaller model is one model.safetensors, as save_pretrained writes it.
 MAX_SHARD_BYTES = 5 * 2**30
+COPY_CHUNK = 64 * 2**20  # what write_safetensors holds of a tensor at a time
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where a tensor of the checkpoint waits until its shard is written: its spill file and name there."""
@@ -355,21 +359,40 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> None:
-    """Write a safetensors file tensor by tensor, each read from its spill file when its turn comes."""
-    from safetensors import safe_open
+def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (start, end) byte offsets of each tensor's data in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {n: (base + e["data_offsets"][0], base + e["data_offsets"][1])
+            for n, e in header.items() if n != "__metadata__"}
 
+
+def write_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> None:
+    """Write a safetensors file tensor by tensor, each one's bytes copied from its spill file when its turn
+    comes, COPY_CHUNK bytes at a time: the data is never a tensor here, and no spill file stays mapped (its
+    pages would count in the process's memory until it was closed)."""
     header, order = safetensors_layout(entries, metadata)
-    handles: dict[Path, object] = {}
+    ranges: dict[Path, dict[str, tuple[int, int]]] = {}
     with open(path, "wb") as f:
         f.write(header)
         for name in order:
             e = entries[name]
-            if e.file not in handles:
-                handles[e.file] = safe_open(str(e.file), "pt")
-            t = handles[e.file].get_tensor(e.name).contiguous().reshape(-1)  # 1-D: scalars can be viewed too
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            del t
+            if e.file not in ranges:
+                ranges[e.file] = _data_ranges(e.file)
+            start, end = ranges[e.file][e.name]
+            if end - start != e.nbytes:
+                raise RuntimeError(f"spill file {e.file} holds {end - start} bytes for {e.name}, not {e.nbytes}")
+            with open(e.file, "rb") as src:
+                src.seek(start)
+                left = end - start
+                while left:
+                    chunk = src.read(min(COPY_CHUNK, left))
+                    if not chunk:
+                        raise RuntimeError(f"spill file {e.file} ends inside {e.name}")
+                    f.write(chunk)
+                    left -= len(chunk)
 
 
 def shard_plan(names: list[str], entries: dict[str, TensorEntry], max_shard_bytes: int) -> dict[str, list[str]]:
@@ -447,8 +470,6 @@ def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, 
     tmp_dir.mkdir()
     try:
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent) as spill:
-            from safetensors.torch import save_file
-
             entries: dict[str, TensorEntry] = {}
             for i, (state, qresults) in enumerate(parts):
                 qschemes = {}
@@ -466,7 +487,7 @@ def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, 
                 if not out:
                     continue
                 path = Path(spill) / f"part-{i:05d}.safetensors"
-                save_file(_unshared(out), str(path))
+                write_tensors_file(path, _unshared(out), None)
                 for n, t in out.items():
                     entries[n] = TensorEntry(t.dtype, tuple(t.shape), path, n)
                 del state, qresults, out

@@ -356,7 +356,6 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero
     err_sq = torch.zeros((), dtype=torch.float64, device=W.device)
     dynamic = group_of_position is None
     starts = block_starts(in_f, blocksize, group_size, dynamic_groups=dynamic)
-    grid_of = None  # the group whose (scale, zero as float) s, z hold
     for i1, i2 in zip(starts, starts[1:] + [in_f]):
         count = i2 - i1
         # The block transposed: column i is row i, contiguous, so each step is a few in-place vector ops on
@@ -366,30 +365,61 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero
         C1 = torch.empty(count, out_f, dtype=work, device=W.device)  # the block's codes, as floats
         U1 = U[i1:i2, i1:i2]
         diag = U1.diagonal().tolist()
-        for i in range(count):
-            pos = i1 + i
-            if dynamic and pos % group_size == 0:
-                # pos == i1 (blocks are cut at group starts), so every column of the group is up to date.
-                g = pos // group_size
-                scale[:, g], zero[:, g] = find_params(W[:, pos:pos + group_size], bits, sym)
-                grid_of = None
-            g = pos // group_size if dynamic else group_of_position[pos]
-            if g != grid_of:
-                s, z, grid_of = scale[:, g], zero[:, g].to(work), g
-            w, c, err = W1[i], C1[i], Err1[i]
-            torch.div(w, s, out=c)  # c = clamp(round(w / s) + z, 0, qmax): round_to_grid, in place
-            c.round_().add_(z).clamp_(0, top)
-            torch.sub(c, z, out=err)  # err = (w - s (c - z)) / U[i, i]
-            err.mul_(s)
-            torch.sub(w, err, out=err)
-            err.div_(diag[i])
-            if i + 1 < count:
-                W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        if dynamic or len(set(group_of_position[i1:i2])) == 1:
+            # One grid for the whole block: its columns are rounded on the grid's own scale.
+            g = i1 // group_size if dynamic else group_of_position[i1]
+            if dynamic and i1 % group_size == 0:
+                scale[:, g], zero[:, g] = find_params(W[:, i1:i1 + group_size], bits, sym)
+            _round_block_on_one_grid(W1, U1, diag, scale[:, g], zero[:, g].to(work), top, C1, Err1)
+        else:
+            _round_block_column_by_column(W1, U1, diag, i1, scale, zero, group_of_position, top, C1, Err1)
         codes[:, i1:i2] = C1.T  # whole numbers in [0, 2^bits - 1]: exact as int32
         if i2 < in_f:
             W[:, i2:].addmm_(Err1.T, U[i1:i2, i2:], alpha=-1)
         err_sq += Err1.to(torch.float64).square().sum()
     return codes, err_sq
+
+
+def _round_block_on_one_grid(W1: torch.Tensor, U1: torch.Tensor, diag: list[float], s: torch.Tensor,
+                             z: torch.Tensor, top: float, C1: torch.Tensor, Err1: torch.Tensor) -> None:
+    """The column loop over one lazy block whose columns share a grid (s, z [out]), on the grid's scale:
+    V = W1 / s + z, so that a column's code is clamp(round(v), 0, qmax) and its error (v - c) s / U_ii; the
+    rank-1 updates are made in the same units (s is per row, the same for every column of the block), four
+    vector operations per column instead of nine. W1 [count, out] (rows = columns) is consumed; C1 gets the
+    codes as floats, Err1 the errors (w - q) / U_ii."""
+    count = W1.shape[0]
+    V = W1.div_(s).add_(z)
+    rows, codes, errs = V.unbind(0), C1.unbind(0), Err1.unbind(0)
+    for i in range(count):
+        v, c, e = rows[i], codes[i], errs[i]
+        torch.round(v, out=c)
+        c.clamp_(0, top)
+        torch.sub(v, c, out=e)
+        if i + 1 < count:
+            V[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1 / diag[i])
+    Err1.mul_(s).div_(torch.tensor(diag, dtype=Err1.dtype, device=Err1.device)[:, None])
+
+
+def _round_block_column_by_column(W1: torch.Tensor, U1: torch.Tensor, diag: list[float], i1: int,
+                                  scale: torch.Tensor, zero: torch.Tensor, group_of_position: list[int],
+                                  top: float, C1: torch.Tensor, Err1: torch.Tensor) -> None:
+    """The column loop over a lazy block whose columns use several grids (static groups in act-order): each
+    column rounded on its own group's grid."""
+    work = W1.dtype
+    grid_of = None
+    for i in range(W1.shape[0]):
+        g = group_of_position[i1 + i]
+        if g != grid_of:
+            s, z, grid_of = scale[:, g], zero[:, g].to(work), g
+        w, c, err = W1[i], C1[i], Err1[i]
+        torch.div(w, s, out=c)  # c = clamp(round(w / s) + z, 0, qmax): round_to_grid, in place
+        c.round_().add_(z).clamp_(0, top)
+        torch.sub(c, z, out=err)  # err = (w - s (c - z)) / U[i, i]
+        err.mul_(s)
+        torch.sub(w, err, out=err)
+        err.div_(diag[i])
+        if i + 1 < W1.shape[0]:
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
 
 
 def loop_loss(err_sq: float, lam: float, W_hat: torch.Tensor, W_target: torch.Tensor) -> float:
