@@ -161,7 +161,8 @@ def task_table(store: Path, job: str) -> list[str]:
         # Its own memory: the peak above what was in use at its start (the heap kept free counts as its own).
         start = None if worst.get("rss_start_mib") is None else worst["rss_start_mib"] - (worst.get("held_free_mib") or 0)
         own = "" if start is None else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB:.2f}"
-        ratio = "" if start is None else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB / est:.2f}"
+        # Below 50 MB both are noise against a process of gigabytes (the importance task's per-token scores).
+        ratio = "" if start is None else ("-" if est < 0.05 else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB / est:.2f}")
         rows.append(f"| {kind} | {len(rs)} | {peak:.2f} | {own} | {est:.2f} | {ratio} | "
                     f"{'yes' if peak * GB <= CARD_BYTES else 'no'} |")
     return rows

@@ -339,3 +339,45 @@ def _solve_peak(tmp: str, method: str) -> tuple[int, int]:
     own = _status_bytes("VmHWM") - before
     assert counts["tokens"] == 200 and torch.isfinite(res.weight).all()
     return own, estimate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_stored_qweight_is_rebuilt_slab_by_slab_to_the_same_weight(tmp_path, monkeypatch, dtype, act_order):
+    """apply_stored_qweight (rows rebuilt a few at a time) gives the layer exactly the weight that the whole
+    QuantResult gives it: every slab boundary, an act-order g_idx, a bf16 layer."""
+    from tlq_farm.quant import gptq_quantize
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(13, 64, generator=g) * 0.05
+    X = torch.randn(256, 64, generator=g)
+    res = gptq_quantize(W, (X.T @ X).double(), bits=4, group_size=16, sym=False, act_order=act_order)
+    store = LocalStore(tmp_path / "store", create=True)
+    key = keys.qweights("job", 0, "lin")
+    put_tensors(store, key, steps.qresult_to_tensors(res), metadata={"tlq": json.dumps({"bits": 4})})
+    expected = torch.nn.Linear(64, 13, bias=False).to(dtype)
+    B.apply_qweight(torch.nn.ModuleDict({"lin": expected}), "lin", res)
+    monkeypatch.setattr(steps, "REBUILD_WEIGHTS", 3 * 64)  # slabs of 3 rows: 13 = 3 + 3 + 3 + 3 + 1
+    layer = torch.nn.Linear(64, 13, bias=False).to(dtype)
+    steps.apply_stored_qweight(store, key, torch.nn.ModuleDict({"lin": layer}), "lin")
+    assert torch.equal(layer.weight, expected.weight)
+    assert not torch.equal(layer.weight, W.to(dtype))  # it was quantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rtn_proxy_rounded_slab_by_slab_is_the_whole_linear_rounded(monkeypatch, dtype):
+    from tlq_farm.quant import rtn_quantize
+
+    g = torch.Generator().manual_seed(5)
+    blk = torch.nn.ModuleDict({"a": torch.nn.Linear(48, 11), "b": torch.nn.Linear(32, 48)}).to(dtype)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    spec = QuantSpec(bits=3, group_size=16, sym=False)
+    monkeypatch.setattr(B, "RTN_ROWS_WEIGHTS", 2 * 48)  # two rows of "a" at a time (11 = 5 x 2 + 1), three of "b"
+    proxy = B.rtn_proxy(blk, ["a", "b"], spec)
+    for n in ("a", "b"):
+        w = blk[n].weight
+        whole = rtn_quantize(w.float(), bits=3, group_size=16, sym=False).weight
+        assert torch.equal(proxy[n].weight, whole.to(dtype)), n
+    assert torch.equal(proxy["a"].bias, blk["a"].bias)

@@ -625,14 +625,18 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
-        # The staged block as read, the float32 block, one linear's rebuilt quantized weight at a time.
+        # The staged block as read and the block built from it, its quantized weights rebuilt a few rows at
+        # a time (steps.apply_stored_qweight), a batch's intermediates.
         return int(3 * block + 6 * acts)
     if task.kind == "export":
-        # One part at a time: the staged prefix or head, handed on in chunks of up to 256 MiB, or a block
-        # with its qweights: its float weights, the rebuilt quantized weights and codes, their compressed
-        # form, and the spill write.
+        # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
+        # one quantized linear: the block's staged weights, the linear's codes and dequantized weight (8 bytes a
+        # weight) and their compressed form and its check (8 more).
         outer = max(sizes["embed"], sizes["head"])
-        return int(outer + 4 * max(block, min(EXPORT_CHUNK_BYTES, outer)))
+        chunk = min(max(block, EXPORT_CHUNK_BYTES), outer)
+        plans = [blk for tower in ("blocks", "vision") for blk in ((groups or {}).get(tower) or [])]
+        largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=block // 2)
+        return int(max(2 * chunk, block + 16 * largest))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 

@@ -471,7 +471,9 @@ def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, 
     try:
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent) as spill:
             entries: dict[str, TensorEntry] = {}
-            for i, (state, qresults) in enumerate(parts):
+
+            def spill_part(i: int, state: dict, qresults: dict) -> None:
+                # A function of its own, so that nothing of one part outlives it into the next.
                 qschemes = {}
                 for name, q in qresults.items():
                     if name not in modules:
@@ -484,13 +486,15 @@ def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, 
                             by_scheme[scheme] = quantization_scheme(scheme, act_bits, ["Linear"])
                         qschemes[name] = by_scheme[scheme]
                 out = quantized_state_dict(state, qresults, fmt, qschemes)
-                if not out:
-                    continue
-                path = Path(spill) / f"part-{i:05d}.safetensors"
-                write_tensors_file(path, _unshared(out), None)
-                for n, t in out.items():
-                    entries[n] = TensorEntry(t.dtype, tuple(t.shape), path, n)
-                del state, qresults, out
+                if out:
+                    path = Path(spill) / f"part-{i:05d}.safetensors"
+                    write_tensors_file(path, _unshared(out), None)
+                    for n, t in out.items():
+                        entries[n] = TensorEntry(t.dtype, tuple(t.shape), path, n)
+
+            for i, part in enumerate(parts):
+                spill_part(i, *part)
+                del part
             if not schemes:
                 raise ValueError("qresults is empty: nothing was quantized, so there is nothing to export")
             saved = _saved_names(model, entries)
