@@ -484,3 +484,32 @@ def test_the_solve_allocates_no_in_by_in_matrix_when_it_may_overwrite_H(method):
         res = gptq_quantize(W, H, overwrite_H=True, **kw)
     assert in_place.count == 0
     assert torch.isfinite(res.weight).all()
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
+def test_a_kept_hessian_factor_gives_another_linear_the_result_its_h_gives(act_order, static_groups):
+    """Linears fed the same inputs (q/k/v) share H: the factor kept from one solve, given to the next, yields
+    exactly what factoring H again yields (dead columns and act-order included); H is not read then."""
+    from tlq_farm.quant.gptq import HessianFactor
+
+    W1, H = problem(24, 64, seed=11)[:2]
+    H = H.clone()
+    H[5, :] = H[:, 5] = 0  # an input that never fires
+    W2 = torch.randn(16, 64, generator=torch.Generator().manual_seed(12))
+    kwargs = dict(bits=4, group_size=16, sym=False, act_order=act_order, static_groups=static_groups)
+    kept: list = []
+    first = gptq_quantize(W1.float(), H.clone(), keep_factor=kept, **kwargs)
+    assert len(kept) == 1 and isinstance(kept[0], HessianFactor)
+    again = gptq_quantize(W1.float(), None, factor=kept[0], **kwargs)  # the loop leaves U as it was
+    second = gptq_quantize(W2, None, factor=kept[0], **kwargs)
+    fresh = gptq_quantize(W2, H.clone(), **kwargs)
+    same = lambda a, b: (a is None and b is None) or torch.equal(a, b)  # noqa: E731 (perm: None without act-order)
+    for field in ("weight", "codes", "scale", "zero", "g_idx", "perm"):
+        assert same(getattr(again, field), getattr(first, field)), field
+        assert same(getattr(second, field), getattr(fresh, field)), field
+    assert second.loss == fresh.loss and second.damp_used == fresh.damp_used
+    assert bool((second.weight[:, 5] == 0).all())
+    with pytest.raises(ValueError, match="plain GPTQ"):
+        gptq_quantize(W2.double(), None, factor=kept[0], **kwargs)  # float64: the exact loss needs H
+    with pytest.raises(ValueError, match="another layer"):
+        gptq_quantize(torch.randn(16, 32), None, factor=kept[0], **kwargs)

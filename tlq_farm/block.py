@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .models.adapter import block_output
-from .quant import (QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats, finish_sums,
+from .quant import (HessianFactor, QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats, finish_sums,
                     gptq_quantize, reduce_partials, rtn_quantize, start_sums)
 from .spec import QuantSpec
 
@@ -615,12 +615,13 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
 
 # ----------------------------------------------------------------------------------------------- solve
 
-def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec, consume: bool = False) -> QuantResult:
+def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec, consume: bool = False,
+          keep_factor: list | None = None) -> QuantResult:
     """Quantize one linear's weight from its reduced statistics (None: no data reached it -> RTN).
 
     GPTAQ's statistics may hold D and Hfp, or W D and tr(W Hfp W^T) (reduce_partials with W=weight, what the
     farm's solve task reduces to). consume=True: the statistics are normalised in place and must not be used
-    after (see finalize_stats)."""
+    after (see finalize_stats). keep_factor: gptq_quantize's (plain GPTQ: the factor of H is appended)."""
     if spec.method == "rtn" or stats is None or float(stats["w_sum"]) == 0.0:
         H = finalize_hessian(stats, consume)[0] if stats is not None and float(stats["w_sum"]) > 0 else None
         return rtn_quantize(weight, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, H=H)
@@ -630,10 +631,19 @@ def solve(weight: torch.Tensor, stats: dict | None, spec: QuantSpec, consume: bo
     return gptq_quantize(weight, S.pop("H"), bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
                          damp=spec.damp, blocksize=spec.blocksize, act_order=spec.act_order,
                          static_groups=spec.static_groups, D=S.get("D"), Hfp=S.get("Hfp"), WD=S.get("WD"),
-                         WHfpW=S.get("WHfpW"), overwrite_H=True)
+                         WHfpW=S.get("WHfpW"), overwrite_H=True, keep_factor=keep_factor)
 
 
-def solve_partials(weight: torch.Tensor, partials: Iterable[dict], spec: QuantSpec) -> tuple[QuantResult, dict]:
+def solve_with_factor(weight: torch.Tensor, factor: HessianFactor, spec: QuantSpec) -> QuantResult:
+    """solve() for a linear whose inputs' Hessian another linear of its group has factored already (plain GPTQ):
+    the same result as from the statistics."""
+    return gptq_quantize(weight, None, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, damp=spec.damp,
+                         blocksize=spec.blocksize, act_order=spec.act_order, static_groups=spec.static_groups,
+                         factor=factor)
+
+
+def solve_partials(weight: torch.Tensor, partials: Iterable[dict], spec: QuantSpec,
+                   keep_factor: list | None = None) -> tuple[QuantResult, dict]:
     """A solve task's math: the partials (a generator that reads them one at a time) reduced in their order and
     consumed as they are added, then solve(). GPTAQ folds each partial's D and Hfp into W D and tr(W Hfp W^T)
     (reduce_partials with W): no float64 [in, in] besides H. Returns (result, {"tokens", "weight_sum"}, or {}
@@ -645,7 +655,7 @@ def solve_partials(weight: torch.Tensor, partials: Iterable[dict], spec: QuantSp
     stats = reduce_partials(itertools.chain([first], parts), consume=True,
                             W=weight if spec.method == "gptaq" else None)
     counts = {"tokens": int(stats["tokens"]), "weight_sum": float(stats["w_sum"])}
-    return solve(weight, stats, spec, consume=True), counts
+    return solve(weight, stats, spec, consume=True, keep_factor=keep_factor), counts
 
 
 @torch.no_grad()

@@ -592,6 +592,11 @@ def stored_partial(tensors: dict[str, torch.Tensor], metadata: dict[str, str], m
     return out
 
 
+# Factored Hessians of shared sums kept by do_solve: (store, job, tower, block, group) -> {"owners": linear ->
+# the linear holding its sums, owner -> (HessianFactor, counts)}; one group at a time.
+_FACTORS: dict[tuple, dict] = {}
+
+
 def do_solve(ctx: JobContext, task: Task) -> None:
     import json
 
@@ -599,16 +604,39 @@ def do_solve(ctx: JobContext, task: Task) -> None:
     b, g, m, t = task.block, task.group, task.module, task.tower
     weight = get_tensors(ctx.store, keys.staged_block(ctx.job, b, t))[f"{m}.weight"].float().to(ctx.device)
 
+    maps: list[dict] = []  # each partition's owners (which linear holds whose sums), as its stats task wrote them
+
     def partials():
         # One partition's partial read at a time, added in partition order (float64): the same sum for any
         # number of workers.
         for p in plan.stat_partitions(ctx.manifest, ctx.groups, b, t):
-            part = stored_partial(*get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p, t)), m)
+            tensors, metadata = get_tensors_and_metadata(ctx.store, keys.stats(ctx.job, b, g, p, t))
+            maps.append(json.loads(metadata["tlq"])["owners"])
+            part = stored_partial(tensors, metadata, m)
+            del tensors
             if part is not None:
                 part = ctx.to_device(part)  # the dict the reduction empties: nothing else keeps its tensors
                 yield part
 
-    res, counts = B.solve_partials(weight, partials() if q.method != "rtn" else iter(()), q)
+    # Linears that share their sums (q/k/v, gate/up: one Gram, say the stored partials) share one Hessian: the
+    # first of them solved in this process keeps its factor for the others (plain GPTQ; the same numbers as
+    # factoring it again, since it is the same H).
+    scope = (ctx.store.url, ctx.job, t, b, g)
+    owners = _FACTORS.get(scope, {}).get("owners", {})
+    cached = _FACTORS.get(scope, {}).get(owners.get(m)) if q.method == "gptq" else None
+    if cached is not None:
+        factor, counts = cached
+        res = B.solve_with_factor(weight, factor, q)
+    else:
+        kept: list = []
+        res, counts = B.solve_partials(weight, partials() if q.method != "rtn" else iter(()), q,
+                                       keep_factor=kept if q.method == "gptq" else None)
+        owners = maps[0] if maps and all(mp == maps[0] for mp in maps) else {}
+        if kept and sum(o == owners.get(m) for o in owners.values()) > 1:
+            # One group's factors at a time: a worker moves on group by group.
+            for other in [k for k in _FACTORS if k != scope]:
+                del _FACTORS[other]
+            _FACTORS.setdefault(scope, {"owners": owners})[owners[m]] = (kept[0], counts)
     # loss None: not measured (RTN has no statistics to measure it on).
     meta = {"loss": None if res.loss is None else float(res.loss), "bits": res.bits, "group_size": res.group_size,
             "sym": res.sym, "damp_used": float(res.damp_used), "group": g, **counts}
@@ -827,6 +855,7 @@ def drop_contexts(store: Store, job: str) -> None:
     for key in [k for k in _CONTEXTS if k[0] == id(store) and k[1] == job]:
         _CONTEXTS.pop(key)._files_dir.cleanup()
     REUSE.forget((store.url, job))
+    _FACTORS.clear()
 
 
 _ALLOCATOR = {"set": False}

@@ -32,6 +32,7 @@ The GPTAQ objective adds terms of W D, tr(W Hfp W^T) and tr(W H W^T) (docs/metho
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -448,11 +449,25 @@ def _clock(timings: dict | None):
     return lap
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True,
+@dataclass
+class HessianFactor:
+    """What plain GPTQ's column loop needs of a Hessian, once factored: the upper Cholesky factor U of the
+    damped (and, with act-order, permuted) inverse in the work dtype, the processing order, the inputs that
+    never fire, and the damping used. Linears fed the same inputs (q/k/v, gate/up) share one."""
+
+    U: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp_used: float
+    lam: float
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                   damp: float = 0.01, blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
                   D: torch.Tensor | None = None, Hfp: torch.Tensor | None = None, WD: torch.Tensor | None = None,
                   WHfpW: float | torch.Tensor | None = None, overwrite_H: bool = False,
-                  exact_loss: bool | None = None, timings: dict | None = None) -> QuantResult:
+                  exact_loss: bool | None = None, timings: dict | None = None,
+                  factor: HessianFactor | None = None, keep_factor: list | None = None) -> QuantResult:
     """Quantize one linear layer's weight with GPTQ (or GPTAQ when D or WD is given).
 
     Args:
@@ -483,6 +498,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
             from the column loop's errors. Default: exact when W is float64 (the reference-exact path).
         timings: when a dict, the seconds of each phase are added to it: "factor" (the float64 factorisation),
             "target" (GPTAQ's W D H^-1), "loop" (the column loop), "loss".
+        factor: H already factored (a HessianFactor from keep_factor, for a linear fed the same inputs): H is
+            then not read (pass None), and the result is the one H would give. Plain GPTQ with the loop's
+            loss only (not GPTAQ, not exact_loss), with the same damp and act_order.
+        keep_factor: when a list, the HessianFactor of this solve is appended to it (plain GPTQ with the
+            loop's loss only; nothing otherwise): its U is not changed by the loop.
 
     Returns QuantResult in the original column order:
         weight: dequantized weight, float32 [out, in]; codes: int32 [out, in] in [0, 2^bits - 1];
@@ -520,8 +540,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
         raise ValueError("W contains NaN or inf: the layer's weights must be finite before quantization")
     device = W.device
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    _check_square("H", H, in_f)
     gptaq = D is not None or WD is not None
+    exact = work == torch.float64 if exact_loss is None else bool(exact_loss)
+    if factor is not None:
+        if gptaq or exact:
+            raise ValueError("a HessianFactor serves plain GPTQ with the loop's loss only: pass H for GPTAQ or "
+                             "exact_loss")
+        if tuple(factor.U.shape) != (in_f, in_f) or factor.U.dtype != work:
+            raise ValueError(f"the HessianFactor is {tuple(factor.U.shape)} {factor.U.dtype}, not the {in_f} x {in_f} "
+                             f"{work} this weight needs: it belongs to another layer")
+    else:
+        _check_square("H", H, in_f)
     # GPTAQ's target and loss terms are float64 products with W; plain GPTQ needs W only in the work dtype.
     W64 = W.to(torch.float64) if gptaq else None  # never written to: it is W itself when W is float64
     if D is not None:
@@ -544,18 +573,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
     if WHfpW is not None:
         WHfpW = float(WHfpW)
 
-    exact = work == torch.float64 if exact_loss is None else bool(exact_loss)
     H_exact = H.to(device=device, dtype=torch.float64) if exact else None
-    if overwrite_H and not exact and H.dtype == torch.float64 and H.device == device and H.is_contiguous():
-        Hw = H
+    if factor is not None:
+        dead, perm = factor.dead, factor.perm
     else:
-        Hw = torch.empty(in_f, in_f, dtype=torch.float64, device=device)
-        Hw.copy_(H)
-    # Inputs that never fire (H_ii == 0) carry no information: H_ii = 1 and W[:, i] = 0.
-    dead = torch.diagonal(Hw) == 0
+        if overwrite_H and not exact and H.dtype == torch.float64 and H.device == device and H.is_contiguous():
+            Hw = H
+        else:
+            Hw = torch.empty(in_f, in_f, dtype=torch.float64, device=device)
+            Hw.copy_(H)
+        # Inputs that never fire (H_ii == 0) carry no information: H_ii = 1 and W[:, i] = 0.
+        dead = torch.diagonal(Hw) == 0
+        if bool(dead.any()):
+            Hw.diagonal()[dead] = 1
+        perm = torch.argsort(torch.diagonal(Hw), descending=True, stable=True) if act_order else None
     any_dead = bool(dead.any())
-    if any_dead:
-        Hw.diagonal()[dead] = 1
 
     def without_dead(M: torch.Tensor) -> torch.Tensor:
         if not any_dead:
@@ -563,8 +595,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
         M = M.clone()
         M[:, dead] = 0
         return M
-
-    perm = torch.argsort(torch.diagonal(Hw), descending=True, stable=True) if act_order else None
 
     def in_solver_order(M: torch.Tensor) -> torch.Tensor:
         return M[:, perm] if perm is not None else M
@@ -581,8 +611,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
         trace_WHW = sq_norm_times_lower(in_solver_order(W0).flip(1), L) - lam * inner(W0, W0)
         lap("loss")
 
-    U, damp_used, lam = inverse_factor_(Hw, damp, perm, measure_WHW if loop_loss_terms else None)
-    del Hw
+    if factor is not None:
+        U, damp_used, lam = factor.U, factor.damp_used, factor.lam
+    else:
+        U, damp_used, lam = inverse_factor_(Hw, damp, perm, measure_WHW if loop_loss_terms else None)
+        del Hw
     lap("factor")
 
     cross = None
@@ -606,8 +639,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size
     else:
         W_start = without_dead(W.to(work))  # W itself when nothing is dead: only read
         Wq_work = in_solver_order(W_start).to(work, copy=True)  # the loop works in place
-    if work == torch.float32:
+    if work == torch.float32 and U.dtype != work:
         U = _to_float32_in_place(U)
+    if keep_factor is not None and not gptaq and not exact:
+        keep_factor.append(HessianFactor(U, perm, dead, damp_used, lam))
     lap("factor")
 
     gs = in_f if group_size == -1 else group_size
