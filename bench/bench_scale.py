@@ -143,10 +143,31 @@ def block_of(key: str) -> int | None:
     return None
 
 
+def task_of(name: str, tower: str | None) -> plan.Task:
+    """The task a record names (plan.Task.name: kind[-b003|-vb003][-g01][-s0002][-module])."""
+    kind, *rest = name.split("-", 1)
+    fields: dict = {"kind": kind, "tower": tower}
+    rest = rest[0].split("-", 3) if rest else []
+    while rest:
+        part = rest[0]
+        if part[:1] in "bv" and part.lstrip("vb").isdigit() and "block" not in fields:
+            fields["block"] = int(part.lstrip("vb"))
+        elif part[:1] == "g" and part[1:].isdigit() and "group" not in fields:
+            fields["group"] = int(part[1:])
+        elif part[:1] == "s" and part[1:].isdigit() and "shard" not in fields:
+            fields["shard"] = int(part[1:])
+        else:
+            fields["module"] = "-".join(rest)
+            break
+        rest = rest[1:]
+    return plan.Task(**fields)
+
+
 def task_table(store: Path, job: str) -> list[str]:
     """Per task kind, the task with the largest peak: its peak RSS, the part of it above what the process
     held when the task began (its own memory, what plan.estimate_memory estimates), and the estimate."""
-    records = steps.task_records(LocalStore(store), job)
+    s = LocalStore(store)
+    records = steps.task_records(s, job)
     by_kind: dict[str, list[dict]] = {}
     for r in records:
         by_kind.setdefault(r["kind"], []).append(r)
@@ -157,7 +178,12 @@ def task_table(store: Path, job: str) -> list[str]:
         if not rs:
             continue
         worst = max(rs, key=lambda r: r["peak_rss_mib"])
-        peak, est = worst["peak_rss_mib"] * 2**20 / GB, worst["estimate_bytes"] / GB
+        # The estimate of this version of plan.estimate_memory (a pure function of the task, the manifest and
+        # the groups), not the one the record kept from the run.
+        manifest, groups = get_json(s, keys.manifest(job)), get_json(s, keys.plan_groups(job))
+        task = task_of(worst["task"], worst.get("tower"))
+        est = plan.estimate_memory(task, manifest, None if kind in ("embed", "groups") else groups) / GB
+        peak = worst["peak_rss_mib"] * 2**20 / GB
         # Its own memory: the peak above what was in use at its start (the heap kept free counts as its own).
         start = None if worst.get("rss_start_mib") is None else worst["rss_start_mib"] - (worst.get("held_free_mib") or 0)
         own = "" if start is None else f"{(worst['peak_rss_mib'] - start) * 2**20 / GB:.2f}"
@@ -265,6 +291,12 @@ def main() -> None:
     model = build_checkpoint(args.root / "model", args.blocks)
     calib = make_calib(args.root, args.samples)
     store = args.root / "store"
+    # A fresh store and exports: a job left by an earlier run (another version of the code) would be attached
+    # to, and its task records read as this run's. The checkpoint is kept (it depends on --blocks only).
+    import shutil
+
+    for stale in [store, *args.root.glob("out-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     for spec in args.jobs:
         method, importance = spec.split(":")
         run = run_job(model, calib, store, args.root / f"out-{method}-{importance}", args.samples, method, importance,

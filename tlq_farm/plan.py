@@ -607,7 +607,11 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             before = [m for gg in blk["groups"][:task.group] for m in gg]
             kept = sum(shard_acts[k] for k in shards) // hidden * sum(blk["shapes"][m][0] for m in before)
             kept = min(REUSE_BYTES, 2 * kept * (2 if gptaq else 1))
-        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + held(partial(members)) + kept)
+        # Written as it is: a large partial straight from the sums (store.tensors.write_tensors_file), a small
+        # one through its bytes (two copies of it).
+        stored = partial(members)
+        written = 0 if stored >= LARGE_BYTES else 2 * stored
+        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + written + kept)
     if task.kind == "solve":
         # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
         # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored
@@ -630,13 +634,14 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return int(3 * block + 6 * acts)
     if task.kind == "export":
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
-        # one quantized linear: the block's staged weights, the linear's codes and dequantized weight (8 bytes a
-        # weight) and their compressed form and its check (8 more).
+        # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8
+        # bytes a weight, their unpacking's temporaries 17 more) and their compressed form and its check;
+        # 32 bytes a weight in all (measured at Qwen2-VL-7B's MLP, docs/benchmarks.md "Scale").
         outer = max(sizes["embed"], sizes["head"])
         chunk = min(max(block, EXPORT_CHUNK_BYTES), outer)
         plans = [blk for tower in ("blocks", "vision") for blk in ((groups or {}).get(tower) or [])]
         largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=block // 2)
-        return int(max(2 * chunk, block + 16 * largest))
+        return int(max(2 * chunk, block + 32 * largest))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
