@@ -251,7 +251,7 @@ def arithmetic_7b(method: str) -> list[str]:
                 "sizes": {"embed": 152064 * h * 2 + 675_000_000 * 2, "head": 152064 * h * 2, "blocks": [block_bytes] * 28,
                           "hidden": h}}
     starts = plan.stat_partitions(manifest, groups, 0)
-    partial = sum(plan.partial_bytes(manifest["spec"]["quant"], g, grp, groups["blocks"][0]["in_features"]) for g in grp)
+    partial = sum(plan.partial_bytes(manifest["spec"]["quant"], g, grp, groups["blocks"][0]["in_features"], shapes=shapes) for g in grp)
     acts = 262144 * h * plan.act_bytes(manifest)
     chains = chains_of(manifest)
     rows = [f"| {method} + {importance}, 28 blocks, 128 x 2048 tokens, bf16 | |", "|---|---:|",

@@ -557,13 +557,17 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind in ("embed", "reembed"):
         # The prefix only (decoder blocks and head on the meta device), filled one tensor at a time; the
         # head's weights while the model is built.
+        # The prefix's modules, and the staged file's pages while they are copied into them (mapped, one tensor
+        # at a time): 1.5 to 1.9 prefixes measured at Qwen2-VL-7B (docs/benchmarks.md "Scale").
         prefix = sizes["embed"] + sum(sizes.get("vision_blocks", []))
-        return int(prefix + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
+        return int(1.5 * prefix + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
         return int(2.5 * block + 4 * acts)
     if task.kind == "forward":
-        # The block as read and in float32 (and its RTN copy for tlq), one shard of each chain in and out.
-        return int(4 * block + 8 * acts)
+        # The block as read and as built, one shard of each chain in and out; for tlq its RTN copy, rounded a
+        # few rows at a time (block.rtn_proxy: 16M weights, their codes and temporaries, 17 bytes each).
+        rtn = block + 17 * 2**24 if needs_rtn_chain(manifest) else 0
+        return int(2 * block + rtn + 8 * acts)
     if task.kind == "backward":
         if task.block == manifest["n_blocks"]:
             # The head (final norm + lm_head) and its gradient w.r.t. the shard's hidden states; logits only on
@@ -630,18 +634,19 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
         # The staged block as read and the block built from it, its quantized weights rebuilt a few rows at
-        # a time (steps.apply_stored_qweight), a batch's intermediates.
-        return int(3 * block + 6 * acts)
+        # a time (steps.apply_stored_qweight: 16M weights, 17 bytes each with their temporaries), a batch's
+        # intermediates.
+        return int(2 * block + 17 * 2**24 + 6 * acts)
     if task.kind == "export":
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
         # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8
         # bytes a weight, their unpacking's temporaries 17 more) and their compressed form and its check;
-        # 32 bytes a weight in all (measured at Qwen2-VL-7B's MLP, docs/benchmarks.md "Scale").
+        # 32 to 47 bytes a weight in all, measured at Qwen2-VL-7B's MLP (docs/benchmarks.md "Scale").
         outer = max(sizes["embed"], sizes["head"])
         chunk = min(max(block, EXPORT_CHUNK_BYTES), outer)
         plans = [blk for tower in ("blocks", "vision") for blk in ((groups or {}).get(tower) or [])]
         largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=block // 2)
-        return int(max(2 * chunk, block + 32 * largest))
+        return int(max(2 * chunk, block + 40 * largest))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
