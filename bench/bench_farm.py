@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_farm.py                 # Llama hidden 1024, MLP 2816, 4 blocks, 32 x ~256 tokens in 2048-token shards
     .venv/bin/python bench/bench_farm.py --hidden 256 --samples 8   # a quick check
+    .venv/bin/python bench/bench_farm.py --skip single --shared-folder   # scaling without the S3 server's CPU
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
 side by side, every command from its start to the downloaded export (the workers are started, and have
@@ -138,6 +139,9 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=int, default=2048,
                     help="calibration tokens per shard: several shards let workers split a block's data")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
+    ap.add_argument("--shared-folder", action="store_true",
+                    help="run the two-worker scenarios (two, tlq) on the shared folder store instead of moto's S3: "
+                         "on one machine the S3 server's own CPU competes with the workers for the same cores")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-farm-"))
     model = make_model(work, args.layers, args.hidden, args.intermediate)
@@ -155,6 +159,11 @@ def main() -> None:
         return cmd, out
 
     farm = Farm(work, folder_store)
+
+    def scaling_store() -> str:
+        return str(folder_store / uuid.uuid4().hex[:8]) if args.shared_folder else f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
+
+    where = "shared folder" if args.shared_folder else "S3"
     try:
         if "single" not in args.skip:
             cmd, ref = run("embedded", [], str(work / "embedded-store"), env1)
@@ -174,20 +183,21 @@ def main() -> None:
             found = {}
             for n in (1, 2):
                 farm.scale(n)
-                prefix = f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
+                prefix = scaling_store()
                 cmds = [run(f"two-{bits}", ["--bits", str(bits)], f"{prefix}-w{bits}", farm.env, broker=True)[0]
                         for bits in (4, 3)]
                 found[n], moto = farm.timed(cmds)
-                rows.append((f"two jobs together (W4 and W3), {n} worker{'s' if n > 1 else ''}", found[n], moto,
+                moto = None if args.shared_folder else moto
+                rows.append((f"two jobs together (W4 and W3), {n} worker{'s' if n > 1 else ''}, {where}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
         if "tlq" not in args.skip:
             found = {}
             for n in (1, 2):
                 farm.scale(n)
-                cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq"], f"s3://bench-farm/{uuid.uuid4().hex[:8]}",
-                             farm.env, broker=True)
+                cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq"], scaling_store(), farm.env, broker=True)
                 found[n], moto = farm.timed([cmd])
-                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}", found[n], moto,
+                moto = None if args.shared_folder else moto
+                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}, {where}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
     finally:
         farm.stop()
