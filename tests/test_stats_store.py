@@ -364,7 +364,7 @@ def test_a_stored_qweight_is_rebuilt_slab_by_slab_to_the_same_weight(tmp_path, m
     put_tensors(store, key, steps.qresult_to_tensors(res), metadata={"tlq": json.dumps({"bits": 4})})
     expected = torch.nn.Linear(64, 13, bias=False).to(dtype)
     B.apply_qweight(torch.nn.ModuleDict({"lin": expected}), "lin", res)
-    monkeypatch.setattr(steps, "REBUILD_WEIGHTS", 3 * 64)  # slabs of 3 rows: 13 = 3 + 3 + 3 + 3 + 1
+    monkeypatch.setattr(plan, "REBUILD_WEIGHTS", 3 * 64)  # slabs of 3 rows: 13 = 3 + 3 + 3 + 3 + 1
     layer = torch.nn.Linear(64, 13, bias=False).to(dtype)
     steps.apply_stored_qweight(store, key, torch.nn.ModuleDict({"lin": layer}), "lin")
     assert torch.equal(layer.weight, expected.weight)
@@ -381,7 +381,7 @@ def test_the_rtn_proxy_rounded_slab_by_slab_is_the_whole_linear_rounded(monkeypa
         for p in blk.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     spec = QuantSpec(bits=3, group_size=16, sym=False)
-    monkeypatch.setattr(B, "RTN_ROWS_WEIGHTS", 2 * 48)  # two rows of "a" at a time (11 = 5 x 2 + 1), three of "b"
+    monkeypatch.setattr(plan, "REBUILD_WEIGHTS", 2 * 48)  # two rows of "a" at a time (11 = 5 x 2 + 1), three of "b"
     proxy = B.rtn_proxy(blk, ["a", "b"], spec)
     for n in ("a", "b"):
         w = blk[n].weight

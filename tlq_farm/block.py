@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import plan
 from .models.adapter import block_output
 from .quant import (HessianFactor, QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats, finish_sums,
                     gptq_quantize, reduce_partials, rtn_quantize, start_sums)
@@ -675,15 +676,12 @@ def rtn_proxy(block: nn.Module, names: list[str], spec: QuantSpec) -> nn.Module:
             w = proxy.get_submodule(n).weight
             flat = w.view(-1, w.shape[-1])
             # A few rows at a time (RTN grids are per row): not the whole linear's codes and float32 copies.
-            rows = max(1, RTN_ROWS_WEIGHTS // flat.shape[1])
+            rows = max(1, plan.REBUILD_WEIGHTS // flat.shape[1])
             for r0 in range(0, flat.shape[0], rows):
                 part = flat[r0:r0 + rows]
                 part.copy_(rtn_quantize(part.float(), bits=spec.bits, group_size=spec.group_size, sym=spec.sym).weight)
     return proxy
 
-
-# Weights of a linear rounded at a time by rtn_proxy (16M: 64 MB in float32).
-RTN_ROWS_WEIGHTS = 2**24
 
 
 # ----------------------------------------------------------------------------------------------- gradients

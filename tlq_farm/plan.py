@@ -44,6 +44,10 @@ PER_MODULE_IMPORTANCE = ("vlmq",)
 SUM_BYTES = 4
 # Submodule outputs a process keeps from one forward of a block to the next (tlq_farm.reuse), at most.
 REUSE_BYTES = parse_size(os.environ.get("TLQ_REUSE_BYTES", "1g"))
+# Weights of one linear rounded or rebuilt at a time (steps.apply_stored_qweight, block.rtn_proxy), and what
+# each costs then with its codes and temporaries (int8 and int32 codes, float32 weight, products).
+REBUILD_WEIGHTS = 2**24
+REBUILD_BYTES_PER_WEIGHT = 17
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
 KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "propagate",
@@ -565,8 +569,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return int(2.5 * block + 4 * acts)
     if task.kind == "forward":
         # The block as read and as built, one shard of each chain in and out; for tlq its RTN copy, rounded a
-        # few rows at a time (block.rtn_proxy: 16M weights, their codes and temporaries, 17 bytes each).
-        rtn = block + 17 * 2**24 if needs_rtn_chain(manifest) else 0
+        # few rows at a time (block.rtn_proxy).
+        rtn = block + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS if needs_rtn_chain(manifest) else 0
         return int(2 * block + rtn + 8 * acts)
     if task.kind == "backward":
         if task.block == manifest["n_blocks"]:
@@ -634,9 +638,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
         # The staged block as read and the block built from it, its quantized weights rebuilt a few rows at
-        # a time (steps.apply_stored_qweight: 16M weights, 17 bytes each with their temporaries), a batch's
-        # intermediates.
-        return int(2 * block + 17 * 2**24 + 6 * acts)
+        # a time (steps.apply_stored_qweight), a batch's intermediates.
+        return int(2 * block + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS + 6 * acts)
     if task.kind == "export":
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
         # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8
