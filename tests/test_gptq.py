@@ -115,6 +115,39 @@ def test_codes_equal_naive_reference_in_float64(out_f, in_f, bits, group_size, s
     assert res.loss == pytest.approx(weighted_error(res.weight, W, H), rel=1e-12)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_scale_is_the_smallest_that_keeps_the_minimum_on_the_grid_and_all_within_half_a_step(bits):
+    # Brute force: for each row, scan scales upward from 0.9x of the found one in fine steps; the first scale
+    # at which the most negative weight is not clipped and every weight lies within half a step of a signed
+    # code in [-2^(b-1), 2^(b-1) - 1] must be the found scale (up to the scan's resolution).
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    W[0] = W[0].abs()  # a row with no negative weight
+    W[1] = -W[1].abs()  # a row with no positive weight
+    W[2, 0], W[2, 1] = 3.0, -3.0  # equal extremes: the positive side, one code shorter, sets the scale
+    scale, zero = find_params(W, bits, sym=True)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert torch.equal(zero, torch.full((64,), 2 ** (bits - 1), dtype=torch.int32))
+    wmin, wmax = W.min(dim=1).values.clamp(max=0), W.max(dim=1).values.clamp(min=0)
+
+    def fits(s: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(W / s[:, None]), lo, hi)
+        within = ((W - q * s[:, None]).abs() / s[:, None]).amax(dim=1) <= 0.5 + 1e-12
+        return within & (-wmin <= -lo * s * (1 + 1e-12))
+
+    assert bool(fits(scale).all())
+    ratios = torch.linspace(0.9, 1.0, 2001, dtype=torch.float64)
+    for r in range(W.shape[0]):
+        ok = [bool(fits(scale * t)[r]) for t in ratios]
+        assert abs(float(ratios[ok.index(True)]) - 1.0) <= 1e-4, r
+    # Never coarser than the grid that never clips, max(-min / 2^(b-1), max / (2^(b-1) - 1)), nor than
+    # absmax / (2^(b-1) - 1/2); strictly finer than the first wherever the maximum sets the scale.
+    never_clips = torch.maximum(-wmin / -lo, wmax / hi)
+    assert bool((scale <= never_clips + 1e-15).all())
+    assert bool((scale <= torch.maximum(-wmin, wmax) / (hi + 0.5) + 1e-15).all())
+    assert bool((scale[0] < never_clips[0]) & (scale[2] < never_clips[2]))
+
+
 def test_group_indices_follow_processing_order_with_act_order():
     W, H, _ = problem(8, 32, seed=3)
     res = gptq_quantize(W, H, bits=4, group_size=8, act_order=True)

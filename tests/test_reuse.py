@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tlq_farm import steps
-from tlq_farm.reuse import ForwardReuse, final_modules
+from tlq_farm.reuse import ForwardReuse, final_modules, tail_linears
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore
 
@@ -40,9 +40,15 @@ class Mlp(nn.Module):
     def __init__(self):
         super().__init__()
         self.m1, self.m2 = Counted(8, 16), Counted(16, 8)
+        self.returns = "output"  # or "tuple", or "edited" (m2's output changed in place)
 
     def forward(self, x):
-        return self.m2(torch.relu(self.m1(x)))
+        y = self.m2(torch.relu(self.m1(x)))
+        if self.returns == "tuple":
+            return y, None
+        if self.returns == "edited":
+            y.mul_(2)
+        return y
 
 
 class Toy(nn.Module):
@@ -61,7 +67,8 @@ class Toy(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(x)
-        return x + self.mlp(x)
+        y = self.mlp(x)
+        return x + (y[0] if isinstance(y, tuple) else y)
 
 
 GROUPS = [["attn.a1"], ["attn.a2"], ["mlp.m1"], ["mlp.m2"]]
@@ -75,15 +82,56 @@ def test_final_modules_are_those_whose_linears_are_all_in_earlier_groups():
     assert final_modules(toy, GROUPS, 4) == ["attn", "attn.a1", "attn.a2", "mlp", "mlp.m1", "mlp.m2"]
 
 
-def stages(toy: Toy, reuse: ForwardReuse, x: torch.Tensor) -> list[torch.Tensor]:
-    """One forward per stage (as a true-sequential block runs), each under its stage's final modules."""
+def stages(toy: Toy, reuse: ForwardReuse, x: torch.Tensor, tails: bool = False, look=None) -> list[torch.Tensor]:
+    """One forward per stage (as a true-sequential block runs), each under its stage's final modules;
+    look(stage, reuse) after each."""
     outs = []
     for g in range(len(GROUPS) + 1):
         with torch.no_grad(), reuse.stage(toy, ("job", 0, "q"), final_modules(toy, GROUPS, g),
-                                          keep=g < len(GROUPS)) as handle:
+                                          keep=g < len(GROUPS),
+                                          tails=tail_linears(toy, GROUPS, g) if tails else None) as handle:
             handle.key = (0, 0)
             outs.append(toy(x))
+        if look:
+            look(g, reuse)
     return outs
+
+
+def test_tail_linears_are_the_last_linear_of_their_parent_to_be_quantized():
+    toy = Toy()
+    assert [tail_linears(toy, GROUPS, g) for g in range(5)] == [{}, {"attn.a2": "attn"}, {}, {"mlp.m2": "mlp"}, {}]
+    assert tail_linears(toy, [["attn.a1", "attn.a2"], ["mlp.m1", "mlp.m2"]], 1) == {}  # m1 not done before
+
+
+def test_a_tail_input_stands_for_its_parent_and_changes_no_number():
+    x = torch.randn(3, 8)
+    expected = stages(Toy(), ForwardReuse(0), x)
+    toy, reuse, kept = Toy(), ForwardReuse(1 << 20), {}
+
+    def look(g, r):
+        kept[g] = {k[2]: type(e.output).__name__ for k, e in r.entries.items()}
+
+    got = stages(toy, reuse, x, tails=True, look=look)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # After stage 1 attn is held as a2's input (a1's output dropped); after stage 3 mlp as m2's input.
+    assert kept[1] == {"attn": "_TailInput"}
+    assert kept[3] == {"attn": "Tensor", "mlp": "_TailInput"}
+    assert reuse.tails == 2
+    # The propagate computed m2 from the kept input, not m1.
+    assert toy.get_submodule("mlp.m1").computed == 4 + 1  # stages 0-3, and the one-token probe
+
+
+@pytest.mark.parametrize("returns", ["tuple", "edited"])
+def test_a_parent_that_does_not_return_its_linear_output_as_it_is_keeps_no_tail(returns):
+    x = torch.randn(3, 8)
+    plain = Toy()
+    plain.mlp.returns = returns
+    expected = stages(plain, ForwardReuse(0), x)
+    toy, reuse = Toy(), ForwardReuse(1 << 20)
+    toy.mlp.returns = returns
+    got = stages(toy, reuse, x, tails=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert reuse.tails == 1  # attn's only
 
 
 def test_served_outputs_skip_the_linears_and_change_no_number():
@@ -134,12 +182,15 @@ def test_a_job_exports_the_same_bytes_with_and_without_kept_outputs(files, tmp_p
         monkeypatch.setattr(steps.REUSE, "max_bytes", budget)
         store = LocalStore(tmp_path / f"store-{budget}")
         job, _ = stage_job(store, spec)
+        tails = steps.REUSE.tails
         assert steps.run_embedded(store, job)
         download_export(store, job, tmp_path / f"out-{budget}")
         found[budget] = export_bytes(tmp_path / f"out-{budget}")
         records = steps.task_records(store, job)
         reused = sum(r.get("reused_outputs", 0) for r in records)
         assert (reused > 0) == (budget > 0)
+        if budget:
+            assert steps.REUSE.tails > tails  # MLPs held as down_proj's input
         stats = [r for r in records if r["kind"] == "stats" and "-g00-" not in r["task"]]
         assert stats and all("reused_outputs" in r for r in stats)
     assert found[0] == found[1 << 30]

@@ -11,8 +11,14 @@ about one forward's worth of linears:
     stats q/k/v            (up to q_proj's input)              -
     stats o_proj           q/k/v, attention                    q_proj, k_proj, v_proj
     stats gate/up          attention core, o_proj              self_attn (q/k/v dropped)
-    stats down_proj        gate_proj, up_proj                  gate_proj, up_proj
+    stats down_proj        gate_proj, up_proj, act * up        mlp, as down_proj's input (gate/up dropped)
     propagate              down_proj                           -
+
+A tail input: where a group's linear is the last of its parent module's linears to be quantized (down_proj
+in the MLP), its input is kept under the parent instead of the parent's other outputs (gate and up: twice
+the bytes), and the parent is served later as that linear applied to it. This holds only where the parent
+returns the linear's output as it is; a one-token probe of the parent checks that before the first input
+is kept (self_attn, which returns a tuple, is not served this way).
 
 A module is *final* at a stage when every quantized linear inside it belongs to an earlier group: its input
 is final too (groups follow the forward's order and, where a stage uses this, no linear runs twice in a
@@ -51,9 +57,32 @@ def final_modules(block: nn.Module, groups: list[list[str]], stage: int) -> list
     return [m for m, inside in module_linears(block, every).items() if all(n in done for n in inside)]
 
 
+def tail_linears(block: nn.Module, groups: list[list[str]], stage: int) -> dict[str, str]:
+    """Linears of group `stage` whose parent module (not the block) holds no other quantized linear outside
+    the earlier groups -> that parent: once the linear is quantized the parent is final, and it is the
+    linear applied to the input it gets at this stage, where the parent returns the linear's output."""
+    done = {n for g in groups[:stage] for n in g}
+    inside = module_linears(block, [n for g in groups for n in g])
+    out = {}
+    for name in groups[stage] if stage < len(groups) else []:
+        parent = name.rpartition(".")[0]
+        if parent and all(n in done for n in inside.get(parent, []) if n != name):
+            out[name] = parent
+    return out
+
+
+@dataclass
+class _TailInput:
+    """A parent module's output kept as the input of its last linear (tail_linears)."""
+    linear: str
+    x: torch.Tensor
+
+
 def _tensors(output) -> list[torch.Tensor] | None:
     """The tensors of a module output that can be served again as it is: a tensor, or a tuple / list of
     tensors and None; None for anything else (a dict, a dataclass: not kept)."""
+    if isinstance(output, _TailInput):
+        return [output.x]
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, (tuple, list)) and all(x is None or isinstance(x, torch.Tensor) for x in output):
@@ -81,13 +110,15 @@ class _Entry:
 class ForwardReuse:
     """Kept submodule outputs of this process, within max_bytes (0: nothing kept). Entries are keyed by
     (scope, batch, module); scope names the job, tower, block and chain. Counts: hits (outputs served),
-    kept (outputs stored), refused (not kept: over the budget, or not a tensor / tuple output)."""
+    kept (outputs stored, tail inputs among them: tails), refused (not kept: over the budget, or not a
+    tensor / tuple output)."""
 
     max_bytes: int
     entries: dict[tuple, _Entry] = field(default_factory=dict)
     nbytes: int = 0
     hits: int = 0
     kept: int = 0
+    tails: int = 0
     refused: int = 0
 
     def _drop(self, key: tuple) -> None:
@@ -127,6 +158,7 @@ class ForwardReuse:
             self.refused += 1
             return
         nbytes = _storage_bytes(tensors)
+        self._drop((scope, key, module))  # a tail input replaced by the output computed from it
         for k in list(self.entries):
             # What a kept module's output subsumes: its submodules' entries are never asked for again. And a
             # process that moved on to another block of the tower will not come back to the one it left
@@ -140,20 +172,30 @@ class ForwardReuse:
         self.entries[(scope, key, module)] = _Entry(output, tuple(t._version for t in tensors), nbytes)
         self.nbytes += nbytes
         self.kept += 1
+        self.tails += isinstance(output, _TailInput)
 
     @contextlib.contextmanager
-    def stage(self, block: nn.Module, scope: tuple, final: list[str], keep: bool = True):
+    def stage(self, block: nn.Module, scope: tuple, final: list[str], keep: bool = True,
+              tails: dict[str, str] | None = None):
         """While open, the final modules of `block` are served from this process's entries for the batch
         named by the returned handle's `key` (set before each forward; None: neither served nor kept), and,
-        with keep, their outputs are kept when they run. The block's modules are restored on exit."""
+        with keep, their outputs are kept when they run. tails (tail_linears of this stage): with keep, the
+        input of each such linear is kept under its parent, where a probe shows that the parent returns the
+        linear's output. The block's modules are restored on exit."""
         handle = _Stage()
         patched: list[tuple[nn.Module, bool, object]] = []
+        handles = []
 
         def wrap(name: str, module: nn.Module, run):
             def forward(*args, **kwargs):
                 if handle.key is None or self.max_bytes <= 0:
                     return run(*args, **kwargs)
                 out = self.serve(scope, handle.key, name)
+                if isinstance(out, _TailInput):
+                    out = block.get_submodule(out.linear)(out.x)
+                    if keep:
+                        self.keep(scope, handle.key, name, out)
+                    return out
                 if out is not None:
                     return out
                 out = run(*args, **kwargs)
@@ -162,14 +204,44 @@ class ForwardReuse:
                 return out
             return forward
 
+        parent_call: dict[str, tuple] = {}
+        tail_ok: dict[str, bool] = {}
+
+        def record_parent(parent: str):
+            def hook(_m, args, kwargs):
+                parent_call[parent] = (args, kwargs)
+            return hook
+
+        def keep_tail(name: str, parent: str):
+            def hook(_m, args):
+                if handle.key is None or self.max_bytes <= 0 or parent not in parent_call:
+                    return None
+                if parent not in tail_ok:
+                    key, handle.key = handle.key, None  # the probe neither serves nor keeps
+                    try:
+                        tail_ok[parent] = _returns_its_linear(block, parent, name, *parent_call[parent])
+                    finally:
+                        handle.key = key
+                if tail_ok[parent] and isinstance(args[0], torch.Tensor):
+                    self.keep(scope, handle.key, parent, _TailInput(name, args[0]))
+                return None
+            return hook
+
         try:
             for name in final:
                 module = block.get_submodule(name)
                 own = "forward" in module.__dict__
                 patched.append((module, own, module.__dict__.get("forward")))
                 module.forward = wrap(name, module, module.forward)
+            for name, parent in (tails or {}).items() if keep else ():
+                handles.append(block.get_submodule(parent).register_forward_pre_hook(
+                    record_parent(parent), with_kwargs=True))
+                handles.append(block.get_submodule(name).register_forward_pre_hook(keep_tail(name, parent)))
             yield handle
         finally:
+            for h in handles:
+                h.remove()
+            parent_call.clear()
             for module, own, previous in reversed(patched):
                 if own:
                     module.forward = previous
@@ -179,3 +251,37 @@ class ForwardReuse:
 
 class _Stage:
     key = None
+
+
+def _returns_its_linear(block: nn.Module, parent: str, linear: str, args: tuple, kwargs: dict) -> bool:
+    """Whether `parent`, run on the first token of the input it got, returns its `linear`'s output object
+    unchanged: then its output is that linear applied to the linear's input. The linear runs without its
+    hooks during the probe (no statistics, no early stop), and nothing is served or kept."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2 or args[0].shape[-2] < 1:
+        return False
+    module, lin = block.get_submodule(parent), block.get_submodule(linear)
+    produced = []
+
+    def recording(*a, **k):
+        out = run(*a, **k)
+        produced.append((out, out._version if isinstance(out, torch.Tensor) else None))
+        return out
+
+    run = lin.forward
+    own = "forward" in lin.__dict__
+    hooks = lin._forward_pre_hooks, lin._forward_hooks
+    lin._forward_pre_hooks, lin._forward_hooks = type(hooks[0])(), type(hooks[1])()
+    lin.forward = recording
+    try:
+        with torch.no_grad():
+            result = module.forward(args[0].narrow(-2, 0, 1), *args[1:], **kwargs)
+    except Exception:  # a parent that cannot run on one token is not served this way
+        return False
+    finally:
+        lin._forward_pre_hooks, lin._forward_hooks = hooks
+        if own:
+            lin.forward = run
+        else:
+            del lin.forward
+    return (len(produced) == 1 and result is produced[0][0] and isinstance(result, torch.Tensor)
+            and result._version == produced[0][1])

@@ -28,7 +28,7 @@ from .models.adapter import Layout, linear_names
 from .plan import Task
 from .quant import QuantResult, fold_cross_terms
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
-from .reuse import ForwardReuse, final_modules
+from .reuse import ForwardReuse, final_modules, tail_linears
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
 from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors
@@ -571,7 +571,8 @@ def do_stats(ctx: JobContext, task: Task) -> None:
         last = g == len(groups) - 1
         keep = {"q": not (last and b == plan.tower_blocks(ctx.manifest, t) - 1), "fp": not last}
         reuse = {name: stack.enter_context(REUSE.stage(block, reuse_scope(ctx, t, b, name),
-                                                       final_modules(block, groups, g), keep=keep[name]))
+                                                       final_modules(block, groups, g), keep=keep[name],
+                                                       tails=tail_linears(block, groups, g)))
                  for name, block in (("q", blk), ("fp", fp_blk)) if once and block is not None}
         stats = B.accumulate_stats(blk, chain("q"), None, groups[g], act_bits=q.act_bits, act_names=ctx.names(b, t),
                                    fp_block=fp_blk, fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,

@@ -60,10 +60,11 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     wmax = torch.maximum(w.max(dim=1).values, torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     top = qmax(bits)
     if sym:
-        # Signed grid [-2^(b-1), 2^(b-1)-1]; the positive side is one step shorter, so scale by the larger
-        # of |min| / 2^(b-1) and max / (2^(b-1) - 1) keeps every value representable without clipping.
+        # Signed grid [-2^(b-1), 2^(b-1)-1]: the smallest scale that keeps the most negative weight on the
+        # grid and every weight within half a step of a code. The largest weight may lie up to half a step
+        # beyond the top code, where clipping moves it no further than rounding moves any other weight.
         half = 2 ** (bits - 1)
-        scale = torch.maximum(-wmin / half, wmax / max(half - 1, 1))
+        scale = torch.maximum(-wmin / half, wmax / (half - 0.5))
         zero = torch.full_like(scale, half)
     else:
         scale = (wmax - wmin) / top

@@ -37,14 +37,15 @@ import operator
 import re
 
 JOBS = "jobs"
-# The layout and meaning of a job's objects. 4: batches of at most 2048 tokens (block.BATCH_TOKENS; the
+# The layout and meaning of a job's objects. 5: symmetric grids scale by max(-min / 2^(b-1), max / (2^(b-1) - 1/2))
+# (qweights of format 4 used max / (2^(b-1) - 1)). 4: batches of at most 2048 tokens (block.BATCH_TOKENS; the
 # summation order of statistics follows the batches). 3: samples go through blocks in packed batches; the gradient
 # importance passes are per block and shard (forward / backward chains, scores), the full-precision chain comes
 # from forward tasks only, per-shard token masks, no token-weights objects where weights need no block.
 # 2: statistics per partition of shards, in float32, one Gram per shared input; qweights as packed codes
 # without a dequantized copy. 1: statistics per shard, float64, one per linear; qweights with a float32
 # weight and int32 codes. A job of another format is refused, never reused.
-STORE_FORMAT = 4
+STORE_FORMAT = 5
 CHAINS = ("q", "fp", "rtn")
 
 COMMIT_SUFFIX = ".commit"
