@@ -541,19 +541,23 @@ def test_rewrite_in_progress_reads_as_not_committed_and_deletes_nothing(tmp_path
 def test_a_folder_store_hashes_an_unchanged_file_once_and_a_changed_one_again(tmp_path, monkeypatch):
     from tlq_farm.store import local
 
-    store = LocalStore(tmp_path)
     key = keys.staged_block(JOB, 0)
-    store.put_bytes(key, b"weights" * 1000)
+    writer = LocalStore(tmp_path)
+    writer.put_bytes(key, b"weights" * 1000)
     hashed = []
     real = local.sha256_hex
     monkeypatch.setattr(local, "sha256_hex", lambda data: hashed.append(len(data)) or real(data))
+    assert writer.get_bytes(key) == b"weights" * 1000
+    assert hashed == []  # the digest of its own write serves the process that wrote it
+    store = LocalStore(tmp_path)  # another process, as far as the memo goes
     for _ in range(3):
         assert store.get_bytes(key) == b"weights" * 1000
     assert hashed == [7000]  # read three times, hashed once
-    # Damage in place, same size: the file's identity (its mtime) changed, so it is hashed and found out.
+    # Damage in place, same size: the file's identity (its mtime) changed, so it is hashed and found out,
+    # by the writer too, whose memo came from its own write.
     path = store.path(key)
     time.sleep(0.01)
     path.write_bytes(b"Weights" + b"weights" * 999)
     with pytest.raises(CorruptObject):
-        store.get_bytes(key)
+        writer.get_bytes(key)
     assert hashed == [7000, 7000]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..store.tensors import safetensors_layout, write_tensors_file
+from ..store.tensors import data_ranges, safetensors_layout, write_tensors_file
 from .grid import QuantResult, natural_g_idx
 
 QUANT_SUMMARY_FILE = "tlq_quant.json"
@@ -359,16 +358,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """name -> (start, end) byte offsets of each tensor's data in a safetensors file, from its header."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    base = 8 + length
-    return {n: (base + e["data_offsets"][0], base + e["data_offsets"][1])
-            for n, e in header.items() if n != "__metadata__"}
-
-
 def write_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dict[str, str] | None) -> None:
     """Write a safetensors file tensor by tensor, each one's bytes copied from its spill file when its turn
     comes, COPY_CHUNK bytes at a time: the data is never a tensor here, and no spill file stays mapped (its
@@ -380,7 +369,7 @@ def write_safetensors(path: Path, entries: dict[str, TensorEntry], metadata: dic
         for name in order:
             e = entries[name]
             if e.file not in ranges:
-                ranges[e.file] = _data_ranges(e.file)
+                ranges[e.file] = data_ranges(e.file)
             start, end = ranges[e.file][e.name]
             if end - start != e.nbytes:
                 raise RuntimeError(f"spill file {e.file} holds {end - start} bytes for {e.name}, not {e.nbytes}")

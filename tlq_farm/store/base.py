@@ -152,6 +152,9 @@ class Store(ABC):
     def _write_raw(self, raw_key: str, data: bytes) -> None:
         """Write (replace) the object; a concurrent reader sees the old or the new bytes, never a mix."""
 
+    def _wrote(self, raw_key: str, digest: str) -> None:
+        """Told the sha256 of an object just written (a folder store remembers it for its reads)."""
+
     @abstractmethod
     def _delete_raw(self, raw_key: str) -> None:
         """Delete the object; no error when it does not exist."""
@@ -207,6 +210,7 @@ class Store(ABC):
         with self._write_guard(key):
             self._delete_raw(keys.marker_key(key))
             self._write_raw(key, data)
+            self._wrote(key, digest)
             self._commit(key, digest, len(data))
         self.bytes_written += len(data)
         return digest
@@ -220,6 +224,7 @@ class Store(ABC):
         with self._write_guard(key):
             self._delete_raw(keys.marker_key(key))
             digest, size = self._upload_file(key, source)
+            self._wrote(key, digest)
             self._commit(key, digest, size)
         self.bytes_written += size
         return digest

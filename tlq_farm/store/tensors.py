@@ -125,6 +125,16 @@ def _prepared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return prepared
 
 
+def data_ranges(path) -> dict[str, tuple[int, int]]:
+    """name -> (start, end) byte offsets of each tensor's data in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        (length,) = _HEADER_LENGTH.unpack(f.read(_HEADER_LENGTH.size))
+        header = json.loads(f.read(length))
+    base = _HEADER_LENGTH.size + length
+    return {n: (base + e["data_offsets"][0], base + e["data_offsets"][1])
+            for n, e in header.items() if n != "__metadata__"}
+
+
 def read_metadata(data: bytes) -> dict[str, str]:
     """The metadata map of safetensors bytes ({} when there is none)."""
     (length,) = _HEADER_LENGTH.unpack_from(data)
