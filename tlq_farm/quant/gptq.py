@@ -6,9 +6,10 @@ factor U of H^-1 (the paper's Hinv, H^-1 = U^T U). Updates are applied lazily: i
 columns at once, to the rest of the matrix once per block.
 
 Factorisation. U comes from one Cholesky factorisation (float64) and one triangular inverse (in the work
-dtype, float32 unless W is float64), in H's own storage: with J the reversal of the column order, J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper, so
-H^-1 = U^T U with U = J L^-1 J. That is 2 n^3 / 3 flops, against 4 n^3 / 3 for the textbook chain
-(Cholesky, inverse from it, Cholesky of the inverse), and no [in, in] matrix besides H.
+dtype, float32 unless W is float64), in H's own storage: with J the reversal of the column order,
+J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper, so H^-1 = U^T U with U = J L^-1 J. That is 2 n^3 / 3
+flops, against 4 n^3 / 3 for the textbook chain (Cholesky, inverse from it, Cholesky of the inverse), and
+no [in, in] matrix besides H.
 
 GPTAQ. With inputs X~ from the quantized chain and targets from the full-precision chain X, the layer's
 objective is the weighted ||W X - W_hat X~||^2. With H = 2 X~ X~^T / n and D = 2 (X - X~) X~^T / n (so that
