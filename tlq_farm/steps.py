@@ -840,8 +840,8 @@ def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
 # nothing: the next task takes the same memory again (on a 1024-wide model, 1.7 s of 36 s CPU were the
 # faults after trimming 256 MiB each task). More than this is handed back: a worker should not hold its
 # largest task's peak, and a task's own memory is measured from what it takes. Free heap kept adds to the
-# process's peak where the next task cannot reuse it: on the same model with 64 x 256 tokens, keeping 1 GiB
-# peaked at 1563 MiB, 512 MiB at 1278 MiB for the same CPU seconds (docs/benchmarks.md, "Peer").
+# process's peak where the next task cannot reuse it: on a 1024-wide model with 64 x 256 tokens, keeping
+# 1 GiB peaked at 1608 MiB, 512 MiB at 1482 MiB (docs/benchmarks.md, "Peer").
 KEEP_FREE_BYTES = 2**29
 
 
