@@ -21,8 +21,8 @@ from torch import nn
 
 from . import plan
 from .models.adapter import block_output
-from .quant import (HessianFactor, QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats, finish_sums,
-                    gptq_quantize, reduce_partials, rtn_quantize, start_sums)
+from .quant import (HessianFactor, QuantResult, add_tokens, fake_quant_per_token, finalize_hessian, finalize_stats,
+                    finish_sums, gptq_quantize, reduce_partials, rtn_quantize, start_sums)
 from .spec import QuantSpec
 
 SampleInput = tuple[torch.Tensor, dict]
@@ -681,7 +681,6 @@ def rtn_proxy(block: nn.Module, names: list[str], spec: QuantSpec) -> nn.Module:
                 part = flat[r0:r0 + rows]
                 part.copy_(rtn_quantize(part.float(), bits=spec.bits, group_size=spec.group_size, sym=spec.sym).weight)
     return proxy
-
 
 
 # ----------------------------------------------------------------------------------------------- gradients

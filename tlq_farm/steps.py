@@ -163,7 +163,7 @@ class JobContext:
         self._meta = None
         self._groups = None
         self._state = None
-        self._staged_copy: tuple[str, Path] | None = None  # (key, local file) of the last staged_tensor read
+        self._staged_copy: tuple[str, Path] | None = None  # (key, local file) of the last staged object read
         # Set by execute while a task runs: its task-log record as of now (the export reports itself).
         self.current_record = None
 
@@ -255,12 +255,10 @@ class JobContext:
         model.eval().requires_grad_(False).to(self.device)
         return model
 
-    def staged_tensor(self, key: str, name: str) -> torch.Tensor:
-        """One tensor of the staged object `key`, from a verified local copy of its file that is kept for the
-        next call: a block's solves each read one weight of the same block (0.47 GB at 7B, read and hashed
-        14 times a block otherwise)."""
-        from safetensors import safe_open
-
+    def staged_file(self, key: str) -> Path:
+        """A verified local copy of the staged object `key`, kept for the next call (one object at a time):
+        a block's solves each read one weight of the same block (0.47 GB at 7B, read and hashed 14 times a
+        block otherwise), and staged objects never change within a job."""
         if self._staged_copy is None or self._staged_copy[0] != key:
             if self._staged_copy is not None:
                 self._staged_copy[1].unlink(missing_ok=True)
@@ -268,27 +266,28 @@ class JobContext:
             path = self.files_dir / f".staged-{uuid.uuid4().hex}.safetensors"
             self.store.get_file(key, path)
             self._staged_copy = (key, path)
-        with safe_open(str(self._staged_copy[1]), "pt") as f:
+        return self._staged_copy[1]
+
+    def staged_tensor(self, key: str, name: str) -> torch.Tensor:
+        """One tensor of the staged object `key` (from staged_file)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.staged_file(key)), "pt") as f:
             return f.get_tensor(name)
 
     def load_staged(self, model: torch.nn.Module, key: str, prefix: str = "") -> None:
         """Fill `model`'s tensors (their names: `prefix` + the staged names) from the staged object `key`, one
-        tensor at a time from a local copy of the file (never the object's bytes and its tensors in memory at
-        once, as a plain read would hold)."""
+        tensor at a time from its local copy (staged_file; never the object's bytes and its tensors in memory
+        at once, as a plain read would hold)."""
         from safetensors import safe_open
 
-        path = self.files_dir / f".staged-{uuid.uuid4().hex}.safetensors"
-        self.store.get_file(key, path)
-        try:
-            targets = model.state_dict()
-            with safe_open(str(path), "pt") as f, torch.no_grad():
-                unexpected = [n for n in f.keys() if prefix + n not in targets]
-                if unexpected:
-                    raise RuntimeError(f"staged weights do not match the model: unexpected {unexpected[:3]}")
-                for name in f.keys():
-                    targets[prefix + name].copy_(f.get_tensor(name))
-        finally:
-            path.unlink(missing_ok=True)
+        targets = model.state_dict()
+        with safe_open(str(self.staged_file(key)), "pt") as f, torch.no_grad():
+            unexpected = [n for n in f.keys() if prefix + n not in targets]
+            if unexpected:
+                raise RuntimeError(f"staged weights do not match the model: unexpected {unexpected[:3]}")
+            for name in f.keys():
+                targets[prefix + name].copy_(f.get_tensor(name))
 
     def load_prefix(self, model: torch.nn.Module, quantized_vision: bool = False) -> None:
         """Fill the prefix of `model` (prefix_model): the staged embed piece and the vision tower's blocks,

@@ -320,8 +320,8 @@ def inverse_factor_(H: torch.Tensor, damp: float, perm: torch.Tensor | None,
     H: float64, contiguous, symmetric (its lower triangle in the permuted order is what is factored, as LAPACK
     reads it). lambda = damp * mean(diag H), damp escalated on failure (damped_cholesky_).
     before_inverse(L, lambda): called with the Cholesky factor of J (H[perm][:, perm] + lambda I) J, J the
-    reversal, before it is overwritten. inverse_dtype: the dtype of the triangular inverse and of U (float32:
-    in the first half of H's storage). The Cholesky is float64 always: its rounding grows with cond(H), that
+    reversal, before it is overwritten. inverse_dtype: float64, or float32 for the triangular inverse and U
+    in the first half of H's storage. The Cholesky is float64 always: its rounding grows with cond(H), that
     of the inverse of its factor with cond(L) = cond(H)^(1/2), so a float32 inverse is as accurate as the
     float32 U that the column loop uses, at a third of the time. Returns (U, damp used, lambda used).
     """
@@ -332,8 +332,8 @@ def inverse_factor_(H: torch.Tensor, damp: float, perm: torch.Tensor | None,
     damp_used, lam = damped_cholesky_(H, damp, mean_diag)
     if before_inverse is not None:
         before_inverse(H, lam)
-    if inverse_dtype != H.dtype:
-        H = _to_float32_in_place(H) if inverse_dtype == torch.float32 else H.to(inverse_dtype)
+    if inverse_dtype == torch.float32:
+        H = _to_float32_in_place(H)
     invert_lower_(H)
     reverse_(H)
     return H, damp_used, lam
@@ -647,11 +647,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, *, bits: int = 4, gro
     else:
         W_start = without_dead(W.to(work))  # W itself when nothing is dead: only read
         Wq_work = in_solver_order(W_start).to(work, copy=True)  # the loop works in place
-    if work == torch.float32 and U.dtype != work:
-        U = _to_float32_in_place(U)
     if keep_factor is not None and not gptaq and not exact:
         keep_factor.append(HessianFactor(U, perm, dead, damp_used, lam))
-    lap("factor")
 
     gs = in_f if group_size == -1 else group_size
     n_groups = in_f // gs
