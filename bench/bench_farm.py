@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_farm.py                 # Llama hidden 1024, MLP 2816, 4 blocks, 32 x ~256 tokens in 2048-token shards
     .venv/bin/python bench/bench_farm.py --hidden 256 --samples 8   # a quick check
     .venv/bin/python bench/bench_farm.py --skip single --shared-folder   # scaling without the S3 server's CPU
+    .venv/bin/python bench/bench_farm.py --skip single two --shared-folder --partition-tokens 2048
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
 side by side, every command from its start to the downloaded export (the workers are started, and have
@@ -138,6 +139,9 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=120, help="words per calibration row (about 2 tokens each)")
     ap.add_argument("--shard-tokens", type=int, default=2048,
                     help="calibration tokens per shard: several shards let workers split a block's data")
+    ap.add_argument("--partition-tokens", type=int, default=0,
+                    help="--partition-tokens of the GPTAQ + tlq job (0: the plan's choice, one partition per block at "
+                         "this size; 2048: four, so that workers split each block's statistics)")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
     ap.add_argument("--shared-folder", action="store_true",
                     help="run the two-worker scenarios (two, tlq) on the shared folder store instead of moto's S3: "
@@ -194,10 +198,13 @@ def main() -> None:
             found = {}
             for n in (1, 2):
                 farm.scale(n)
-                cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq"], scaling_store(), farm.env, broker=True)
+                cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq",
+                                     "--partition-tokens", str(args.partition_tokens)], scaling_store(), farm.env,
+                             broker=True)
                 found[n], moto = farm.timed([cmd])
                 moto = None if args.shared_folder else moto
-                rows.append((f"one GPTAQ + tlq job, {n} worker{'s' if n > 1 else ''}, {where}", found[n], moto,
+                parts = f", --partition-tokens {args.partition_tokens}" if args.partition_tokens else ""
+                rows.append((f"one GPTAQ + tlq job{parts}, {n} worker{'s' if n > 1 else ''}, {where}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
     finally:
         farm.stop()

@@ -113,10 +113,22 @@ def run_job(model: Path, calib: Path, store: Path, out: Path, samples: int, meth
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    # The peak is sampled from outside: a task resets the process's own high-water mark (steps.TaskMeter), and
+    # ru_maxrss of children is the largest of every child this process has had.
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status")
+                                  if line.startswith("VmRSS")))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-            "peak_rss_gb": after.ru_maxrss * 1024 / GB}
+            "peak_rss_gb": peak * 1024 / GB}
 
 
 def job_of(store: Path, method: str, importance: str) -> str:

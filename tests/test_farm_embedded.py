@@ -89,6 +89,50 @@ def test_staging_splits_the_checkpoint_per_block_without_changing_a_tensor(files
     assert set(get_json(store, keys.manifest(job))["files"]) >= {"config.json", "tokenizer.json"}
 
 
+class _CountingStore(LocalStore):
+    """A folder store that lists the keys of the objects it reads."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reads = []
+
+    def get_bytes(self, key, commit=None):
+        self.reads.append(key)
+        return super().get_bytes(key, commit=commit)
+
+    def get_file(self, key, path, commit=None):
+        self.reads.append(key)
+        return super().get_file(key, path, commit=commit)
+
+
+def test_a_block_is_built_from_one_local_copy_of_its_staged_weights(files, tmp_path):
+    """ctx.block fills the block tensor by tensor from one verified local copy of its staged object: the
+    staged values exactly, one read of the object for every build of the block, and a staged object that
+    does not match the model's block is refused with a way out."""
+    from tlq_farm.store.tensors import put_tensors
+
+    store = _CountingStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    staged = get_tensors(store, keys.staged_block(job, 0))
+    ctx = steps.JobContext(store, job)
+    store.reads.clear()
+    for _ in range(3):
+        state = ctx.block(0).state_dict()
+        assert set(state) == set(staged)
+        assert all(torch.equal(state[n], staged[n].to(state[n].dtype)) for n in staged)
+    assert [k for k in store.reads if "staged/block" in k] == [keys.staged_block(job, 0)]
+
+    short = {n: t for n, t in staged.items() if n != "mlp.down_proj.weight"}
+    put_tensors(store, keys.staged_block(job, 1), short)
+    with pytest.raises(RuntimeError, match=r"missing \['mlp.down_proj.weight'\]; stage the job again"):
+        ctx.block(1)
+    narrow = {**staged, "mlp.down_proj.weight": staged["mlp.down_proj.weight"][:, 1:].contiguous()}
+    put_tensors(store, keys.staged_block(job, 1), narrow)
+    ctx = steps.JobContext(store, job)
+    with pytest.raises(RuntimeError, match="'mlp.down_proj.weight' of .* has shape"):
+        ctx.block(1)
+
+
 def test_a_corrupted_object_is_detected_and_recomputed(files, tmp_path):
     spec = job_spec(*files)
     reference = LocalStore(tmp_path / "ref")

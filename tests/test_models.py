@@ -203,3 +203,41 @@ def test_samples_of_one_shape_share_a_prefix_forward_with_the_same_result(tiny_m
                     assert fa[name] is None or name == "attention_mask"
                 else:
                     torch.testing.assert_close(fa[name], fb[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_plans_traced_on_meta_are_the_plans_of_the_real_blocks(tmp_path, tiny_models, calib_jsonl, arch):
+    """The groups task traces block 0 with its weights and the other blocks on the meta device where that
+    gives block 0's plan: every block's plan equals its trace with weights, and the decoder's blocks after
+    the first are never read from the store (Qwen-VL's vision blocks, whose attention reads its sequence
+    lengths' values, are traced with their weights)."""
+    from tlq_farm import steps
+    from tlq_farm.spec import JobSpec, QuantSpec
+    from tlq_farm.staging import stage_job
+    from tlq_farm.store import LocalStore, keys
+
+    class Counting(LocalStore):
+        reads: list = []
+
+        def get_file(self, key, path, commit=None):
+            self.reads.append(key)
+            return super().get_file(key, path, commit=commit)
+
+    store = Counting(tmp_path / "store")
+    vlm = EXPECTED[arch][2] is not None
+    spec = JobSpec(model=str(tiny_models(arch)), calib=str(calib_jsonl), samples=2, seq_len=512,
+                   quant=QuantSpec(group_size=32, quantize_vision=vlm))
+    job, _ = stage_job(store, spec)
+    assert not steps.run_embedded(store, job, max_tasks=1)  # the one embed shard
+    ctx = steps.JobContext(store, job)
+    towers = [None, "vision"] if vlm else [None]
+    for tower in towers:
+        sample = ctx.captured("fp" if tower is None else "q", 0, 0, tower)[0]
+        store.reads = []
+        plans = steps._block_plans(ctx, tower, sample)
+        built = [k for k in store.reads if "staged/" in k and "block" in k]
+        expected = [steps._traced_plan(ctx.block(b, tower=tower), sample.hidden, sample.kwargs(b), True)
+                    for b in range(len(plans))]
+        assert len(plans) == 2 and plans == expected
+        if tower is None:
+            assert built == [keys.staged_block(job, 0)]

@@ -336,3 +336,30 @@ def test_task_meter_peak_is_per_task_where_the_mark_can_be_reset(monkeypatch):
     if first["peak_rss_scope"] != "task":
         pytest.skip("this system does not let a process reset its peak-RSS mark")
     assert first["peak_rss_mib"] - small["peak_rss_mib"] > 200
+
+
+def test_tasks_take_forward_sized_arrays_from_the_heap_and_map_the_largest():
+    """The allocator policy every task runs under (steps.set_allocator_policy), in a fresh process: an array
+    below MAP_FROM_BYTES is served from the heap and its space kept for the next forward; one above it is
+    mapped and goes back to the system when freed."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, torch
+from tlq_farm import steps
+libc = ctypes.CDLL("libc.so.6")
+steps.set_allocator_policy()
+def mapped():
+    return steps._mallinfo(libc).hblkhd
+for size in (steps.MAP_FROM_BYTES // 2, 2 * steps.MAP_FROM_BYTES):
+    before = mapped()
+    t = torch.ones(size, dtype=torch.uint8)
+    print(size, mapped() - before)
+    del t
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    from tlq_farm.steps import MAP_FROM_BYTES
+
+    below, above = (int(v) for v in out[1::2])
+    assert below < 2**20 and above >= 2 * MAP_FROM_BYTES

@@ -132,6 +132,9 @@ def test_a_parent_that_does_not_return_its_linear_output_as_it_is_keeps_no_tail(
     got = stages(toy, reuse, x, tails=True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert reuse.tails == 1  # attn's only
+    # Every module is itself again: no forward of an instance's own, no hook left.
+    assert all("forward" not in m.__dict__ and not m._forward_pre_hooks and not m._forward_hooks
+               for m in toy.modules())
 
 
 def test_served_outputs_skip_the_linears_and_change_no_number():

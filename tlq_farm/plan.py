@@ -114,9 +114,12 @@ def group_owners(members: list[str], classes: list[list[str]] | None, per_module
     return owners
 
 
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
 def act_bytes(manifest: dict) -> int:
     """Bytes per element of stored activations: the job's compute dtype."""
-    return {"bfloat16": 2, "float16": 2}.get(manifest["spec"].get("dtype", "float32"), 4)
+    return _DTYPE_BYTES.get(manifest["spec"].get("dtype", "float32"), 4)
 
 
 def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_groups: list[list[str]],
@@ -558,6 +561,16 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         shapes = {m: blk.get("shapes", {}).get(m, [hidden, hidden]) for m in members}
         return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes, shapes)
 
+    def staged_read() -> int:
+        # A block's staged object as JobContext.load_staged reads it into the built block: one tensor at a time,
+        # the tensor and its file's mapped pages, in the checkpoint's dtype; before the linears' shapes are
+        # known, the block itself.
+        plans = (groups or {}).get("vision" if vision else "blocks") or []
+        largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=0)
+        if not largest:
+            return block
+        return 2 * largest * _DTYPE_BYTES.get(manifest.get("checkpoint_dtype", "float32"), 4)
+
     if task.kind in ("embed", "reembed"):
         # The prefix only (decoder blocks and head on the meta device), filled one tensor at a time; the
         # head's weights while the model is built.
@@ -568,17 +581,17 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
     if task.kind == "groups":
         return int(2.5 * block + 4 * acts)
     if task.kind == "forward":
-        # The block as read and as built, one shard of each chain in and out; for tlq its RTN copy, rounded a
+        # The block as built and as read, one shard of each chain in and out; for tlq its RTN copy, rounded a
         # few rows at a time (block.rtn_proxy).
         rtn = block + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS if needs_rtn_chain(manifest) else 0
-        return int(2 * block + rtn + 8 * acts)
+        return int(block + staged_read() + rtn + 8 * acts)
     if task.kind == "backward":
         if task.block == manifest["n_blocks"]:
             # The head (final norm + lm_head) and its gradient w.r.t. the shard's hidden states; logits only on
             # the answer tokens.
             return int(2 * sizes["head"] + 6 * acts)
-        # The block, and what autograd keeps of one batch's forward through it.
-        return int(3 * block + 24 * acts)
+        # The block as built and as read, and what autograd keeps of one batch's forward through it.
+        return int(2 * block + staged_read() + 24 * acts)
     if task.kind == "importance":
         # Every sample's per-token scores of every scored block (float64), and the token masks.
         tokens = sum(manifest["shard_tokens"])
@@ -594,8 +607,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
 
     gptaq = quant["method"] == "gptaq"
     if task.kind == "stats":
-        # The block (with the earlier groups' qweights), one shard of each chain alive at a time, the
-        # running sums while they are written.
+        # The block (with the earlier groups' qweights; for GPTAQ the float block too) as built and as read,
+        # one shard of each chain alive at a time, the running sums while they are written.
         # For GPTAQ the running sums are H, D and Hfp per owner until each linear's W D and W Hfp (for its
         # trace) are taken from them.
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else []
@@ -619,7 +632,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # one through its bytes (two copies of it).
         stored = partial(members)
         written = 0 if stored >= LARGE_BYTES else 2 * stored
-        return int(2 * block + 4 * acts * (2 if gptaq else 1) + sums + fold + written + kept)
+        return int((2 if gptaq else 1) * block + staged_read() + 4 * acts * (2 if gptaq else 1) + sums + fold
+                   + written + kept)
     if task.kind == "solve":
         # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
         # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored
@@ -637,9 +651,9 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
-        # The staged block as read and the block built from it, its quantized weights rebuilt a few rows at
-        # a time (steps.apply_stored_qweight), a batch's intermediates.
-        return int(2 * block + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS + 6 * acts)
+        # The block as built and as read, its quantized weights rebuilt a few rows at a time
+        # (steps.apply_stored_qweight), a batch's intermediates.
+        return int(block + staged_read() + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS + 6 * acts)
     if task.kind == "export":
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
         # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8

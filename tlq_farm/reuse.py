@@ -183,8 +183,6 @@ class ForwardReuse:
         input of each such linear is kept under its parent, where a probe shows that the parent returns the
         linear's output. The block's modules are restored on exit."""
         handle = _Stage()
-        patched: list[tuple[nn.Module, bool, object]] = []
-        handles = []
 
         def wrap(name: str, module: nn.Module, run):
             def forward(*args, **kwargs):
@@ -227,30 +225,36 @@ class ForwardReuse:
                 return None
             return hook
 
-        try:
+        with contextlib.ExitStack() as patches:
+            patches.callback(parent_call.clear)
             for name in final:
                 module = block.get_submodule(name)
-                own = "forward" in module.__dict__
-                patched.append((module, own, module.__dict__.get("forward")))
-                module.forward = wrap(name, module, module.forward)
+                patches.enter_context(_forward_replaced(module, wrap(name, module, module.forward)))
             for name, parent in (tails or {}).items() if keep else ():
-                handles.append(block.get_submodule(parent).register_forward_pre_hook(
+                patches.enter_context(block.get_submodule(parent).register_forward_pre_hook(
                     record_parent(parent), with_kwargs=True))
-                handles.append(block.get_submodule(name).register_forward_pre_hook(keep_tail(name, parent)))
+                patches.enter_context(block.get_submodule(name).register_forward_pre_hook(keep_tail(name, parent)))
             yield handle
-        finally:
-            for h in handles:
-                h.remove()
-            parent_call.clear()
-            for module, own, previous in reversed(patched):
-                if own:
-                    module.forward = previous
-                else:
-                    del module.forward
 
 
 class _Stage:
     key = None
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward):
+    """`module.forward` is `forward` while open; then the module's own again (an instance attribute it had is
+    put back, a class method is uncovered)."""
+    own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own:
+            module.forward = previous
+        else:
+            del module.forward
 
 
 def _returns_its_linear(block: nn.Module, parent: str, linear: str, args: tuple, kwargs: dict) -> bool:
@@ -268,20 +272,14 @@ def _returns_its_linear(block: nn.Module, parent: str, linear: str, args: tuple,
         return out
 
     run = lin.forward
-    own = "forward" in lin.__dict__
     hooks = lin._forward_pre_hooks, lin._forward_hooks
     lin._forward_pre_hooks, lin._forward_hooks = type(hooks[0])(), type(hooks[1])()
-    lin.forward = recording
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _forward_replaced(lin, recording):
             result = module.forward(args[0].narrow(-2, 0, 1), *args[1:], **kwargs)
     except Exception:  # a parent that cannot run on one token is not served this way
         return False
     finally:
         lin._forward_pre_hooks, lin._forward_hooks = hooks
-        if own:
-            lin.forward = run
-        else:
-            del lin.forward
     return (len(produced) == 1 and result is produced[0][0] and isinstance(result, torch.Tensor)
             and result._version == produced[0][1])

@@ -202,17 +202,15 @@ class JobContext:
         return plan.block_plan(self.groups, b, tower)["names"]
 
     def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
-        """A copy of the meta module at `path`, materialized and filled from the staged object `key`."""
+        """A copy of the meta module at `path`, materialized and filled from the staged object `key` (its
+        tensors whose names start with `strip`, less that prefix): every tensor of the module, no other."""
         module = copy.deepcopy(self.meta.get_submodule(path)).to(dtype=self.dtype).to_empty(device=self.device)
-        state = get_tensors(self.store, key)
-        if strip:
-            state = {k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
         persistent = set(module.state_dict())
         buffers = {n for n, _ in module.named_buffers()}
         if buffers - persistent:
             raise RuntimeError(f"{path} holds buffers that no checkpoint stores ({sorted(buffers - persistent)[:3]}): "
                                "it cannot be rebuilt from its staged weights")
-        module.load_state_dict(state, strict=True)
+        self.load_staged(module, key, strip=strip, complete=True)
         return module.eval().requires_grad_(False)
 
     def blocks_path(self, tower: str | None = None) -> str:
@@ -275,19 +273,34 @@ class JobContext:
         with safe_open(str(self.staged_file(key)), "pt") as f:
             return f.get_tensor(name)
 
-    def load_staged(self, model: torch.nn.Module, key: str, prefix: str = "") -> None:
-        """Fill `model`'s tensors (their names: `prefix` + the staged names) from the staged object `key`, one
-        tensor at a time from its local copy (staged_file; never the object's bytes and its tensors in memory
-        at once, as a plain read would hold)."""
+    def load_staged(self, model: torch.nn.Module, key: str, prefix: str = "", strip: str = "",
+                    complete: bool = False) -> None:
+        """Fill `model`'s tensors from the staged object `key`: a staged tensor named `strip` + n goes to the
+        model's tensor `prefix` + n (staged names without `strip` are not the model's); with `complete`, every
+        tensor of the model must be among them. Read one tensor at a time from the object's local copy
+        (staged_file), with one mapping of the file per tensor: never the object's bytes and its tensors in
+        memory at once, as a plain read would hold (a 7B block: 0.47 GB more), and no download or hash of an
+        object this context already holds (a block's stats, propagate and solves all read the same one)."""
         from safetensors import safe_open
 
+        path = str(self.staged_file(key))
+        with safe_open(path, "pt") as f:
+            names = {prefix + n[len(strip):]: n for n in f.keys() if n.startswith(strip)}
         targets = model.state_dict()
-        with safe_open(str(self.staged_file(key)), "pt") as f, torch.no_grad():
-            unexpected = [n for n in f.keys() if prefix + n not in targets]
-            if unexpected:
-                raise RuntimeError(f"staged weights do not match the model: unexpected {unexpected[:3]}")
-            for name in f.keys():
-                targets[prefix + name].copy_(f.get_tensor(name))
+        unexpected = sorted(set(names) - set(targets))
+        missing = sorted(set(targets) - set(names)) if complete else []
+        if unexpected or missing:
+            raise RuntimeError(f"staged weights {key!r} do not match the model: unexpected {unexpected[:3]}, "
+                               f"missing {missing[:3]}; stage the job again")
+        with torch.no_grad():
+            for target, name in names.items():
+                with safe_open(path, "pt") as f:
+                    tensor = f.get_tensor(name)
+                if tensor.shape != targets[target].shape:
+                    raise RuntimeError(f"staged tensor {name!r} of {key!r} has shape {list(tensor.shape)}, the model's "
+                                       f"{target!r} {list(targets[target].shape)}; stage the job again")
+                targets[target].copy_(tensor)
+                del tensor
 
     def load_prefix(self, model: torch.nn.Module, quantized_vision: bool = False) -> None:
         """Fill the prefix of `model` (prefix_model): the staged embed piece and the vision tower's blocks,
@@ -406,22 +419,56 @@ def do_reembed(ctx: JobContext, task: Task) -> None:
     put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, [c.hidden for c in captured]))
 
 
+def _traced_plan(blk: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, true_sequential: bool) -> dict:
+    """One block's linears, their true-sequential groups and shapes, traced by one forward."""
+    names = linear_names(blk)
+    calls = B.linear_calls(blk, (hidden, kwargs), names)
+    classes = B.classes_of(calls)
+    groups = B.sequential_groups(blk, None, names, classes) if true_sequential else [names]
+    mods = {n: blk.get_submodule(n) for n in names}
+    # inputs: linears fed the same tensor, which share one Gram (plan.stat_owners).
+    # once: no linear is called twice per forward, so a group's statistics may stop the forward early.
+    return {"names": names, "groups": groups, "inputs": classes, "once": B.called_once(calls),
+            "in_features": {n: int(m.in_features) for n, m in mods.items()},
+            "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}}
+
+
+def _on_meta(value):
+    """`value` with every tensor in it (through tuples, lists and dicts) as a meta tensor of its shape."""
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_meta(v) for k, v in value.items()}
+    return value
+
+
+def _meta_plan(ctx: JobContext, tower: str | None, b: int, sample: B.Captured, true_sequential: bool) -> dict | None:
+    """_traced_plan of block b run on the meta device (shapes only: no weights read, nothing computed); None
+    where its forward needs values (data-dependent code has no meta kernels)."""
+    blk = copy.deepcopy(ctx.meta.get_submodule(f"{ctx.blocks_path(tower)}.{b}")).to(dtype=ctx.dtype)
+    try:
+        return _traced_plan(blk.eval().requires_grad_(False), _on_meta(sample.hidden), _on_meta(sample.kwargs(b)),
+                            true_sequential)
+    except Exception:  # noqa: BLE001 - any failure only means: trace the real block
+        return None
+
+
 def _block_plans(ctx: JobContext, tower: str | None, sample: B.Captured) -> list[dict]:
-    """Every block's linears, their true-sequential groups and shapes, traced on one sample."""
-    out = []
-    for b in range(plan.tower_blocks(ctx.manifest, tower)):
-        blk = ctx.block(b, tower=tower)
-        names = linear_names(blk)
-        calls = B.linear_calls(blk, (sample.hidden, sample.kwargs(b)), names)
-        classes = B.classes_of(calls)
-        groups = (B.sequential_groups(blk, None, names, classes)
-                  if ctx.spec.quant.true_sequential and ctx.spec.quant.method != "rtn" else [names])
-        mods = {n: blk.get_submodule(n) for n in names}
-        # inputs: linears fed the same tensor, which share one Gram (plan.stat_owners).
-        # once: no linear is called twice per forward, so a group's statistics may stop the forward early.
-        out.append({"names": names, "groups": groups, "inputs": classes, "once": B.called_once(calls),
-                    "in_features": {n: int(m.in_features) for n, m in mods.items()},
-                    "shapes": {n: [int(m.out_features), int(m.in_features)] for n, m in mods.items()}})
+    """Every block's plan (_traced_plan) from one sample. Block 0 is traced with its weights; the others on
+    the meta device, which reads no block (at 7B a block is 0.47 GB: 13 GB for 28 blocks) and computes
+    nothing, wherever the meta trace of block 0 gives block 0's plan; otherwise each block is traced with
+    its weights, one at a time."""
+    q = ctx.spec.quant
+    true_sequential = q.true_sequential and q.method != "rtn"
+    first = _traced_plan(ctx.block(0, tower=tower), sample.hidden, sample.kwargs(0), true_sequential)
+    on_meta = _meta_plan(ctx, tower, 0, sample, true_sequential) == first
+    out = [first]
+    for b in range(1, plan.tower_blocks(ctx.manifest, tower)):
+        traced = _meta_plan(ctx, tower, b, sample, true_sequential) if on_meta else None
+        out.append(traced if traced is not None else
+                   _traced_plan(ctx.block(b, tower=tower), sample.hidden, sample.kwargs(b), true_sequential))
     return out
 
 
@@ -844,8 +891,9 @@ def job_context(store: Store, job: str, device: str = "cpu") -> JobContext:
 KEEP_FREE_BYTES = 2**29
 
 
-def _free_heap_bytes(libc=None) -> int | None:
-    """Bytes glibc's heap holds free (mallinfo2's fordblks), None where it cannot tell."""
+def _mallinfo(libc=None):
+    """glibc's mallinfo2() (arena, hblkhd: mapped bytes, fordblks: free heap bytes, ...), None where it cannot
+    tell (no glibc, or one before 2.33)."""
     import ctypes
 
     if libc is None:
@@ -860,9 +908,15 @@ def _free_heap_bytes(libc=None) -> int | None:
 
     try:
         libc.mallinfo2.restype = MallInfo2
-        return int(libc.mallinfo2().fordblks)
-    except AttributeError:  # glibc before 2.33
+        return libc.mallinfo2()
+    except AttributeError:
         return None
+
+
+def _free_heap_bytes(libc=None) -> int | None:
+    """Bytes glibc's heap holds free (mallinfo2's fordblks), None where it cannot tell."""
+    info = _mallinfo(libc)
+    return None if info is None else int(info.fordblks)
 
 
 def drop_contexts(store: Store, job: str) -> None:
@@ -874,15 +928,19 @@ def drop_contexts(store: Store, job: str) -> None:
 
 
 _ALLOCATOR = {"set": False}
+# Allocations from this size up are mapped and unmapped on free; smaller ones come from the heap.
+MAP_FROM_BYTES = 64 * 2**20
 
 
-def keep_large_allocations_in_the_heap() -> None:
-    """Have glibc serve every allocation from its heap (M_MMAP_MAX 0) and keep what is freed, once per process.
-    A tensor above its mmap threshold (32 MB at most: a 2048-token batch through a 7B MLP, [2048, 18944] in
-    bf16, is 78 MB) is otherwise mapped fresh and unmapped on free, and every forward pays page faults and
-    zeroing for it again: 15 s of system time in a 94 s job on a 1024-wide model. From the heap, freed blocks
-    serve the next forward; what stays free past KEEP_FREE_BYTES is handed back between tasks
-    (_release_free_memory)."""
+def set_allocator_policy() -> None:
+    """glibc's policy for tasks, set once per process: every allocation below MAP_FROM_BYTES comes from the
+    heap, and what is freed is kept. Under glibc's own policy a tensor above its mmap threshold (32 MB at most)
+    is mapped fresh and unmapped on free, and every forward pays page faults and zeroing for it again: 15 s of
+    system time in a 94 s job on a 1024-wide model; from the heap, freed blocks serve the next forward, and
+    what stays free past KEEP_FREE_BYTES is handed back between tasks (_release_free_memory). Larger arrays
+    (a 7B solve's Hessians, an export's codes and weights: 0.3 to 3 GB, each allocated once and used for many
+    seconds) are mapped: from the heap, their freed space stayed resident between arrays of other sizes that
+    it could not serve (a 7B export peaked at 3.95 GB that way, at 2.2 GB mapped; docs/benchmarks.md "Scale")."""
     if _ALLOCATOR["set"]:
         return
     _ALLOCATOR["set"] = True
@@ -890,7 +948,7 @@ def keep_large_allocations_in_the_heap() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-3, MAP_FROM_BYTES)  # M_MMAP_THRESHOLD, fixed (no longer raised by each freed mapping)
         # M_TRIM_THRESHOLD: free() would otherwise hand the heap's top back at once (128 KiB), and the next
         # allocation take it again; _release_free_memory decides when memory goes back.
         libc.mallopt(-1, 2**30)
@@ -972,7 +1030,7 @@ class TaskMeter:
         self.store = store
         self.io0 = io_counters(store)
         self.reused0 = REUSE.hits
-        keep_large_allocations_in_the_heap()
+        set_allocator_policy()
         trimmed = _release_free_memory()
         start = _proc_status_kib("VmRSS")
         # What the process held when the task began (libraries, cached job context), and of it the heap
