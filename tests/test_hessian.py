@@ -174,3 +174,36 @@ def test_the_low_memory_reduction_allocates_one_in_by_in_matrix():
     with LargeAllocations(4 * in_f * in_f) as grams:
         reduce_partials(iter([dict(p) for p in made]), consume=True)
     assert grams.count == 3
+
+
+@pytest.mark.parametrize("n", [300, 2100])
+def test_partials_stored_as_their_upper_block_triangle_reduce_to_the_same_numbers(n):
+    """A stats task stores each Gram as its upper block triangle (pack_upper_, in place); the reduction of
+    such partials, alone or mixed with whole ones, is the whole partials' float64 sum, bit for bit."""
+    from tlq_farm.quant.hessian import GRAM_TILE, finish_sums, pack_upper_, start_sums, add_tokens, upper_length
+
+    g = torch.Generator().manual_seed(n)
+    whole = []
+    for p in range(3):
+        sums = start_sums(n)
+        add_tokens(sums, torch.randn(40, n, generator=g), torch.rand(40, generator=g))
+        whole.append(finish_sums(sums))
+    expected = reduce_partials([dict(p) for p in whole])
+
+    def packed(p):
+        q = {k: v.clone() for k, v in p.items()}
+        return {"H_upper": pack_upper_(q.pop("H")), **q}
+
+    # The packed values are the Gram's entries on and above its block diagonal, row by row.
+    block = torch.arange(n) // GRAM_TILE
+    upper = block[:, None] <= block[None, :]
+    assert torch.equal(packed(whole[0])["H_upper"], whole[0]["H"][upper])
+    assert upper_length(n) == int(upper.sum()) < (n * n if n > GRAM_TILE else n * n + 1)
+    for parts in ([packed(p) for p in whole], [whole[0], packed(whole[1]), packed(whole[2])],
+                  [packed(whole[0]), whole[1], packed(whole[2])]):
+        total = reduce_partials(parts)
+        assert set(total) == set(expected)
+        assert all(torch.equal(total[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="no Gram's upper block triangle"):
+        reduce_partials([{"H_upper": torch.zeros(upper_length(n) + 1), "w_sum": torch.tensor(1.0),
+                          "tokens": torch.tensor(1)}])

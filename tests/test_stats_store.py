@@ -13,6 +13,7 @@ from coordinator.cli import main
 from tlq_farm import block as B
 from tlq_farm import plan, steps
 from tlq_farm.quant import finalize_hessian, fold_cross_terms, hessian_partial, reduce_partials
+from tlq_farm.quant.hessian import upper_length
 from tlq_farm.spec import QuantSpec
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore, keys
@@ -82,8 +83,9 @@ def test_linears_fed_one_input_store_one_gram(done_job):
     tensors, meta = get_tensors_and_metadata(store, keys.stats(job, 0, g, 0))
     owners = json.loads(meta["tlq"])["owners"]
     assert owners == {n: "self_attn.q_proj" for n in qkv}
-    assert sorted(tensors) == ["self_attn.q_proj|H", "self_attn.q_proj|tokens", "self_attn.q_proj|w_sum"]
-    assert tensors["self_attn.q_proj|H"].dtype == torch.float32
+    assert sorted(tensors) == ["self_attn.q_proj|H_upper", "self_attn.q_proj|tokens", "self_attn.q_proj|w_sum"]
+    H = tensors["self_attn.q_proj|H_upper"]
+    assert H.dtype == torch.float32 and H.numel() == upper_length(groups["blocks"][0]["in_features"]["self_attn.q_proj"])
     # Every solve of the group saw the same tokens: the sum over all shards.
     manifest = get_json(store, keys.manifest(job))
     for n in qkv:
@@ -239,7 +241,7 @@ def test_a_bf16_checkpoint_stays_bf16_and_the_compute_dtype_is_the_jobs(files, t
         acts[dtype] = get_tensors_and_metadata(store, keys.acts(job, "q", 1, 0))[0]
         assert {t.dtype for t in acts[dtype].values()} == {getattr(torch, dtype)}
         partial = get_tensors_and_metadata(store, keys.stats(job, 1, 0, 0))[0]
-        assert {t.dtype for n, t in partial.items() if n.endswith("|H")} == {torch.float32}
+        assert {t.dtype for n, t in partial.items() if n.endswith("|H_upper")} == {torch.float32}
         download_export(store, job, tmp_path / f"out-{dtype}")
         with safe_open(str(tmp_path / f"out-{dtype}" / "model.safetensors"), "pt") as f:
             assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16

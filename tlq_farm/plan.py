@@ -133,7 +133,12 @@ def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_gr
     if partition_tokens > 0:
         return partition_starts(shard_tokens, partition_tokens)
     per_token = hidden * element_bytes * (2 if quant["method"] == "gptaq" else 1)
-    partials = sum(partial_bytes(quant, members, classes, in_features, shapes=shapes) for members in block_groups)
+    # Counted with whole Grams: the partitions chosen before Grams were stored packed, so the same numbers, and
+    # a partial (about half of that when packed) takes at most half its partition's activation bytes. Packed
+    # sizes would cut twice as many partitions at 7B: more stats tasks to spread, but more bytes in all
+    # (GPTAQ's W D terms do not shrink), and the store's bytes are what a 1 GbE farm waits on.
+    partials = sum(partial_bytes(quant, members, classes, in_features, shapes=shapes, stored=False)
+                   for members in block_groups)
     return partition_starts([n * per_token for n in shard_tokens], partials)
 
 
@@ -150,11 +155,15 @@ def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = No
 
 def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | None,
                   in_features: dict[str, int], element_bytes: int = SUM_BYTES,
-                  shapes: dict[str, list[int]] | None = None) -> int:
-    """Bytes of one partial of a group: per owner, H as [in, in]; for GPTAQ also per linear its W D [out, in]
+                  shapes: dict[str, list[int]] | None = None, stored: bool = True) -> int:
+    """Bytes of one partial of a group: per owner, H's upper block triangle (about half an [in, in]; the whole
+    [in, in] with stored=False); for GPTAQ also per linear its W D [out, in]
     and tr(W Hfp W^T) (a float64 scalar; hessian.fold_cross_terms). shapes: name -> [out, in] (GPTAQ)."""
+    from .quant.hessian import upper_length
+
     owners = group_owners(members, classes, quant["importance"] in PER_MODULE_IMPORTANCE)
-    grams = sum(element_bytes * in_features[o] ** 2 for o in owners)
+    # Each H stored as its upper block triangle (hessian.pack_upper_).
+    grams = sum(element_bytes * (upper_length(in_features[o]) if stored else in_features[o] ** 2) for o in owners)
     if quant["method"] != "gptaq":
         return grams
     return grams + sum(element_bytes * shapes[m][0] * shapes[m][1] + 8 for m in members)
@@ -579,7 +588,8 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         prefix = sizes["embed"] + sum(sizes.get("vision_blocks", []))
         return int(1.5 * prefix + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
-        return int(2.5 * block + 4 * acts)
+        # Block 0 as built and as read, traced on one sample; the other blocks on the meta device (none held).
+        return int(block + staged_read() + 4 * acts)
     if task.kind == "forward":
         # The block as built and as read, one shard of each chain in and out; for tlq its RTN copy, rounded a
         # few rows at a time (block.rtn_proxy).
@@ -646,14 +656,17 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else [task.module]
         cols, params = out_in[1], out_in[0] * out_in[1]
         stored = partial(members)
+        # A large partial's read, measured (tests/test_stats_store.py, 4096 columns): about one float32 [in, in]
+        # above the total, though its packed H is 0.63 of one.
         read = held(stored) if stored < LARGE_BYTES else SUM_BYTES * cols ** 2
         reduce_peak = 8 * cols ** 2 + read + (12 * params if gptaq else 0)
         solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
         return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
     if task.kind == "propagate":
-        # The block as built and as read, its quantized weights rebuilt a few rows at a time
-        # (steps.apply_stored_qweight), a batch's intermediates.
-        return int(block + staged_read() + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS + 6 * acts)
+        # The block as built, its quantized weights rebuilt a few rows at a time (steps.apply_stored_qweight),
+        # a batch's intermediates; and about a block more, measured at Qwen2-VL-7B (1.1 to 1.4 GB over runs,
+        # docs/benchmarks.md "Scale"): the staged tensors as read and the qweights objects beside the rebuild.
+        return int(2 * block + REBUILD_BYTES_PER_WEIGHT * REBUILD_WEIGHTS + 6 * acts)
     if task.kind == "export":
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
         # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8

@@ -28,6 +28,7 @@ from .models.adapter import Layout, linear_names
 from .plan import Task
 from .quant import QuantResult, fold_cross_terms
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
+from .quant.hessian import pack_upper_
 from .reuse import ForwardReuse, final_modules, tail_linears
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
@@ -627,12 +628,16 @@ def do_stats(ctx: JobContext, task: Task) -> None:
         for k in shards:
             REUSE.forget(reuse_scope(ctx, t, b, name), (k,))
     owners = B.stat_owners(stats)
-    out = {f"{m}{SEP}{name}": x for m in set(owners.values()) for name, x in stats[m].items()
-           if name not in ("D", "Hfp")}
+    out = {}
     if gptaq:  # each linear's W D and tr(W Hfp W^T) instead of the owner's [in, in] D and Hfp
         for m in owners:
             folded = fold_cross_terms(blk.get_submodule(m).weight.detach(), stats[m])
             out.update({f"{m}{SEP}{name}": x for name, x in folded.items()})
+    for m in sorted(set(owners.values())):
+        sums = stats[m]
+        # H as its upper block triangle, packed in its own storage: half the bytes of a symmetric sum.
+        out.update({f"{m}{SEP}{'H_upper' if name == 'H' else name}": pack_upper_(x) if name == "H" else x
+                    for name, x in sums.items() if name not in ("D", "Hfp")})
     put_tensors(ctx.store, keys.stats(ctx.job, b, g, task.shard, t), out,
                 metadata={"tlq": json.dumps({"owners": owners}, sort_keys=True)})
 
