@@ -671,12 +671,13 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # One part at a time (steps.do_export): a chunk of the staged prefix or head beside its spill write, or
         # one quantized linear beside the block's staged weights: its codes and dequantized weight as read (8
         # bytes a weight, their unpacking's temporaries 17 more) and their compressed form and its check;
-        # 32 to 47 bytes a weight in all, measured at Qwen2-VL-7B's MLP (docs/benchmarks.md "Scale").
+        # 26 to 31 bytes a weight in all, measured at Qwen2-VL-7B's MLP with its large arrays mapped
+        # (steps.set_allocator_policy; 32 to 47 from the heap; docs/benchmarks.md "Scale").
         outer = max(sizes["embed"], sizes["head"])
         chunk = min(max(block, EXPORT_CHUNK_BYTES), outer)
         plans = [blk for tower in ("blocks", "vision") for blk in ((groups or {}).get(tower) or [])]
         largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=block // 2)
-        return int(max(2 * chunk, block + 40 * largest))
+        return int(max(2 * chunk, block + 32 * largest))
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
