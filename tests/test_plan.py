@@ -251,7 +251,7 @@ def test_memory_classes_route_to_the_smallest_fitting_class():
     solve = plan.estimate_memory(Task("solve", block=0, group=0, module="self_attn.q_proj"), m, g)
     # One part at a time: a chunk of the prefix beside its spill write, or a block's staged weights with one
     # linear's codes, dequantized weight, their temporaries and compressed form (40 bytes a weight).
-    assert export == max(2 * 10_000, 20_000 + 40 * 64 * 64)
+    assert export == max(2 * 10_000, 20_000 + 32 * 64 * 64)
     # Adding a partial, the largest moment here: q's float64 H beside the small stored partial of its group
     # held whole (q and k: two float32 Grams, as bytes and tensors), beside the weight as read. The solve:
     # the factor in H's storage and 16 bytes per weight (work copy, codes, dequantized weight).
