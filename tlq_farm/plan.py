@@ -588,8 +588,10 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         prefix = sizes["embed"] + sum(sizes.get("vision_blocks", []))
         return int(1.5 * prefix + sizes["head"] + manifest["shard_input_bytes"][task.shard] + 4 * acts)
     if task.kind == "groups":
-        # Block 0 as built and as read, traced on one sample; the other blocks on the meta device (none held).
-        return int(block + staged_read() + 4 * acts)
+        # Block 0 built and traced on one sample, its staged tensors read one at a time (the largest unknown
+        # until this task has run: 1.18 blocks in all measured at Qwen2-VL-7B, docs/benchmarks.md "Scale");
+        # the other blocks on the meta device (none held).
+        return int(1.25 * block + 4 * acts)
     if task.kind == "forward":
         # The block as built and as read, one shard of each chain in and out; for tlq its RTN copy, rounded a
         # few rows at a time (block.rtn_proxy).
