@@ -16,7 +16,7 @@ from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore, keys
 from tlq_farm.store.tensors import get_json, get_tensors
 
-from test_farm_support import export_bytes, job_spec, make_job_files
+from test_farm_support import CountingStore, export_bytes, job_spec, make_job_files
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(300)
@@ -89,29 +89,13 @@ def test_staging_splits_the_checkpoint_per_block_without_changing_a_tensor(files
     assert set(get_json(store, keys.manifest(job))["files"]) >= {"config.json", "tokenizer.json"}
 
 
-class _CountingStore(LocalStore):
-    """A folder store that lists the keys of the objects it reads."""
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.reads = []
-
-    def get_bytes(self, key, commit=None):
-        self.reads.append(key)
-        return super().get_bytes(key, commit=commit)
-
-    def get_file(self, key, path, commit=None):
-        self.reads.append(key)
-        return super().get_file(key, path, commit=commit)
-
-
 def test_a_block_is_built_from_one_local_copy_of_its_staged_weights(files, tmp_path):
     """ctx.block fills the block tensor by tensor from one verified local copy of its staged object: the
     staged values exactly, one read of the object for every build of the block, and a staged object that
     does not match the model's block is refused with a way out."""
     from tlq_farm.store.tensors import put_tensors
 
-    store = _CountingStore(tmp_path / "store")
+    store = CountingStore(tmp_path / "store")
     job, _ = stage_job(store, job_spec(*files))
     staged = get_tensors(store, keys.staged_block(job, 0))
     ctx = steps.JobContext(store, job)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tlq_farm.spec import JobSpec, QuantSpec
+from tlq_farm.store import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["what is in the image?", "describe this picture.", "how many colors are there?"]
@@ -25,6 +26,22 @@ def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
 
     model = make_tiny("qwen2_vl", root / "model", seed=0)
     return model, write_image_calib(root / "calib", n_samples, size=56, prompts=PROMPTS, answers=ANSWERS)
+
+
+class CountingStore(LocalStore):
+    """A folder store that lists the keys of the objects it reads (get_bytes and get_file)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reads = []
+
+    def get_bytes(self, key, commit=None):
+        self.reads.append(key)
+        return super().get_bytes(key, commit=commit)
+
+    def get_file(self, key, path, commit=None):
+        self.reads.append(key)
+        return super().get_file(key, path, commit=commit)
 
 
 def job_spec(model: Path, calib: Path, **quant) -> JobSpec:

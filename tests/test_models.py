@@ -214,16 +214,10 @@ def test_block_plans_traced_on_meta_are_the_plans_of_the_real_blocks(tmp_path, t
     from tlq_farm import steps
     from tlq_farm.spec import JobSpec, QuantSpec
     from tlq_farm.staging import stage_job
-    from tlq_farm.store import LocalStore, keys
+    from tlq_farm.store import keys
+    from test_farm_support import CountingStore
 
-    class Counting(LocalStore):
-        reads: list = []
-
-        def get_file(self, key, path, commit=None):
-            self.reads.append(key)
-            return super().get_file(key, path, commit=commit)
-
-    store = Counting(tmp_path / "store")
+    store = CountingStore(tmp_path / "store")
     vlm = EXPECTED[arch][2] is not None
     spec = JobSpec(model=str(tiny_models(arch)), calib=str(calib_jsonl), samples=2, seq_len=512,
                    quant=QuantSpec(group_size=32, quantize_vision=vlm))

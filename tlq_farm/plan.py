@@ -570,12 +570,16 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         shapes = {m: blk.get("shapes", {}).get(m, [hidden, hidden]) for m in members}
         return partial_bytes(quant, members, blk.get("inputs"), cols, element_bytes, shapes)
 
+    def largest_linear(towers: tuple[str, ...]) -> int:
+        # Weights of the largest linear in the towers' block plans (0 before the groups are known).
+        plans = [blk for tower in towers for blk in ((groups or {}).get(tower) or [])]
+        return max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=0)
+
     def staged_read() -> int:
         # A block's staged object as JobContext.load_staged reads it into the built block: one tensor at a time,
         # the tensor and its file's mapped pages, in the checkpoint's dtype; before the linears' shapes are
         # known, the block itself.
-        plans = (groups or {}).get("vision" if vision else "blocks") or []
-        largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=0)
+        largest = largest_linear(("vision",) if vision else ("blocks",))
         if not largest:
             return block
         return 2 * largest * _DTYPE_BYTES.get(manifest.get("checkpoint_dtype", "float32"), 4)
@@ -677,8 +681,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # (steps.set_allocator_policy; 32 to 47 from the heap; docs/benchmarks.md "Scale").
         outer = max(sizes["embed"], sizes["head"])
         chunk = min(max(block, EXPORT_CHUNK_BYTES), outer)
-        plans = [blk for tower in ("blocks", "vision") for blk in ((groups or {}).get(tower) or [])]
-        largest = max((s[0] * s[1] for blk in plans for s in blk.get("shapes", {}).values()), default=block // 2)
+        largest = largest_linear(("blocks", "vision")) or block // 2
         return int(max(2 * chunk, block + 32 * largest))
     raise ValueError(f"unknown task kind {task.kind!r}")
 

@@ -945,7 +945,8 @@ def set_allocator_policy() -> None:
     what stays free past KEEP_FREE_BYTES is handed back between tasks (_release_free_memory). Larger arrays
     (a 7B solve's Hessians, an export's codes and weights: 0.3 to 3 GB, each allocated once and used for many
     seconds) are mapped: from the heap, their freed space stayed resident between arrays of other sizes that
-    it could not serve (a 7B export peaked at 3.95 GB that way, at 2.2 GB mapped; docs/benchmarks.md "Scale")."""
+    it could not serve (a 7B export peaked at 3.95 GB that way, at 2.62 GB with these mapped; docs/benchmarks.md
+    "Scale")."""
     if _ALLOCATOR["set"]:
         return
     _ALLOCATOR["set"] = True
