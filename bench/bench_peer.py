@@ -341,13 +341,14 @@ def run_tlq(model: Path, calib: Path, run_dir: Path, args) -> dict:
 def tlq_used_ids(store: Path) -> list[list[int]]:
     """The input_ids tlq-farm staged for its job (what its tasks calibrated on)."""
     from tlq_farm.staging import list_jobs, load_manifest
+    from tlq_farm.steps import samples_from_tensors
     from tlq_farm.store import LocalStore, keys
     from tlq_farm.store.tensors import get_tensors
 
     s = LocalStore(store, create=False)
     (job,) = list_jobs(s)
-    n = load_manifest(s, job)["n_samples"]
-    return [get_tensors(s, keys.calib_sample(job, i))["input_ids"][0].tolist() for i in range(n)]
+    shards = range(len(load_manifest(s, job)["shards"]))
+    return [x["input_ids"][0].tolist() for k in shards for x in samples_from_tensors(get_tensors(s, keys.calib_shard(job, k)))]
 
 
 def tlq_task_peak_mib(store: Path) -> float:

@@ -389,9 +389,9 @@ def test_lock_folder_stays_bounded(tmp_path):
     store = LocalStore(tmp_path / "s")
     for i in range(3 * LOCK_STRIPES):  # a read takes the key's lock too (and is quicker than a fsynced write)
         with pytest.raises(NotCommitted):
-            store.get_bytes(keys.calib_sample("job-1", i))
-    store.put_bytes(keys.calib_sample("job-1", 7), b"x")
-    assert store.get_bytes(keys.calib_sample("job-1", 7)) == b"x"
+            store.get_bytes(keys.calib_shard("job-1", i))
+    store.put_bytes(keys.calib_shard("job-1", 7), b"x")
+    assert store.get_bytes(keys.calib_shard("job-1", 7)) == b"x"
     locks = list((store.root / LOCK_FOLDER).iterdir())
     assert LOCK_STRIPES // 2 < len(locks) <= LOCK_STRIPES
 

@@ -58,6 +58,20 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(tiny_dirs, arch):
 
 
 @pytest.mark.parametrize("arch", VLM_ARCHS)
+def test_the_images_go_through_the_image_processor_once(tiny_dirs, arch, monkeypatch):
+    processor = _load(tiny_dirs, arch)
+    calls = []
+    cls = type(processor.image_processor)
+    original = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    encoded = encode_example(processor, _images(arch) * 2, PROMPT, ANSWER)
+    assert len(calls) == 1
+    labelled = (encoded["labels"][0] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    prompt_only = encode_example(processor, _images(arch) * 2, PROMPT, None)
+    assert torch.equal(encoded["input_ids"][0, : labelled[0]], prompt_only["input_ids"][0])
+
+
+@pytest.mark.parametrize("arch", VLM_ARCHS)
 def test_vision_mask_counts_the_tokens_the_model_consumes(tiny_dirs, arch):
     processor = _load(tiny_dirs, arch)
     encoded = encode_example(processor, _images(arch) * 2, PROMPT, ANSWER)

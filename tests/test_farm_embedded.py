@@ -117,6 +117,42 @@ def test_a_block_is_built_from_one_local_copy_of_its_staged_weights(files, tmp_p
         ctx.block(1)
 
 
+def test_an_embedded_run_lists_the_job_a_few_times_and_reads_what_every_block_shares_once(files, tmp_path):
+    """The embedded run finds what a finished task made ready from its consumers' markers: it lists the whole
+    job only to begin, once the embeds are done, once the plan is known and to end, however many tasks there
+    are. Each shard's kwargs and token masks, the same for every block, are read once."""
+    store = CountingStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files, importance="modality"))
+    store.reads.clear()
+    store.listings.clear()
+    assert steps.run_embedded(store, job)
+    tasks = len(store.list_committed(keys.tasks_prefix(job)))
+    assert store.listings.count(keys.job_prefix(job)) == 4 and tasks > 30
+    shared = [k for k in store.reads if "/kwargs/" in k or "/tokens/" in k]
+    assert len(shared) == len(set(shared)) == 2 * len(get_json(store, keys.manifest(job))["shards"])
+
+
+def test_the_prefix_cache_keeps_what_its_budget_holds(files, tmp_path, monkeypatch):
+    """Each shard's kwargs are read once while the budget holds them all; with room for one shard's only, the
+    least recently used goes first and is read again (and the one just read is kept whatever its size)."""
+    from tlq_farm import plan
+
+    store = CountingStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    n = len(get_json(store, keys.manifest(job))["shards"])
+    assert not steps.run_embedded(store, job, max_tasks=n)  # the embeds
+    wanted = [keys.block_kwargs(job, k) for k in range(n)] * 2
+    for budget, reads in ((2**30, n), (1, 2 * n)):
+        monkeypatch.setattr(plan, "PREFIX_CACHE_BYTES", budget)
+        ctx = steps.JobContext(store, job)
+        store.reads.clear()
+        got = [ctx.prefix_tensors(key) for key in wanted]
+        assert len(store.reads) == reads
+        for key, tensors in zip(wanted, got):
+            assert tensors.keys() == get_tensors(store, key).keys()
+        assert len(ctx._prefix_cache) == (n if budget > 1 else 1)
+
+
 def test_a_corrupted_object_is_detected_and_recomputed(files, tmp_path):
     spec = job_spec(*files)
     reference = LocalStore(tmp_path / "ref")
@@ -144,7 +180,7 @@ def test_a_corrupted_object_is_detected_and_recomputed(files, tmp_path):
 def test_a_lost_staged_input_stops_the_job_with_a_way_out(files, tmp_path):
     store = LocalStore(tmp_path / "store")
     job, _ = stage_job(store, job_spec(*files))
-    store.delete(keys.calib_sample(job, 3))
+    store.delete(keys.calib_shard(job, 0))
     with pytest.raises(steps.JobStuck, match="run `tlq-farm run` with the same model"):
         steps.run_embedded(store, job)
 

@@ -29,11 +29,17 @@ def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
 
 
 class CountingStore(LocalStore):
-    """A folder store that lists the keys of the objects it reads (get_bytes and get_file)."""
+    """A folder store that lists the keys of the objects it reads (get_bytes and get_file), and the prefixes
+    it lists (list_committed)."""
 
     def __init__(self, root):
         super().__init__(root)
         self.reads = []
+        self.listings = []
+
+    def list_committed(self, prefix=""):
+        self.listings.append(prefix)
+        return super().list_committed(prefix)
 
     def get_bytes(self, key, commit=None):
         self.reads.append(key)

@@ -296,3 +296,43 @@ def test_batches_hold_every_sample_once_with_little_padding(lengths):
             assert all(len(row) == 1 and lengths[row[0]] == width for row in batch)
         else:  # at least half of the batch is tokens, not padding
             assert 2 * sum(lengths[i] for row in batch for i in row) >= len(batch) * width
+
+
+def test_a_packed_batch_lays_out_each_sample_as_one_at_a_time_would():
+    """Several samples to a row, padding, samples with a mask of their own (additive float or bool) beside
+    plain causal ones: each sample's tokens, kwargs and mask block sit where Batch.places says, padding is
+    zero and attends to itself only, and no token attends across samples."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [40, 17, 9, 30, 12, 5, 33]
+    inputs = []
+    for i, n in enumerate(lengths):
+        kw = {"position_embeddings": (torch.randn(1, n, 4, generator=g), torch.randn(1, n, 4, generator=g)),
+              "position_ids": torch.arange(n).reshape(1, n), "attention_mask": None}
+        if i % 3 == 1:  # an additive mask of its own: 0 where allowed (here: a window of 4 tokens back)
+            allowed = torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(-4)
+            kw["attention_mask"] = torch.where(allowed, 0.0, float("-inf")).reshape(1, 1, n, n)
+        elif i % 3 == 2:  # a bool mask of its own: True where allowed (here: attending both ways)
+            kw["attention_mask"] = torch.ones(1, 1, n, n, dtype=torch.bool)
+        inputs.append((torch.randn(1, n, 8, generator=g), kw))
+    batches = B.make_batches(inputs, batch_tokens=400)
+    assert sum(b.size for b in batches) == len(inputs) and any(len(b.places) > b.hidden.shape[0] for b in batches)
+    for batch in batches:
+        rows, width = batch.hidden.shape[:2]
+        mask = batch.kwargs["attention_mask"][:, 0]
+        covered = torch.zeros(rows, width, dtype=torch.bool)
+        for (r, s, n), i in zip(batch.places, batch.index):
+            h, kw = inputs[i]
+            assert torch.equal(batch.hidden[r, s:s + n], h[0])
+            for j in range(2):
+                assert torch.equal(batch.kwargs["position_embeddings"][j][r, s:s + n], kw["position_embeddings"][j][0])
+            assert torch.equal(batch.kwargs["position_ids"][r, s:s + n], kw["position_ids"][0])
+            own = kw["attention_mask"]
+            want = torch.ones(n, n, dtype=torch.bool).tril() if own is None else (
+                own.reshape(n, n) if own.dtype == torch.bool else own.reshape(n, n) == 0)
+            assert torch.equal(mask[r, s:s + n, s:s + n], want)
+            assert not mask[r, s:s + n, :s].any() and not mask[r, s:s + n, s + n:].any()
+            covered[r, s:s + n] = True
+        pad = ~covered
+        assert not batch.hidden[pad].any()
+        for r, t in pad.nonzero().tolist():
+            assert mask[r, t].nonzero().reshape(-1).tolist() == [t]

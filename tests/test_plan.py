@@ -29,7 +29,7 @@ def groups(n_blocks=2):
 def staged(m):
     out = {keys.staged_file(JOB, "config.json"), keys.staged_embed(JOB), keys.staged_head(JOB)}
     out |= {keys.staged_block(JOB, b) for b in range(m["n_blocks"])}
-    out |= {keys.calib_sample(JOB, i) for i in range(m["n_samples"])}
+    out |= {keys.calib_shard(JOB, k) for k in range(len(m["shards"]))}
     return out
 
 
@@ -209,10 +209,10 @@ def test_lost_intermediate_is_recomputed_only_when_still_needed():
 
 def test_lost_staged_input_is_reported_missing():
     m = manifest()
-    committed = staged(m) - {keys.calib_sample(JOB, 3)}
+    committed = staged(m) - {keys.calib_shard(JOB, 1)}
     rec = plan.reconcile(m, committed)
     assert [t.name for t in rec.ready] == ["embed-s0000", "embed-s0002"]
-    assert rec.missing == [keys.calib_sample(JOB, 3)]
+    assert rec.missing == [keys.calib_shard(JOB, 1)]
 
 
 @pytest.mark.parametrize("method,importance,extra", [("gptaq", "uniform", {"forward"}), ("gptq", "vlmq", {"forward", "weights"}),

@@ -438,7 +438,7 @@ def test_key_layout():
     assert keys.job_prefix("ab-1") == "jobs/ab-1/"
     assert keys.spec(JOB) == "jobs/job-1/spec.json"
     assert keys.manifest(JOB) == "jobs/job-1/manifest.json"
-    assert keys.calib_sample(JOB, 42) == "jobs/job-1/calib/sample-000042.safetensors"
+    assert keys.calib_shard(JOB, 42) == "jobs/job-1/calib/shard-0042.safetensors"
     assert keys.staged_prefix(JOB) == "jobs/job-1/staged/"
     assert keys.staged_embed(JOB) == "jobs/job-1/staged/embed.safetensors"
     assert keys.staged_block(JOB, 3) == "jobs/job-1/staged/block-003.safetensors"
@@ -457,12 +457,12 @@ def test_key_layout():
     numeric = [keys.acts(JOB, "q", b, s) for b in (0, 2, 10, 100) for s in (0, 9, 10, 1000)]
     assert sorted(numeric) == numeric
     for name in (
-        "spec", "manifest", "calib_sample", "staged_prefix", "staged_block", "staged_head", "staged_embed",
+        "spec", "manifest", "calib_shard", "staged_prefix", "staged_block", "staged_head", "staged_embed",
         "acts", "grads", "token_weights", "stats", "qweights", "block_done", "export_prefix", "export_file",
         "report", "cancel_flag", "task_log", "job_prefix",
     ):  # every job key lives under the job's prefix
         function = getattr(keys, name)
-        arguments = {"calib_sample": (1,), "staged_block": (1,), "acts": ("q", 1, 1), "grads": (1, 1),
+        arguments = {"calib_shard": (1,), "staged_block": (1,), "acts": ("q", 1, 1), "grads": (1, 1),
                      "token_weights": (1, 1), "stats": (1, 1, 1), "qweights": (1, "m"), "block_done": (1,),
                      "export_file": ("f",), "task_log": ("t",)}.get(name, ())
         assert function(JOB, *arguments).startswith(keys.job_prefix(JOB))

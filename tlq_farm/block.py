@@ -355,27 +355,45 @@ def _pack(inputs: list[SampleInput], rows: list[list[int]]) -> Batch:
     # them all (no mask tensor: attention skips the masked half).
     plain = all(len(row) == 1 and inputs[row[0]][0].shape[1] == width
                 and inputs[row[0]][1].get("attention_mask") is None for row in rows)
-    places = []
-    hidden = first_h.new_zeros(len(rows), width, first_h.shape[-1])
-    flat0 = {n: t for n, t in flatten_kwargs(first_kw).items() if n != "attention_mask"}
-    flat = {n: None if t is None else t.new_zeros((len(rows), width) + tuple(t.shape[2:])) for n, t in flat0.items()}
-    mask = None if plain else torch.zeros(len(rows), 1, width, width, dtype=torch.bool, device=first_h.device)
+    device = first_h.device
+    names = [n for n, t in flatten_kwargs(first_kw).items() if n != "attention_mask" and t is not None]
+    flat = {n: None for n, t in flatten_kwargs(first_kw).items() if n != "attention_mask" and t is None}
+    # The batch is its rows end to end, a row its samples end to end and then zeros: each tensor is one
+    # concatenation of views (a copy per sample or row would cost more than the forward on short samples).
+    pieces: dict[str, list[torch.Tensor]] = {"": [], **{n: [] for n in names}}
+    zeros: dict[str, torch.Tensor] = {}
+    places, segments, own_masks = [], [], []  # own_masks: (row, first token, tokens, mask) of a sample's own mask
     for r, row in enumerate(rows):
         s = 0
-        for i in row:
+        for j, i in enumerate(row):
             h, kw = inputs[i]
             n = h.shape[1]
-            hidden[r, s:s + n] = h[0]
-            for name, t in flatten_kwargs(kw).items():
-                if name != "attention_mask" and t is not None:
-                    flat[name][r, s:s + n] = t[0]
-            if mask is not None:
-                mask[r, 0, s:s + n, s:s + n] = _sample_mask(kw, n, h.device)
             places.append((r, s, n))
+            flat_i = flatten_kwargs(kw)
+            pieces[""].append(h[0])
+            for name in names:
+                pieces[name].append(flat_i[name][0])
+            if kw.get("attention_mask") is not None:
+                own_masks.append((r, s, n, _sample_mask(kw, n, device)))
+            # Which sample each token belongs to (for the mask).
+            segments += [j] * n
             s += n
-        if mask is not None:  # padding attends to itself only: no row of the mask is empty (that gives NaN)
-            pad = torch.arange(s, width, device=first_h.device)
-            mask[r, 0, pad, pad] = True
+        fill = width - s
+        if fill:
+            for name, parts in pieces.items():
+                if name not in zeros:
+                    zeros[name] = parts[0].new_zeros((width,) + tuple(parts[0].shape[1:]))
+                parts.append(zeros[name][:fill])
+            segments += range(-1, -fill - 1, -1)  # a padding token is alone: it attends to itself only
+    hidden = torch.cat(pieces.pop("")).reshape(len(rows), width, first_h.shape[-1])
+    flat.update({n: torch.cat(p).reshape((len(rows), width) + tuple(p[0].shape[1:])) for n, p in pieces.items()})
+    mask = None
+    if not plain:  # no row of the mask is empty (that gives NaN): padding attends to itself
+        seg = torch.tensor(segments, device=device).reshape(len(rows), width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal).unsqueeze(1)
+        for r, s, n, m in own_masks:
+            mask[r, 0, s:s + n, s:s + n] = m
     kwargs = unflatten_kwargs(flat)
     kwargs["attention_mask"] = mask
     return Batch(hidden, kwargs, places, index=index)

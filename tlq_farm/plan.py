@@ -42,6 +42,9 @@ RTN_CHAIN_IMPORTANCE = ("tlq",)
 PER_MODULE_IMPORTANCE = ("vlmq",)
 # Bytes per element of partial statistics (float32 running sums, whatever the compute dtype).
 SUM_BYTES = 4
+# What the prefix wrote per shard and every block reads (its kwargs, token masks), kept decoded by a process
+# between tasks, at most (a 7B shard of 16 x 2048 tokens: 34 MB of position embeddings).
+PREFIX_CACHE_BYTES = parse_size(os.environ.get("TLQ_PREFIX_CACHE_BYTES", "256m"))
 # Submodule outputs a process keeps from one forward of a block to the next (tlq_farm.reuse), at most.
 REUSE_BYTES = parse_size(os.environ.get("TLQ_REUSE_BYTES", "1g"))
 # Weights of one linear rounded or rebuilt at a time (steps.apply_stored_qweight, block.rtn_proxy), and what
@@ -330,15 +333,11 @@ def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
     staged = [keys.staged_file(job, "config.json")]
     vision_pieces = [keys.staged_block(job, i, "vision") for i in range(manifest.get("n_vision_blocks", 0))]
     if task.kind == "embed":
-        start, end = manifest["shards"][k]
-        return staged + [keys.staged_embed(job)] + vision_pieces + [
-            keys.calib_sample(job, i) for i in range(start, end)]
+        return staged + [keys.staged_embed(job)] + vision_pieces + [keys.calib_shard(job, k)]
     if task.kind == "reembed":
-        start, end = manifest["shards"][k]
         qweights = [keys.qweights(job, vb, m, "vision") for vb in range(manifest["n_vision_blocks"])
                     for m in groups["vision"][vb]["names"]]
-        return staged + [keys.staged_embed(job)] + vision_pieces + qweights + [
-            keys.calib_sample(job, i) for i in range(start, end)]
+        return staged + [keys.staged_embed(job)] + vision_pieces + qweights + [keys.calib_shard(job, k)]
     if task.kind == "groups":
         vision = [keys.acts(job, "q", 0, 0, "vision"), keys.block_kwargs(job, 0, "vision")] + [
             keys.staged_block(job, i, "vision") for i in range(manifest["n_vision_blocks"])] \
@@ -468,6 +467,7 @@ class Reconciliation:
     done: bool
     missing: list[str]
     needed: int
+    needed_tasks: frozenset = frozenset()
 
 
 def reconcile(manifest: dict, committed: set[str], groups: dict | None = None,
@@ -512,7 +512,7 @@ def reconcile(manifest: dict, committed: set[str], groups: dict | None = None,
             elif p not in needed:
                 stack.append(p)
     ready = [t for t in tasks if t in needed and all(k in committed for k in inputs(t, manifest, groups))]
-    return Reconciliation(ready, False, sorted(missing), len(needed))
+    return Reconciliation(ready, False, sorted(missing), len(needed), frozenset(needed))
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -221,6 +221,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     """Stage `spec` into `store` -> (job id, attached). An already staged job (same model, data and spec)
     is attached to, not staged again. `warn` gets what the data did not give (default: `log`)."""
     from .models.adapter import check_weights, find_layout
+    from .steps import samples_to_tensors
 
     spec.validate()
     model_dir = Path(spec.model)
@@ -274,9 +275,9 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
 
     token_counts = [int(s["attention_mask"].sum()) for s in calib.samples]
     vision_counts = [int(s["vision_mask"].sum()) if "vision_mask" in s else 0 for s in calib.samples]
-    for i, s in enumerate(calib.samples):
-        put_tensors(store, keys.calib_sample(job, i), sample_tensors(s))
     shards = plan.shard_ranges(token_counts, spec.shard_tokens)
+    for k, (a, b) in enumerate(shards):
+        put_tensors(store, keys.calib_shard(job, k), samples_to_tensors(a, calib.samples[a:b]))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes["hidden"] = int(text.hidden_size)
     if n_vision:

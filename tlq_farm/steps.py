@@ -72,6 +72,21 @@ def kwargs_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[lis
             for i in index}
 
 
+def samples_to_tensors(start: int, samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Encoded calibration samples start, start + 1, ... as one object's tensors ('s<index>|<name>')."""
+    return {f"s{start + i:06d}{SEP}{n}": t for i, s in enumerate(samples) for n, t in s.items()
+            if isinstance(t, torch.Tensor)}
+
+
+def samples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """samples_to_tensors reversed: the samples in index order."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        i, _, n = name.partition(SEP)
+        out.setdefault(int(i[1:]), {})[n] = t
+    return [out[i] for i in sorted(out)]
+
+
 def per_sample_to_tensors(prefix: str, values) -> dict[str, torch.Tensor]:
     """A list of per-sample tensors (or a dict name -> list) as 'name|i' tensors; '*' names a plain list."""
     if isinstance(values, dict):
@@ -147,6 +162,10 @@ def _construct_on_meta(cls: type):
         cls.__init__ = original
 
 
+# Staged objects up to this size are read through one mapping of their file (load_staged).
+SMALL_STAGED_BYTES = 64 * 2**20
+
+
 class JobContext:
     """What every task of one job shares: manifest, spec, config and the meta-device module tree."""
 
@@ -165,6 +184,7 @@ class JobContext:
         self._groups = None
         self._state = None
         self._staged_copy: tuple[str, Path] | None = None  # (key, local file) of the last staged object read
+        self._prefix_cache: dict[str, tuple[dict, int]] = {}  # key -> (tensors, bytes), least recently used first
         # Set by execute while a task runs: its task-log record as of now (the export reports itself).
         self.current_record = None
 
@@ -279,7 +299,7 @@ class JobContext:
         """Fill `model`'s tensors from the staged object `key`: a staged tensor named `strip` + n goes to the
         model's tensor `prefix` + n (staged names without `strip` are not the model's); with `complete`, every
         tensor of the model must be among them. Read one tensor at a time from the object's local copy
-        (staged_file), with one mapping of the file per tensor: never the object's bytes and its tensors in
+        (staged_file), a large object with one mapping of the file per tensor: never the object's bytes and its tensors in
         memory at once, as a plain read would hold (a 7B block: 0.47 GB more), and no download or hash of an
         object this context already holds (a block's stats, propagate and solves all read the same one)."""
         from safetensors import safe_open
@@ -293,10 +313,22 @@ class JobContext:
         if unexpected or missing:
             raise RuntimeError(f"staged weights {key!r} do not match the model: unexpected {unexpected[:3]}, "
                                f"missing {missing[:3]}; stage the job again")
-        with torch.no_grad():
+
+        def read():
+            # A small object through one mapping (its pages are few); a large one through one mapping per
+            # tensor, so that only the tensor being copied is resident.
+            if os.path.getsize(path) <= SMALL_STAGED_BYTES:
+                with safe_open(path, "pt") as f:
+                    yield from ((target, f.get_tensor(name)) for target, name in names.items())
+                return
             for target, name in names.items():
                 with safe_open(path, "pt") as f:
                     tensor = f.get_tensor(name)
+                yield target, tensor
+
+        with torch.no_grad():
+            for target, tensor in read():
+                name = names[target]
                 if tensor.shape != targets[target].shape:
                     raise RuntimeError(f"staged tensor {name!r} of {key!r} has shape {list(tensor.shape)}, the model's "
                                        f"{target!r} {list(targets[target].shape)}; stage the job again")
@@ -317,13 +349,30 @@ class JobContext:
     def to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tensors.items()}
 
-    def samples(self, start: int, end: int) -> list[dict]:
-        return [self.to_device(get_tensors(self.store, keys.calib_sample(self.job, i))) for i in range(start, end)]
+    def samples(self, k: int) -> list[dict]:
+        """The encoded calibration samples of shard k, in order."""
+        return samples_from_tensors(self.to_device(get_tensors(self.store, keys.calib_shard(self.job, k))))
+
+    def prefix_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The tensors of a per-shard object of the prefix (kwargs, token masks: the same for every block, and
+        read by each of a block's tasks), on the device, kept for later tasks within plan.PREFIX_CACHE_BYTES.
+        Its readers build their own containers around the tensors and never write into them."""
+        entry = self._prefix_cache.pop(key, None)
+        if entry is None:
+            tensors = self.to_device(get_tensors(self.store, key))
+            entry = (tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+        self._prefix_cache[key] = entry
+        total = 0
+        for k in reversed(list(self._prefix_cache)):
+            total += self._prefix_cache[k][1]
+            if total > plan.PREFIX_CACHE_BYTES and k != key:
+                del self._prefix_cache[k]
+        return entry[0]
 
     def captured(self, chain: str, b: int, k: int, tower: str | None = None) -> list[B.Captured]:
         """Samples of shard k at the entry of block b of a tower on a chain (plan.acts_key)."""
         start, end = self.manifest["shards"][k]
-        kw = kwargs_from_tensors(self.to_device(get_tensors(self.store, keys.block_kwargs(self.job, k, tower))))
+        kw = kwargs_from_tensors(self.prefix_tensors(keys.block_kwargs(self.job, k, tower)))
         acts = self.acts(chain, b, k, tower)
         return [B.Captured(h, *kw[i]) for i, h in zip(range(start, end), acts)]
 
@@ -337,7 +386,7 @@ class JobContext:
 
     def token_masks(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(valid [T] float, vision [T] bool, labels [1, T]) of each sample of shard k."""
-        masks = per_sample_from_tensors(self.to_device(get_tensors(self.store, keys.token_masks(self.job, k))))
+        masks = per_sample_from_tensors(self.prefix_tensors(keys.token_masks(self.job, k)))
         return masks["valid"], masks["vision"], masks["labels"]
 
     def importance_state(self, k: int | None = None) -> dict:
@@ -385,7 +434,7 @@ def do_embed(ctx: JobContext, task: Task) -> None:
     ctx.load_prefix(model)
     blocks = ctx.layout.decoder_blocks(model)
     kwargs, hidden, masks, v_kwargs, v_hidden = {}, [], {}, {}, []
-    samples = ctx.samples(start, end)
+    samples = ctx.samples(k)
     for i, c in enumerate(B.capture_many(model, blocks, [model_inputs(s) for s in samples])):
         kwargs.update(captured_to_tensors(start + i, c))
         hidden.append(c.hidden)
@@ -416,7 +465,7 @@ def do_reembed(ctx: JobContext, task: Task) -> None:
     model = ctx.prefix_model()
     ctx.load_prefix(model, quantized_vision=True)
     blocks = ctx.layout.decoder_blocks(model)
-    captured = B.capture_many(model, blocks, [model_inputs(s) for s in ctx.samples(start, end)])
+    captured = B.capture_many(model, blocks, [model_inputs(s) for s in ctx.samples(task.shard)])
     put_tensors(ctx.store, keys.acts(ctx.job, "q", 0, task.shard), _acts_tensors(start, [c.hidden for c in captured]))
 
 
@@ -1206,6 +1255,15 @@ def _release(claims: Path, task: Task) -> None:
     (claims / task.name.replace("/", "_")).unlink(missing_ok=True)
 
 
+def _plan_order(cache: dict, store: Store, job: str) -> dict:
+    """Task -> its position in the job's plan (plan.all_tasks), kept in the reconcile cache."""
+    key = ("order", store.url, job)
+    if key not in cache:
+        tasks = plan.all_tasks(cache[("manifest", store.url, job)], cache[("groups", store.url, job)])
+        cache[key] = {t: i for i, t in enumerate(tasks)}
+    return cache[key]
+
+
 def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: None, max_tasks: int | None = None,
                  worker: dict | None = None, claims: str | Path | None = None, progress: bool = False,
                  targets=None) -> bool:
@@ -1221,42 +1279,57 @@ def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: N
     computed = 0
     cache: dict = {}
     bar = None
+    queue: list[Task] = []  # ready tasks in plan order, found by a full reconcile or by ready_after
+    rec = None
     try:
         while True:
-            if is_cancelled(store, job):
-                return False
-            _, committed, _, rec = reconcile_job(store, job, cache, targets)
-            if progress:
-                if bar is None:
-                    bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)
-                bar.total = bar.n + rec.needed
-                bar.refresh()
-            if rec.done:
-                return True
-            if not rec.ready:
-                raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
-                               f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
-            ran = False
-            for task in rec.ready:
-                if max_tasks is not None and computed >= max_tasks:
+            if not queue:
+                if is_cancelled(store, job):  # (execute checks it before each task)
                     return False
-                if claims is not None and not _claim(claims, task):
-                    continue
-                try:
-                    status = execute(store, job, task, device=device, worker=worker or {"worker": "embedded"})
-                finally:
-                    if claims is not None:
-                        _release(claims, task)
-                ran = True
-                computed += status == "computed"
-                log(f"{task.name}: {status}")
-                if bar is not None:
-                    bar.set_postfix_str(task.name, refresh=False)
-                    bar.update(1)
-                if status == "input-missing":
-                    break  # an input was found corrupt and deleted: reconcile again so its producer reruns
-            if not ran:
-                time.sleep(0.05)  # every ready task is being computed by another local process
+                _, committed, _, rec = reconcile_job(store, job, cache, targets)
+                if progress:
+                    if bar is None:
+                        bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)
+                    bar.total = bar.n + rec.needed
+                    bar.refresh()
+                if rec.done:
+                    return True
+                if not rec.ready:
+                    raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
+                                   f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
+                queue = list(rec.ready)
+                ran = False
+            task = queue.pop(0)
+            if max_tasks is not None and computed >= max_tasks:
+                return False
+            if claims is not None and not _claim(claims, task):
+                if not queue and not ran:
+                    time.sleep(0.05)  # every ready task is being computed by another local process
+                continue
+            try:
+                status = execute(store, job, task, device=device, worker=worker or {"worker": "embedded"})
+            finally:
+                if claims is not None:
+                    _release(claims, task)
+            ran = True
+            computed += status == "computed"
+            log(f"{task.name}: {status}")
+            if bar is not None:
+                bar.set_postfix_str(task.name, refresh=False)
+                bar.update(1)
+            if status == "input-missing":
+                queue = []  # an input was found corrupt and deleted: reconcile again so its producer reruns
+                continue
+            if status == "cancelled":
+                return False
+            # What this task made ready, from its consumers' markers: a full reconcile lists and walks the whole
+            # job (most of the scheduling time on a 28-block job). Before the plan is known (ready_after: None),
+            # what is queued is run first, and the reconcile that follows finds the rest.
+            more = ready_after(store, job, task, cache) if task.kind != "export" else []
+            if more is None:
+                continue
+            order = _plan_order(cache, store, job)
+            queue = sorted(dict.fromkeys(queue + [t for t in more if t in rec.needed_tasks]), key=order.__getitem__)
     finally:
         if bar is not None:
             bar.close()

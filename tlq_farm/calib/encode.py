@@ -139,6 +139,24 @@ def _tokenize(processor, text: str, images: list) -> dict:
     return dict(out)
 
 
+def _prompt_ids(processor, prompt_text: str, full_text: str, full_ids: list[int], images: list) -> list[int]:
+    """The ids of the prompt rendered for generation, as far as they agree with `full_ids` (what
+    answer_label_span compares), without running the images through the processor a second time where the
+    text alone tells: the placeholders expand inside the prompt only, so the full text's tokens after them
+    are `full_ids`' last tokens. Checked; else the prompt goes through the processor with its images."""
+    tokenizer = _tokenizer_of(processor)
+    image_id = image_token_id_of(processor) if images else None
+    if image_id is not None:
+        p = tokenizer([prompt_text], **_call_kwargs(tokenizer, prompt_text))["input_ids"][0]
+        f = tokenizer([full_text], **_call_kwargs(tokenizer, full_text))["input_ids"][0]
+        start = common_prefix_length(p, f)
+        shift = len(full_ids) - len(f)
+        tail = list(f[start:])
+        if shift >= 0 and image_id not in tail and full_ids[start + shift:] == tail:
+            return full_ids[:start + shift]
+    return _tokenize(processor, prompt_text, images)["input_ids"][0].tolist()
+
+
 def encode_example(processor, images: list, prompt: str, answer: str | None, *, max_len: int | None = None) -> dict:
     """Encode one example into model inputs (every tensor has batch dim 1).
 
@@ -161,10 +179,9 @@ def encode_example(processor, images: list, prompt: str, answer: str | None, *, 
 
     prompt_messages = build_messages(len(images), prompt, None, multimodal=multimodal)
     prompt_text = _render(processor, prompt_messages, add_generation_prompt=True)
-    prompt_out = _tokenize(processor, prompt_text, images)
 
     if answer is None:
-        out = prompt_out
+        out = _tokenize(processor, prompt_text, images)
         labels = torch.full_like(out["input_ids"], IGNORE_INDEX)
     else:
         full_messages = build_messages(len(images), prompt, answer, multimodal=multimodal)
@@ -176,7 +193,8 @@ def encode_example(processor, images: list, prompt: str, answer: str | None, *, 
         closing_text = tail[answer_at + len(answer):] if answer_at >= 0 else ""
         closing_ids = tokenizer(closing_text, add_special_tokens=False)["input_ids"] if closing_text else []
         full_ids = out["input_ids"][0].tolist()
-        start, end = answer_label_span(prompt_out["input_ids"][0].tolist(), full_ids, closing_ids, tokenizer)
+        start, end = answer_label_span(_prompt_ids(processor, prompt_text, full_text, full_ids, images),
+                                       full_ids, closing_ids, tokenizer)
         if end <= start:
             raise ValueError(
                 f"could not find the answer {answer!r} in the rendered conversation; "

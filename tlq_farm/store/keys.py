@@ -37,7 +37,8 @@ import operator
 import re
 
 JOBS = "jobs"
-# The layout and meaning of a job's objects. 5: symmetric grids scale by max(-min / 2^(b-1), max / (2^(b-1) - 1/2))
+# The layout and meaning of a job's objects. 6: calibration samples staged one object per shard (calib_shard).
+# 5: symmetric grids scale by max(-min / 2^(b-1), max / (2^(b-1) - 1/2))
 # (qweights of format 4 used max / (2^(b-1) - 1)). 4: batches of at most 2048 tokens (block.BATCH_TOKENS; the
 # summation order of statistics follows the batches). 3: samples go through blocks in packed batches; the gradient
 # importance passes are per block and shard (forward / backward chains, scores), the full-precision chain comes
@@ -45,7 +46,7 @@ JOBS = "jobs"
 # 2: statistics per partition of shards, in float32, one Gram per shared input; qweights as packed codes
 # without a dequantized copy. 1: statistics per shard, float64, one per linear; qweights with a float32
 # weight and int32 codes. A job of another format is refused, never reused.
-STORE_FORMAT = 5
+STORE_FORMAT = 6
 CHAINS = ("q", "fp", "rtn")
 
 COMMIT_SUFFIX = ".commit"
@@ -56,7 +57,6 @@ RESERVED_SUFFIXES = (COMMIT_SUFFIX, CHECKSUM_SUFFIX)
 BLOCK_WIDTH = 3
 SHARD_WIDTH = 4
 GROUP_WIDTH = 2
-SAMPLE_WIDTH = 6
 
 _JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]*")
@@ -202,8 +202,10 @@ def cancel_flag(job: str) -> str:
     return job_prefix(job) + "cancel"
 
 
-def calib_sample(job: str, i: int) -> str:
-    return job_prefix(job) + "calib/sample-" + _number("calibration sample", i, SAMPLE_WIDTH) + ".safetensors"
+def calib_shard(job: str, k: int) -> str:
+    """The encoded calibration samples of shard k, one object (tensors 's<index>|<name>'): one write and one
+    read per shard, where an object per sample cost a store round trip (and on S3 a request) per sample."""
+    return job_prefix(job) + "calib/shard-" + _number("shard", k, SHARD_WIDTH) + ".safetensors"
 
 
 def calib_prefix(job: str) -> str:
