@@ -348,7 +348,8 @@ def tlq_used_ids(store: Path) -> list[list[int]]:
     s = LocalStore(store, create=False)
     (job,) = list_jobs(s)
     shards = range(len(load_manifest(s, job)["shards"]))
-    return [x["input_ids"][0].tolist() for k in shards for x in samples_from_tensors(get_tensors(s, keys.calib_shard(job, k)))]
+    return [x["input_ids"][0].tolist() for k in shards
+            for x in samples_from_tensors(get_tensors(s, keys.calib_shard(job, k)))]
 
 
 def tlq_task_peak_mib(store: Path) -> float:

@@ -94,7 +94,8 @@ def plan_7b_waves() -> tuple[int, int, float]:
              "in_features": {n: shapes[n][1] for n in names}, "shapes": shapes}
     groups = {"blocks": [block] * n_blocks}
     committed = {keys.staged_file(job, "config.json"), keys.staged_embed(job), keys.staged_head(job)}
-    committed |= {keys.staged_block(job, b) for b in range(n_blocks)} | {keys.calib_shard(job, k) for k in range(n_shards)}
+    committed |= {keys.staged_block(job, b) for b in range(n_blocks)}
+    committed |= {keys.calib_shard(job, k) for k in range(n_shards)}
     for task in [plan.Task("embed", shard=k) for k in range(n_shards)] + [plan.Task("groups")]:
         committed |= set(plan.outputs(task, manifest))
     tasks = waves = 0

@@ -299,9 +299,10 @@ class JobContext:
         """Fill `model`'s tensors from the staged object `key`: a staged tensor named `strip` + n goes to the
         model's tensor `prefix` + n (staged names without `strip` are not the model's); with `complete`, every
         tensor of the model must be among them. Read one tensor at a time from the object's local copy
-        (staged_file), a large object with one mapping of the file per tensor: never the object's bytes and its tensors in
-        memory at once, as a plain read would hold (a 7B block: 0.47 GB more), and no download or hash of an
-        object this context already holds (a block's stats, propagate and solves all read the same one)."""
+        (staged_file), a large object with one mapping of the file per tensor: never the object's bytes and
+        its tensors in memory at once, as a plain read would hold (a 7B block: 0.47 GB more), and no download
+        or hash of an object this context already holds (a block's stats, propagate and solves all read the
+        same one)."""
         from safetensors import safe_open
 
         path = str(self.staged_file(key))
@@ -1296,7 +1297,8 @@ def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: N
                     return True
                 if not rec.ready:
                     raise JobStuck(f"job {job} cannot go on: these staged inputs are missing from {store.url}: "
-                                   f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options to stage them again")
+                                   f"{rec.missing[:3]}; run `tlq-farm run` with the same model, data and options "
+                                   "to stage them again")
                 queue = list(rec.ready)
                 ran = False
             task = queue.pop(0)
