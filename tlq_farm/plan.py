@@ -42,8 +42,9 @@ RTN_CHAIN_IMPORTANCE = ("tlq",)
 PER_MODULE_IMPORTANCE = ("vlmq",)
 # Bytes per element of partial statistics (float32 running sums, whatever the compute dtype).
 SUM_BYTES = 4
-# What the prefix wrote per shard and every block reads (its kwargs, token masks), kept decoded by a process
-# between tasks, at most (a 7B shard of 16 x 2048 tokens: 34 MB of position embeddings).
+# What the prefix wrote per shard and every block reads (its kwargs, token masks), kept decoded in a process's
+# host memory between tasks, at most. Qwen2-VL-7B: 8 MiB of float32 position embeddings per shard of 8192
+# tokens, so all 32 shards of 128 x 2048 tokens.
 PREFIX_CACHE_BYTES = parse_size(os.environ.get("TLQ_PREFIX_CACHE_BYTES", "256m"))
 # Submodule outputs a process keeps from one forward of a block to the next (tlq_farm.reuse), at most.
 REUSE_BYTES = parse_size(os.environ.get("TLQ_REUSE_BYTES", "1g"))

@@ -32,7 +32,7 @@ from .quant.hessian import pack_upper_
 from .reuse import ForwardReuse, final_modules, tail_linears
 from .spec import JobSpec
 from .store import CorruptObject, NotCommitted, Store, keys
-from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors
+from .store.tensors import get_json, get_tensors, get_tensors_and_metadata, put_json, put_tensors, tensor_bytes
 
 SEP = "|"
 
@@ -356,19 +356,20 @@ class JobContext:
 
     def prefix_tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The tensors of a per-shard object of the prefix (kwargs, token masks: the same for every block, and
-        read by each of a block's tasks), on the device, kept for later tasks within plan.PREFIX_CACHE_BYTES.
-        Its readers build their own containers around the tensors and never write into them."""
+        read by each of a block's tasks), on the device. Kept in host memory for later tasks, within
+        plan.PREFIX_CACHE_BYTES: a GPU worker holds none of it between tasks. Its readers build their own
+        containers around the tensors and never write into them."""
         entry = self._prefix_cache.pop(key, None)
         if entry is None:
-            tensors = self.to_device(get_tensors(self.store, key))
-            entry = (tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+            tensors = get_tensors(self.store, key)
+            entry = (tensors, tensor_bytes(tensors))
         self._prefix_cache[key] = entry
         total = 0
         for k in reversed(list(self._prefix_cache)):
             total += self._prefix_cache[k][1]
             if total > plan.PREFIX_CACHE_BYTES and k != key:
                 del self._prefix_cache[k]
-        return entry[0]
+        return self.to_device(entry[0])
 
     def captured(self, chain: str, b: int, k: int, tower: str | None = None) -> list[B.Captured]:
         """Samples of shard k at the entry of block b of a tower on a chain (plan.acts_key)."""
@@ -1281,13 +1282,12 @@ def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: N
     cache: dict = {}
     bar = None
     queue: list[Task] = []  # ready tasks in plan order, found by a full reconcile or by ready_after
-    rec = None
     try:
         while True:
             if not queue:
                 if is_cancelled(store, job):  # (execute checks it before each task)
                     return False
-                _, committed, _, rec = reconcile_job(store, job, cache, targets)
+                rec = reconcile_job(store, job, cache, targets)[3]
                 if progress:
                     if bar is None:
                         bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)

@@ -147,7 +147,7 @@ def read_metadata(data: bytes) -> dict[str, str]:
 LARGE_BYTES = 256 * 2**20
 
 
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
 
 
@@ -156,7 +156,7 @@ def put_tensors(
 ) -> str:
     """Commit `tensors` under `key` as safetensors; return the sha256 of the bytes (the same bytes either
     way: a large object is written to a file tensor by tensor, write_tensors_file)."""
-    if _tensor_bytes(tensors) < LARGE_BYTES:
+    if tensor_bytes(tensors) < LARGE_BYTES:
         return store.put_bytes(key, tensors_to_bytes(tensors, metadata))
     import tempfile
 
