@@ -170,6 +170,56 @@ def test_a_full_budget_keeps_nothing_more_and_changes_no_number():
     assert reuse.refused > 0 and reuse.nbytes <= reuse.max_bytes
 
 
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's mappings of kept-output files."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and "tlq-kept-" in parts[5]:
+                start, end = (int(a, 16) for a in parts[0].split("-"))
+                out.append((start, end, parts[5].strip()))
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_kept_outputs_live_in_unlinked_files_and_change_no_number(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = torch.randn(3, 8)
+    expected = stages(Toy(), ForwardReuse(0), x)
+    reuse, seen = ForwardReuse(1 << 20, spill_from=0), {}
+
+    def look(g, r):
+        tensors = [t for e in r.entries.values() for t in
+                   ([e.output.x] if hasattr(e.output, "linear") else [e.output] if torch.is_tensor(e.output)
+                    else [t for t in e.output if t is not None])]
+        maps = file_mappings()
+        seen[g] = (len(tensors), all(any(a <= t.data_ptr() < b and p.endswith("(deleted)") for a, b, p in maps)
+                                     for t in tensors))
+        assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+
+    got = stages(Toy(), reuse, x, tails=True, look=look)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert seen[1] == (1, True) and seen[3] == (2, True)  # attn as a2's input; then attn, mlp as m2's input
+    assert reuse.nbytes == sum(e.nbytes for e in reuse.entries.values()) > 0
+    reuse.forget(("job",))
+    assert not reuse.entries and not [m for m in file_mappings() if str(tmp_path) in m[2]]
+
+
+def test_kept_outputs_stay_in_memory_where_no_file_can_be_written(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    x = torch.randn(3, 8)
+    expected = stages(Toy(), ForwardReuse(0), x)
+    reuse = ForwardReuse(1 << 20, spill_from=0)
+    got = stages(Toy(), reuse, x, tails=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert reuse.hits > 0 and reuse.tails == 2
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return make_job_files(tmp_path_factory.mktemp("reuse"))
@@ -181,6 +231,8 @@ def test_a_job_exports_the_same_bytes_with_and_without_kept_outputs(files, tmp_p
 
     spec = job_spec(*files, **quant)
     found = {}
+    # With the budget, every kept tensor goes through a file (spill_from 0: the test model's are small).
+    monkeypatch.setattr(steps.REUSE, "spill_from", 0)
     for budget in (0, 1 << 30):
         monkeypatch.setattr(steps.REUSE, "max_bytes", budget)
         store = LocalStore(tmp_path / f"store-{budget}")
