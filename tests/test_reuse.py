@@ -142,13 +142,15 @@ def test_served_outputs_skip_the_linears_and_change_no_number():
     plain = Toy()
     expected = stages(plain, ForwardReuse(0), x)
     assert plain.calls == {n: 5 for n in plain.calls}
-    toy, reuse = Toy(), ForwardReuse(1 << 20)
-    got = stages(toy, reuse, x)
+    toy, reuse, kept = Toy(), ForwardReuse(1 << 20), {}
+    got = stages(toy, reuse, x, look=lambda g, r: kept.__setitem__(g, sorted(k[2] for k in r.entries)))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     # a1 once (stage 1, kept); a2 at stages 0-2 (attn kept at 2, serving a1 inside it); mlp's linears
     # until they are final (m1 kept at stage 3, served at 4).
     assert toy.calls == {"attn.a1": 2, "attn.a2": 3, "mlp.m1": 4, "mlp.m2": 5}
-    assert reuse.hits == 4 and reuse.entries and "attn" not in toy.__dict__
+    assert reuse.hits == 4 and "attn" not in toy.__dict__
+    # What a module's kept output subsumes is dropped; the last stage, which keeps nothing, drops what it serves.
+    assert kept == {0: [], 1: ["attn.a1"], 2: ["attn"], 3: ["attn", "mlp.m1"], 4: []} and reuse.nbytes == 0
 
 
 def test_an_output_edited_in_place_is_computed_again():
@@ -203,9 +205,9 @@ def test_kept_outputs_live_in_unlinked_files_and_change_no_number(tmp_path, monk
     got = stages(Toy(), reuse, x, tails=True, look=look)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert seen[1] == (1, True) and seen[3] == (2, True)  # attn as a2's input; then attn, mlp as m2's input
-    assert reuse.nbytes == sum(e.nbytes for e in reuse.entries.values()) > 0
-    reuse.forget(("job",))
-    assert not reuse.entries and not [m for m in file_mappings() if str(tmp_path) in m[2]]
+    # The last stage served and dropped them: their files are no longer mapped.
+    assert not reuse.entries and reuse.nbytes == 0
+    assert not [m for m in file_mappings() if str(tmp_path) in m[2]]
 
 
 def test_kept_outputs_stay_in_memory_where_no_file_can_be_written(tmp_path, monkeypatch):

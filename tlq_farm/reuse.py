@@ -224,7 +224,8 @@ class ForwardReuse:
               tails: dict[str, str] | None = None):
         """While open, the final modules of `block` are served from this process's entries for the batch
         named by the returned handle's `key` (set before each forward; None: neither served nor kept), and,
-        with keep, their outputs are kept when they run. tails (tail_linears of this stage): with keep, the
+        with keep, their outputs are kept when they run; without keep (the block's last forward on these
+        batches) an entry is dropped as it is served. tails (tail_linears of this stage): with keep, the
         input of each such linear is kept under its parent, where a probe shows that the parent returns the
         linear's output. The block's modules are restored on exit."""
         handle = _Stage()
@@ -234,6 +235,9 @@ class ForwardReuse:
                 if handle.key is None or self.max_bytes <= 0:
                     return run(*args, **kwargs)
                 out = self.serve(scope, handle.key, name)
+                if out is not None and not keep:
+                    # A stage that keeps nothing is the entry's last use: its bytes go with this forward.
+                    self._drop((scope, handle.key, name))
                 if isinstance(out, _TailInput):
                     out = block.get_submodule(out.linear)(out.x)
                     if keep:
