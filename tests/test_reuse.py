@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tlq_farm import steps
-from tlq_farm.reuse import ForwardReuse, final_modules, tail_linears
+from tlq_farm.reuse import ForwardReuse, _spill_output, _tensors, final_modules, tail_linears
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore
 
@@ -194,9 +194,7 @@ def test_kept_outputs_live_in_unlinked_files_and_change_no_number(tmp_path, monk
     reuse, seen = ForwardReuse(1 << 20, spill_from=0), {}
 
     def look(g, r):
-        tensors = [t for e in r.entries.values() for t in
-                   ([e.output.x] if hasattr(e.output, "linear") else [e.output] if torch.is_tensor(e.output)
-                    else [t for t in e.output if t is not None])]
+        tensors = [t for e in r.entries.values() for t in _tensors(e.output)]
         maps = file_mappings()
         seen[g] = (len(tensors), all(any(a <= t.data_ptr() < b and p.endswith("(deleted)") for a, b, p in maps)
                                      for t in tensors))
@@ -252,3 +250,15 @@ def test_a_job_exports_the_same_bytes_with_and_without_kept_outputs(files, tmp_p
         assert stats and all("reused_outputs" in r for r in stats)
     assert found[0] == found[1 << 30]
     assert not steps.REUSE.entries  # each shard's entries go with its propagate
+
+
+def test_a_spilled_output_keeps_its_structure():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "out extra")
+    x, y = torch.randn(3, 8), torch.randn(2)
+    for output in (x, (x, None), [x, y], Pair(x, None)):
+        got = _spill_output(output, 0)
+        assert type(got) is type(output)
+        pairs = [(got, output)] if torch.is_tensor(output) else list(zip(got, output))
+        assert all(a is None is b or (torch.equal(a, b) and a.data_ptr() != b.data_ptr()) for a, b in pairs)

@@ -137,7 +137,8 @@ def _spill_output(output, spill_from: int):
         return _TailInput(output.linear, one(output.x))
     if isinstance(output, torch.Tensor):
         return one(output)
-    return type(output)(one(x) for x in output)
+    items = [one(x) for x in output]
+    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)  # a namedtuple too
 
 
 @dataclass

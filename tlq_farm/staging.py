@@ -19,7 +19,7 @@ from . import plan
 from .spec import JobSpec, SpecError, fingerprint
 from .store import Store, keys
 from .store.base import sha256_file
-from .store.tensors import get_json, put_json, put_tensors, tensors_to_bytes
+from .store.tensors import get_json, put_json, put_tensors, tensor_bytes, tensors_to_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -201,13 +201,11 @@ def encode_calibration(spec: JobSpec):
     return load_calibration(spec.calib, processor, samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed)
 
 
-def sample_tensors(sample: dict) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sample.items() if isinstance(v, torch.Tensor)}
-
-
 def job_id_for(spec: JobSpec, model_dir: Path, samples: list[dict]) -> tuple[str, str, str]:
     """(job id, model digest, data digest): the spec's options over the model's file bytes and the
     calibration samples as encoded (token ids, pixel tensors), so paths do not change the id."""
+    from .steps import sample_tensors
+
     files = [model_dir / n for n in side_files(model_dir)] + checkpoint_files(model_dir)
     model_digest = file_digest(files)
     h = hashlib.sha256()
@@ -221,7 +219,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
     """Stage `spec` into `store` -> (job id, attached). An already staged job (same model, data and spec)
     is attached to, not staged again. `warn` gets what the data did not give (default: `log`)."""
     from .models.adapter import check_weights, find_layout
-    from .steps import samples_to_tensors
+    from .steps import sample_tensors, samples_to_tensors
 
     spec.validate()
     model_dir = Path(spec.model)
@@ -297,8 +295,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
         "shards": [list(r) for r in shards],
         "shard_tokens": [sum(token_counts[a:b]) for a, b in shards],
         "shard_vision_tokens": [sum(vision_counts[a:b]) for a, b in shards],
-        "shard_input_bytes": [sum(sum(v.numel() * v.element_size() for v in sample_tensors(s).values())
-                                  for s in calib.samples[a:b]) for a, b in shards],
+        "shard_input_bytes": [sum(tensor_bytes(sample_tensors(s)) for s in calib.samples[a:b]) for a, b in shards],
         "sizes": sizes,
         "files": files,
         "layout": {"blocks": layout.blocks, "norm": layout.norm, "head": layout.head,

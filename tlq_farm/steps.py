@@ -72,10 +72,14 @@ def kwargs_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, tuple[lis
             for i in index}
 
 
+def sample_tensors(sample: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an encoded calibration sample (what is staged and hashed of it)."""
+    return {k: v for k, v in sample.items() if isinstance(v, torch.Tensor)}
+
+
 def samples_to_tensors(start: int, samples: list[dict]) -> dict[str, torch.Tensor]:
     """Encoded calibration samples start, start + 1, ... as one object's tensors ('s<index>|<name>')."""
-    return {f"s{start + i:06d}{SEP}{n}": t for i, s in enumerate(samples) for n, t in s.items()
-            if isinstance(t, torch.Tensor)}
+    return {f"s{start + i:06d}{SEP}{n}": t for i, s in enumerate(samples) for n, t in sample_tensors(s).items()}
 
 
 def samples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[dict]:
