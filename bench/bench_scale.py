@@ -263,7 +263,9 @@ def arithmetic_7b(method: str) -> list[str]:
                 "sizes": {"embed": 152064 * h * 2 + 675_000_000 * 2, "head": 152064 * h * 2, "blocks": [block_bytes] * 28,
                           "hidden": h}}
     starts = plan.stat_partitions(manifest, groups, 0)
-    partial = sum(plan.partial_bytes(manifest["spec"]["quant"], g, grp, groups["blocks"][0]["in_features"], shapes=shapes) for g in grp)
+    in_place = plan.solves_in_place(manifest, groups, 0)  # one partition: the sums never reach the store
+    partial = 0 if in_place else sum(plan.partial_bytes(manifest["spec"]["quant"], g, grp,
+                                                        groups["blocks"][0]["in_features"], shapes=shapes) for g in grp)
     acts = 262144 * h * plan.act_bytes(manifest)
     chains = chains_of(manifest)
     rows = [f"| {method} + {importance}, 28 blocks, 128 x 2048 tokens, bf16 | |", "|---|---:|",
@@ -282,9 +284,13 @@ def arithmetic_7b(method: str) -> list[str]:
     tasks = [("embed", plan.Task("embed", shard=0)), ("forward", plan.Task("forward", block=0, shard=0)),
              ("backward (a block)", plan.Task("backward", block=0, shard=0)),
              ("backward (the head)", plan.Task("backward", block=28, shard=0)), ("importance", plan.Task("importance")),
-             ("stats (down_proj)", plan.Task("stats", block=0, group=3, shard=0)),
-             ("solve (down_proj)", plan.Task("solve", block=0, group=3, module="mlp.down_proj")),
              ("propagate", plan.Task("propagate", block=0, shard=0)), ("export", plan.Task("export"))]
+    if in_place:
+        tasks[5:5] = [("quantize (down_proj)", plan.Task("quantize", block=0, group=3)),
+                      ("quantize (q/k/v)", plan.Task("quantize", block=0, group=0))]
+    else:
+        tasks[5:5] = [("stats (down_proj)", plan.Task("stats", block=0, group=3, shard=0)),
+                      ("solve (down_proj)", plan.Task("solve", block=0, group=3, module="mlp.down_proj"))]
     for kind, task in tasks:
         rows.append(f"| estimate: {kind} | {plan.estimate_memory(task, manifest, groups) / GB:.1f} GB |")
     return rows

@@ -65,7 +65,8 @@ def measure(store, job: str, repeats: int) -> dict[str, tuple[float, float]]:
     # every execute computes: what remains is the protocol around any task.
     body, plan_outputs = steps.BODIES["groups"], plan.outputs
     steps.BODIES["groups"] = nothing
-    plan.outputs = lambda t, m: [keys.job_prefix(job) + "bench/never"] if t.kind == "groups" else plan_outputs(t, m)
+    plan.outputs = lambda t, m, g=None: [keys.job_prefix(job) + "bench/never"] if t.kind == "groups" \
+        else plan_outputs(t, m, g)
     try:
         rows["task with a one-write body (execute)"] = timed(lambda i: steps.execute(store, job, plan.Task("groups")),
                                                              max(5, repeats // 4))
@@ -109,7 +110,7 @@ def plan_7b_waves() -> tuple[int, int, float]:
         waves += 1
         tasks += len(rec.ready)
         for task in rec.ready:
-            committed |= set(plan.outputs(task, manifest))
+            committed |= set(plan.outputs(task, manifest, groups))
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def test_worker_killed_between_taking_and_running(redis_server, moto_s3, tmp_pat
     store = open_store(store_url, endpoint_url=moto_s3)
     store.ensure_bucket()
     flag = tmp_path / "crashed"
-    victim_task = Task("solve", block=0, group=0, module="self_attn.q_proj").name  # not sent by shard affinity
+    victim_task = Task("groups").name  # not sent by shard affinity
     env = farm_env(redis_server.url, moto_s3, TLQ_FAULT_CRASH_TAKEN=victim_task, TLQ_FAULT_CRASH_FLAG=flag)
     assert int(env.get("TLQ_REQUEUE_AFTER", worker_app.REQUEUE_AFTER)) > 3600
     victim = start_worker(env, tmp_path / "victim.log")

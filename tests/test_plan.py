@@ -33,9 +33,9 @@ def staged(m):
     return out
 
 
-def commit(committed, m, tasks):
+def commit(committed, m, tasks, g=None):
     for t in tasks:
-        committed |= set(plan.outputs(t, m))
+        committed |= set(plan.outputs(t, m, g))
     return committed
 
 
@@ -48,7 +48,7 @@ def run_to_end(m, g, committed):
             return waves
         assert rec.ready, f"stuck: missing {rec.missing}"
         waves.append(rec.ready)
-        commit(committed, m, rec.ready)
+        commit(committed, m, rec.ready, g)
 
 
 def test_shard_ranges_pack_by_tokens_and_never_split_a_sample():
@@ -148,18 +148,31 @@ def test_shared_inputs_share_a_partial_and_the_partition_follows_the_blocks_byte
     assert plan.block_partitions([161] * 6, 64, gptaq, grps, classes, cols, shapes=shapes) == [0, 1, 2, 3, 4, 5]
 
 
-def test_a_partition_of_shards_is_one_stats_task_reading_each_shard():
+def test_a_block_of_one_partition_quantizes_each_group_in_one_task_reading_each_shard():
     m, g = manifest(tokens=100), groups()  # 25.6 KB of activations per shard, partials of 32 KB
-    assert plan.stat_partitions(m, g, 0) == [0]
-    stats = [t for t in plan.all_tasks(m, g) if t.kind == "stats" and t.block == 0 and t.group == 0]
-    assert [t.name for t in stats] == ["stats-b000-g00-s0000"]
-    ins = plan.inputs(stats[0], m, g)
+    assert plan.stat_partitions(m, g, 0) == [0] and plan.solves_in_place(m, g, 0)
+    tasks = plan.all_tasks(m, g)
+    assert not any(t.kind in ("stats", "solve") for t in tasks)
+    quantize = [t for t in tasks if t.kind == "quantize" and t.block == 0]
+    assert [t.name for t in quantize] == ["quantize-b000-g00", "quantize-b000-g01"]
+    ins = plan.inputs(quantize[0], m, g)
     assert all(keys.acts(JOB, "q", 0, k) in ins and keys.token_masks(JOB, k) in ins for k in range(3))
-    solve = Task("solve", block=0, group=0, module="self_attn.q_proj")
-    assert [k for k in plan.inputs(solve, m, g) if "/stats/" in k] == [keys.stats(JOB, 0, 0, 0)]
+    assert not any("/stats/" in k for k in ins)
+    assert plan.outputs(quantize[0], m, g) == [keys.qweights(JOB, 0, "self_attn.q_proj"),
+                                               keys.qweights(JOB, 0, "self_attn.k_proj")]
+    # The second group reads the first group's qweights; the groups are needed to know a quantize task's outputs.
+    assert keys.qweights(JOB, 0, "self_attn.k_proj") in plan.inputs(quantize[1], m, g)
+    with pytest.raises(ValueError, match="give the groups"):
+        plan.outputs(quantize[0], m)
+    assert plan.task_shards(quantize[0], m, g) == [0, 1, 2]
     committed = staged(m)
     run_to_end(m, g, committed)
-    assert not any(keys.stats(JOB, 0, 0, k) in committed for k in (1, 2))
+    assert not any("/stats/" in k for k in committed)
+    assert plan.progress_summary(m, committed, g)["modules_quantized"] == 2 * 3
+    # RTN has no statistics: a solve task per linear, whatever the partitions.
+    rtn = manifest(tokens=100, method="rtn")
+    assert not plan.solves_in_place(rtn, g, 0)
+    assert {t.kind for t in plan.all_tasks(rtn, g)} == {"embed", "groups", "solve", "export"}
 
 
 def test_a_missing_shard_blocks_the_solve():
@@ -174,12 +187,20 @@ def test_a_missing_shard_blocks_the_solve():
 
 
 def test_later_groups_wait_for_the_earlier_groups_qweights():
-    m, g = manifest(n_shards=1), groups()
-    committed = commit(staged(m), m, [Task("embed", shard=0), Task("groups"),
-                                      Task("stats", block=0, group=0, shard=0),
-                                      Task("solve", block=0, group=0, module="self_attn.q_proj")])
+    m, g = manifest(), groups()
+    committed = commit(staged(m), m, [Task("embed", shard=k) for k in range(3)] + [Task("groups")] + [
+        Task("stats", block=0, group=0, shard=k) for k in range(3)] + [
+        Task("solve", block=0, group=0, module="self_attn.q_proj")])
     ready = plan.reconcile(m, committed, g).ready
     assert [t.name for t in ready] == ["solve-b000-g00-self_attn.k_proj"]
+    # In place (one partition), the next group waits for the quantize task that writes both.
+    m = manifest(n_shards=1)
+    committed = commit(staged(m), m, [Task("embed", shard=0), Task("groups")])
+    assert [t.name for t in plan.reconcile(m, committed, g).ready] == ["quantize-b000-g00"]
+    committed.add(keys.qweights(JOB, 0, "self_attn.q_proj"))
+    assert [t.name for t in plan.reconcile(m, committed, g).ready] == ["quantize-b000-g00"]
+    commit(committed, m, [Task("quantize", block=0, group=0)], g)
+    assert [t.name for t in plan.reconcile(m, committed, g).ready] == ["quantize-b000-g01"]
 
 
 def test_done_job_gives_nothing_and_the_last_step_is_export():

@@ -200,7 +200,7 @@ def test_default_run_reports_times_and_peak_memory_from_its_task_records(default
     # The export's own entry was taken while it ran, before its task record was written.
     assert t["tasks"] == len(records)
     assert sorted(e["task"] for e in report["timeline"]) == sorted(r["task"] for r in records)
-    assert set(t["stages"]) == {"embed", "groups", "stats", "solve", "propagate", "export"} == set(by_kind)
+    assert set(t["stages"]) == {"embed", "groups", "quantize", "propagate", "export"} == set(by_kind)
     for kind, rs in by_kind.items():
         if kind != "export":
             assert t["stages"][kind] == pytest.approx(sum(r["seconds"] for r in rs))

@@ -15,6 +15,9 @@ A job is a fixed set of tasks, each with input keys and output keys in the store
     stats(b, g, k)      partial statistics of group g of block b over the partition of shards that starts
                         at shard k (stat_partitions: fixed by shapes and token counts, not by workers)
     solve(b, g, m)      quantized weights of module m (group g of block b), from every partition's stats
+    quantize(b, g)      where block b's statistics take one partition: group g's statistics over every shard
+                        and its linears' solves in one task -> their quantized weights (the sums never go
+                        to the store: no partial to write, read back and reduce)
     propagate(b, k)     quantized block b on shard k -> acts/q/block-(b+1)/shard-k
     export              every qweight -> the checkpoint
 
@@ -54,8 +57,11 @@ REBUILD_WEIGHTS = 2**24
 REBUILD_BYTES_PER_WEIGHT = 17
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
-KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "propagate",
-         "export")
+KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "quantize",
+         "propagate", "export")
+
+# The per-block kinds of either tower (_block_tasks_io).
+BLOCK_KINDS = ("forward", "stats", "solve", "quantize", "propagate")
 
 # Memory classes: budgets of 4^k MiB, from 1 MiB to 1 TiB. A worker listens on every class up to its own.
 MEMORY_CLASSES = tuple(4**k * 2**20 for k in range(11))
@@ -173,6 +179,14 @@ def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | No
     return grams + sum(element_bytes * shapes[m][0] * shapes[m][1] + 8 for m in members)
 
 
+def solves_in_place(manifest: dict, groups: dict, b: int, tower: str | None = None) -> bool:
+    """Block b's groups are quantized by one task each (statistics and solves together) when its statistics
+    take one partition: that partition's sums are the whole sums, so storing them for separate solve tasks
+    would only move them through the store (at Qwen2-VL-7B 0.85 GB a block, more than its activations).
+    RTN has no statistics."""
+    return manifest["spec"]["quant"]["method"] != "rtn" and len(stat_partitions(manifest, groups, b, tower)) == 1
+
+
 def partition_shards(starts: list[int], n_shards: int, start: int) -> range:
     """The shards of the partition that begins at shard `start`."""
     i = starts.index(start)
@@ -286,7 +300,7 @@ def acts_key(manifest: dict, chain: str, b: int, k: int, tower: str | None = Non
 
 
 def _block_tasks_io(task: Task, manifest: dict, groups: dict) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) of the per-block kinds of either tower: forward, stats, solve, propagate."""
+    """(inputs, outputs) of the per-block kinds of either tower (BLOCK_KINDS)."""
     job, n_shards = manifest["job"], len(manifest["shards"])
     k, b, t = task.shard, task.block, task.tower
     n = tower_blocks(manifest, t)
@@ -299,13 +313,13 @@ def _block_tasks_io(task: Task, manifest: dict, groups: dict) -> tuple[list[str]
             ins.append(acts_key(manifest, "rtn", b, k))
             outs.append(keys.acts(job, "rtn", b + 1, k))
         return ins, outs
-    if task.kind == "stats":
+    if task.kind in ("stats", "quantize"):
         plan_b = block_plan(groups, b, t)
         earlier = [keys.qweights(job, b, m, t) for g in range(task.group) for m in plan_b["groups"][g]]
         gptaq = manifest["spec"]["quant"]["method"] == "gptaq"
         global_state = t is None and needs_global_importance(manifest)
         local = t is None and needs_weight_tasks(manifest)
-        shards = partition_shards(stat_partitions(manifest, groups, b, t), n_shards, k)
+        shards = partition_shards(stat_partitions(manifest, groups, b, t), n_shards, k or 0)
         per_shard = []
         for s in shards:
             per_shard += [keys.block_kwargs(job, s, t), acts_key(manifest, "q", b, s, t)]
@@ -314,6 +328,8 @@ def _block_tasks_io(task: Task, manifest: dict, groups: dict) -> tuple[list[str]
             if gptaq:
                 per_shard.append(acts_key(manifest, "fp", b, s, t))
         state = [keys.importance_state(job)] if global_state else []
+        if task.kind == "quantize":
+            return staged + state + per_shard + earlier, [keys.qweights(job, b, m, t) for m in plan_b["groups"][task.group]]
         return staged + state + per_shard + earlier, [keys.stats(job, b, task.group, k, t)]
     if task.kind == "solve":
         outs = [keys.qweights(job, b, task.module, t)]
@@ -345,7 +361,7 @@ def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
             if quantize_vision(manifest) else []
         return staged + [acts_key(manifest, "fp", 0, 0), keys.block_kwargs(job, 0)] + [
             keys.staged_block(job, i) for i in range(manifest["n_blocks"])] + vision
-    if task.kind in ("forward", "stats", "solve", "propagate"):
+    if task.kind in BLOCK_KINDS:
         return _block_tasks_io(task, manifest, groups)[0]
     if task.kind == "backward":
         masks = [keys.token_masks(job, k)]
@@ -371,8 +387,9 @@ def inputs(task: Task, manifest: dict, groups: dict | None) -> list[str]:
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
-def outputs(task: Task, manifest: dict) -> list[str]:
-    """Keys a task writes; its commit is the commit of all of them."""
+def outputs(task: Task, manifest: dict, groups: dict | None = None) -> list[str]:
+    """Keys a task writes; its commit is the commit of all of them. A quantize task's are its group's
+    linears', which only the groups tell."""
     job = manifest["job"]
     k, b = task.shard, task.block
     if task.kind == "embed":
@@ -400,6 +417,10 @@ def outputs(task: Task, manifest: dict) -> list[str]:
         return [keys.stats(job, b, task.group, k, task.tower)]
     if task.kind == "solve":
         return [keys.qweights(job, b, task.module, task.tower)]
+    if task.kind == "quantize":
+        if groups is None:
+            raise ValueError(f"{task.name}: a quantize task's outputs are its group's linears; give the groups")
+        return _block_tasks_io(task, manifest, groups)[1]
     if task.kind == "propagate":
         return [keys.acts(job, "q", b + 1, k, task.tower)]
     if task.kind == "export":
@@ -410,14 +431,15 @@ def outputs(task: Task, manifest: dict) -> list[str]:
 def task_shards(task: Task, manifest: dict, groups: dict | None) -> list[int]:
     """The shards whose activations a task reads or writes (a stats task: its partition's): whoever ran it
     holds them in its cache, so the tasks that read them next are best sent there."""
-    if task.kind == "stats" and groups is not None:
+    if task.kind in ("stats", "quantize") and groups is not None:
         return list(partition_shards(stat_partitions(manifest, groups, task.block, task.tower),
-                                     len(manifest["shards"]), task.shard))
+                                     len(manifest["shards"]), task.shard or 0))
     return [] if task.shard is None else [task.shard]
 
 
 def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -> list[Task]:
-    """A tower's per-block tasks in order: weights, then each group's stats and solves, then propagate."""
+    """A tower's per-block tasks in order: weights, then each group's stats and solves (or its quantize task),
+    then propagate."""
     n_shards, n = len(manifest["shards"]), tower_blocks(manifest, tower)
     rtn = manifest["spec"]["quant"]["method"] == "rtn"
     tasks: list[Task] = []
@@ -428,7 +450,11 @@ def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -
             continue
         if local:
             tasks += [Task("weights", block=b, shard=k) for k in range(n_shards)]
+        in_place = solves_in_place(manifest, groups, b, tower)
         for g, members in enumerate(plan_b["groups"]):
+            if in_place:
+                tasks.append(Task("quantize", block=b, group=g, tower=tower))
+                continue
             tasks += [Task("stats", block=b, group=g, shard=k, tower=tower)
                       for k in stat_partitions(manifest, groups, b, tower)]
             tasks += [Task("solve", block=b, group=g, module=m, tower=tower) for m in members]
@@ -478,11 +504,11 @@ def reconcile(manifest: dict, committed: set[str], groups: dict | None = None,
     tasks = all_tasks(manifest, groups)
     producer: dict[str, Task] = {}
     for t in tasks:
-        for key in outputs(t, manifest):
+        for key in outputs(t, manifest, groups):
             producer[key] = t
 
     def is_done(t: Task) -> bool:
-        return all(key in committed for key in outputs(t, manifest))
+        return all(key in committed for key in outputs(t, manifest, groups))
 
     # Walk back from the export (or from the groups task while the plan is still partial): a task is needed
     # when it is not committed and a needed task reads one of its outputs. Done work upstream is not redone.
@@ -623,7 +649,20 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         return nbytes if nbytes >= LARGE_BYTES else 3 * nbytes
 
     gptaq = quant["method"] == "gptaq"
-    if task.kind == "stats":
+
+    def solve_peak(module: str, read: int) -> int:
+        # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
+        # - the reduction: the float64 total of H while a partial's float32 Gram (`read`) is added to it, and
+        #   for GPTAQ the running float64 W D [out, in] beside the partial's float32 one;
+        # - the solve: the factorisation in H's own storage, the float64 factor then its float32 half, and
+        #   [out, in] terms: plain GPTQ its work copy, codes and dequantized weight (16 bytes a weight); GPTAQ W
+        #   and W D in float64 and the target's two triangular products (32 bytes a weight).
+        out_in = block_plan(groups, task.block, task.tower)["shapes"][module] if groups else [hidden] * 2
+        cols, params = out_in[1], out_in[0] * out_in[1]
+        reduce_peak = 8 * cols ** 2 + read + (12 * params if gptaq else 0)
+        return 4 * params + max(reduce_peak, 8 * cols ** 2 + (32 if gptaq else 16) * params)
+
+    if task.kind in ("stats", "quantize"):
         # The block (with the earlier groups' qweights; for GPTAQ the float block too) as built and as read,
         # one shard of each chain alive at a time, the running sums while they are written.
         # For GPTAQ the running sums are H, D and Hfp per owner until each linear's W D and W Hfp (for its
@@ -632,7 +671,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         sums, fold = 0, 0
         if groups:
             shards = partition_shards(stat_partitions(manifest, groups, task.block, task.tower),
-                                      len(manifest["shards"]), task.shard)
+                                      len(manifest["shards"]), task.shard or 0)
             acts = max(shard_acts[k] for k in shards)
             blk = block_plan(groups, task.block, task.tower)
             owners = group_owners(members, blk.get("inputs"), quant["importance"] in PER_MODULE_IMPORTANCE)
@@ -645,30 +684,28 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             before = [m for gg in blk["groups"][:task.group] for m in gg]
             kept = sum(shard_acts[k] for k in shards) // hidden * sum(blk["shapes"][m][0] for m in before)
             kept = min(REUSE_BYTES, 2 * kept * (2 if gptaq else 1))
+        stored = partial(members)
+        accumulate = (2 if gptaq else 1) * block + staged_read() + 4 * acts * (2 if gptaq else 1) + sums + fold + kept
+        if task.kind == "quantize":
+            # Then the blocks are let go and each linear solved from the group's sums as a solve task would from
+            # a large partial (its whole float32 Gram added to the float64 total, then freed); for GPTAQ every
+            # linear's W D is held until its own solve.
+            cols = (block_plan(groups, task.block, task.tower)["in_features"] if groups else {})
+            wd = sum(SUM_BYTES * blk["shapes"][m][0] * blk["shapes"][m][1] for m in members) if gptaq and groups else 0
+            solves = max((solve_peak(m, SUM_BYTES * cols.get(m, hidden) ** 2) for m in members), default=0)
+            return int(max(accumulate, kept + wd + solves))
         # Written as it is: a large partial straight from the sums (store.tensors.write_tensors_file), a small
         # one through its bytes (two copies of it).
-        stored = partial(members)
-        written = 0 if stored >= LARGE_BYTES else 2 * stored
-        return int((2 if gptaq else 1) * block + staged_read() + 4 * acts * (2 if gptaq else 1) + sums + fold
-                   + written + kept)
+        return int(accumulate + (0 if stored >= LARGE_BYTES else 2 * stored))
     if task.kind == "solve":
-        # The weight in float32 beside the larger of two moments (bench/solve_peak.py measures them):
-        # - the reduction: the float64 total of H while a partial's float32 Gram is added to it (a large stored
-        #   partial is read one tensor at a time, each freed once added; a small one is held whole), and for
-        #   GPTAQ the running float64 W D [out, in] beside the partial's float32 one;
-        # - the solve: the factorisation in H's own storage, the float64 factor then its float32 half, and
-        #   [out, in] terms: plain GPTQ its work copy, codes and dequantized weight (16 bytes a weight); GPTAQ W
-        #   and W D in float64 and the target's two triangular products (32 bytes a weight).
-        out_in = block_plan(groups, task.block, task.tower)["shapes"][task.module] if groups else [hidden] * 2
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else [task.module]
-        cols, params = out_in[1], out_in[0] * out_in[1]
         stored = partial(members)
-        # A large partial's read, measured (tests/test_stats_store.py, 4096 columns): about one float32 [in, in]
-        # above the total, though its packed H is 0.63 of one.
-        read = held(stored) if stored < LARGE_BYTES else SUM_BYTES * cols ** 2
-        reduce_peak = 8 * cols ** 2 + read + (12 * params if gptaq else 0)
-        solve_peak = 8 * cols ** 2 + (32 if gptaq else 16) * params
-        return int(max(block, 4 * params + max(reduce_peak, solve_peak)))
+        # A large partial is read one tensor at a time, each freed once added (measured at 4096 columns,
+        # tests/test_stats_store.py: about one float32 [in, in] above the total, though its packed H is 0.63
+        # of one); a small one is held whole.
+        out_in = block_plan(groups, task.block, task.tower)["shapes"][task.module] if groups else [hidden] * 2
+        read = held(stored) if stored < LARGE_BYTES else SUM_BYTES * out_in[1] ** 2
+        return int(max(block, solve_peak(task.module, read)))
     if task.kind == "propagate":
         # The block as built, its quantized weights rebuilt a few rows at a time (steps.apply_stored_qweight),
         # a batch's intermediates; and about a block more, measured at Qwen2-VL-7B (1.1 to 1.4 GB over runs,
@@ -708,13 +745,14 @@ def progress_summary(manifest: dict, committed: set[str], groups: dict | None) -
     for t in tasks:
         c = per_kind.setdefault(t.kind, [0, 0])
         c[1] += 1
-        c[0] += all(k in committed for k in outputs(t, manifest))
+        c[0] += all(k in committed for k in outputs(t, manifest, groups))
     job = manifest["job"]
     reached = 0
     for b in range(manifest["n_blocks"]):
         if all(keys.acts(job, "q", b, k) in committed for k in range(len(manifest["shards"]))):
             reached = b
-    qweights_done = sum(1 for t in tasks if t.kind == "solve" and keys.qweights(job, t.block, t.module) in committed)
+    qweights_done = sum(1 for t in tasks if t.kind in ("solve", "quantize")
+                        for k in outputs(t, manifest, groups) if k in committed)
     return {"tasks": per_kind, "done": sum(c[0] for c in per_kind.values()),
             "total": sum(c[1] for c in per_kind.values()), "plan_complete": groups is not None,
             "block": reached, "blocks": manifest["n_blocks"], "shards": len(manifest["shards"]),

@@ -19,7 +19,7 @@ import numpy as np
 # The order run_local times its stages in (tlq_report.json stores them sorted by name).
 STAGE_ORDER = ("load", "calibration data", "vision blocks", "capture", "importance pass", "decoder blocks", "export")
 # The order a farm job's task kinds run in (its report's stages are task kinds).
-KIND_ORDER = ("embed", "groups", "importance", "weights", "stats", "solve", "propagate", "export")
+KIND_ORDER = ("embed", "groups", "importance", "weights", "stats", "solve", "quantize", "propagate", "export")
 # Fields of tlq_report.json that differ from run to run (wall clock, memory); every other field, like the
 # checkpoint files, is the same for any number of workers and after any crash.
 RUN_FIELDS = ("time", "timeline", "peak_memory", "store_io")

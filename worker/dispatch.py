@@ -202,7 +202,7 @@ def stall_reason(store_url: str, job: str, ready: list, records: list[dict]) -> 
 
 
 # Kinds that read a shard's activations: sent to the worker that wrote them when it is idle.
-AFFINE_KINDS = ("forward", "backward", "weights", "stats", "propagate")
+AFFINE_KINDS = ("forward", "backward", "weights", "stats", "quantize", "propagate")
 AFFINITY_WAIT_S = 10
 
 
