@@ -7,7 +7,6 @@ after it took that task's message and before it marks the task running, once per
 from __future__ import annotations
 
 import logging
-import os
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,7 +36,9 @@ def run_task(store_url: str, job: str, task: dict) -> str:
     mark = mark_id(store_url, t.task_id(job))
     r = redis_client()
     STATE.current = mark
-    r.set(running_key(mark), STATE.id, ex=int(os.environ.get("TLQ_RUNNING_TTL", 30)))
+    # The heartbeat record says busy from now on, not from the next beat: an advance in between would send
+    # this worker the tasks whose shards it holds (dispatch.affine_worker) and leave them waiting behind this one.
+    STATE.beat()
     r.delete(queued_key(mark))
     store = dispatch.store_for(store_url)
     try:
