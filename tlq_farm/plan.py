@@ -690,7 +690,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             # Then the blocks are let go and each linear solved from the group's sums as a solve task would from
             # a large partial (its whole float32 Gram added to the float64 total, then freed); for GPTAQ every
             # linear's W D is held until its own solve.
-            cols = (block_plan(groups, task.block, task.tower)["in_features"] if groups else {})
+            cols = blk["in_features"] if groups else {}
             wd = sum(SUM_BYTES * blk["shapes"][m][0] * blk["shapes"][m][1] for m in members) if gptaq and groups else 0
             solves = max((solve_peak(m, SUM_BYTES * cols.get(m, hidden) ** 2) for m in members), default=0)
             return int(max(accumulate, kept + wd + solves))
