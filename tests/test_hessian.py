@@ -207,3 +207,51 @@ def test_partials_stored_as_their_upper_block_triangle_reduce_to_the_same_number
     with pytest.raises(ValueError, match="no Gram's upper block triangle"):
         reduce_partials([{"H_upper": torch.zeros(upper_length(n) + 1), "w_sum": torch.tensor(1.0),
                           "tokens": torch.tensor(1)}])
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_products_with_the_weight_give_the_folded_cross_terms(uniform):
+    """W D and tr(W Hfp W^T) summed token by token (start_sums' product_rows) against float64 loops over the
+    tokens, and against the [in, in] sums D and Hfp folded with W (fold_cross_terms); a token of weight 0 leaves
+    them as if absent."""
+    from tlq_farm.quant import add_tokens, finish_sums, fold_cross_terms, start_sums
+
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f = 24, 80
+    W = torch.randn(out_f, in_f, generator=g)
+    batches = []
+    for n in (17, 9):
+        xq = torch.randn(2, n, in_f, generator=g)
+        xf = xq + 0.05 * torch.randn(2, n, in_f, generator=g)
+        w = torch.ones(2, n) if uniform else torch.rand(2, n, generator=g)
+        if not uniform:
+            w[0, 3] = 0.0
+            xf[0, 3] = 1e3  # weight 0: must leave no trace
+        batches.append((xq, xf, w))
+    direct = start_sums(in_f, product_rows=out_f)
+    grams = start_sums(in_f, cross=True, need_fp_gram=True)
+    for xq, xf, w in batches:
+        add_tokens(direct, xq, w, xf, W)
+        add_tokens(grams, xq, w, xf)
+    finish_sums(direct), finish_sums(grams)
+    W64 = W.double()
+    wd = torch.zeros(out_f, in_f, dtype=torch.float64)
+    whw = torch.zeros((), dtype=torch.float64)
+    for xq, xf, w in batches:
+        for x_q, x_f, wt in zip(xq.reshape(-1, in_f).double(), xf.reshape(-1, in_f).double(), w.reshape(-1).double()):
+            if wt > 0:
+                wd += wt * torch.outer(W64 @ (x_f - x_q), x_q)
+                whw += wt * (W64 @ x_f).square().sum()
+    assert set(direct) == {"H", "WD", "WHfpW", "w_sum", "tokens"}
+    torch.testing.assert_close(direct["H"], grams["H"], rtol=0, atol=0)
+    torch.testing.assert_close(direct["WD"].double(), wd, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(direct["WHfpW"], whw, rtol=1e-6, atol=0)
+    folded = fold_cross_terms(W, grams)
+    torch.testing.assert_close(direct["WD"], folded["WD"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(direct["WHfpW"], folded["WHfpW"], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="weight exactly when"):
+        add_tokens(direct, *batches[0][:3])
+    with pytest.raises(ValueError, match="weight has shape"):
+        add_tokens(direct, *batches[0][:3], W[:-1])
+    with pytest.raises(ValueError, match="cross=False"):
+        start_sums(in_f, cross=True, product_rows=out_f)

@@ -164,6 +164,11 @@ def test_statistics_are_the_float64_per_sample_sums_and_the_solve_follows(job, r
     store, job_id, spec = job
     ctx = steps.job_context(store, job_id)
     gptaq = spec.quant.method == "gptaq"
+    if gptaq:  # both ways of summing the GPTAQ terms are checked below: down_proj's from products with its weight
+        blk0 = ctx.groups["blocks"][0]
+        products = [plan.product_cross_terms(ctx.manifest["spec"]["quant"], members, blk0["inputs"], blk0["shapes"])
+                    for members in blk0["groups"]]
+        assert [m for p in products for m in p] == ["mlp.down_proj"]
     for b in range(ctx.manifest["n_blocks"]):
         groups = ctx.groups["blocks"][b]["groups"]
         q_in = [(c.hidden, c.kwargs(b)) for c in _all_samples(ctx, lambda k: ctx.captured("q", b, k))]

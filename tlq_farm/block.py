@@ -530,7 +530,7 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
                      act_bits: int | None = None, act_names: list[str] | None = None,
                      fp_block: nn.Module | None = None, fp_inputs=None, need_fp_gram: bool = False,
                      dtype: torch.dtype = torch.float32, stop_early: bool = True,
-                     q_reuse=None, fp_reuse=None) -> dict[str, dict]:
+                     q_reuse=None, fp_reuse=None, products=()) -> dict[str, dict]:
     """Statistics of the named linears over the given samples, summed in place batch by batch.
 
     q_inputs (and fp_inputs): sample inputs (packed here into batches, make_batches) with token_weights one
@@ -543,6 +543,8 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
     stop_early: each forward stops once every named linear has had its input (the rest of the block does not
     change it); only valid where no linear is called twice in a forward (called_once).
     q_reuse / fp_reuse: open ForwardReuse stages of the two blocks; each forward names its batch to them.
+    products: GPTAQ linears, each fed an input of its own (plan.product_cross_terms), whose sums hold W D and
+    tr(W Hfp W^T) summed token by token from products with their weight instead of D and Hfp (add_tokens).
     """
     current_w: dict[str, torch.Tensor] = {}
     fp_x: dict[str, torch.Tensor] = {}
@@ -552,6 +554,9 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
     batch_no = [0]
     pending: set[str] = set()       # linears of the group not yet reached in this forward
     raw_x: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}  # products: each such linear's weight in the sums' dtype
+    if products and fp_block is None:
+        raise ValueError("products are GPTAQ's terms: they need the full-precision block and its inputs")
 
     def raw_hook(name):
         # Runs before activation fake-quantization: linears fed the same tensor are recognised by it even
@@ -569,11 +574,20 @@ def accumulate_stats(block: nn.Module, q_inputs, token_weights, names: list[str]
                 owner[name] = seen.get(key, name)
             o = owner[name]
             if o == name:
+                weight = None
+                if name in products:
+                    weight = weights.get(name)
+                    if weight is None:  # the group's own linears are not quantized while their sums run
+                        weight = weights[name] = _m.weight.detach().to(dtype)
                 if o not in sums:
-                    sums[o] = start_sums(x.shape[-1], cross=fp_block is not None, need_fp_gram=need_fp_gram,
-                                         dtype=dtype, device=x.device)
-                add_tokens(sums[o], x, current_w[name], xf)
+                    sums[o] = start_sums(x.shape[-1], cross=fp_block is not None and weight is None,
+                                         need_fp_gram=need_fp_gram and weight is None, dtype=dtype, device=x.device,
+                                         product_rows=None if weight is None else weight.shape[0])
+                add_tokens(sums[o], x, current_w[name], xf, weight)
                 seen[key] = name
+            elif o in products or name in products:
+                raise RuntimeError(f"{name} and {o} are fed the same input, but {o if o in products else name}'s "
+                                   f"GPTAQ terms were planned as its own (plan.product_cross_terms)")
             elif seen.get(key) != o:
                 raise RuntimeError(f"{name} shared its input with {o} on an earlier batch but not on batch "
                                    f"{batch_no[0]}: the block's data flow changed between batches")

@@ -124,6 +124,21 @@ def group_owners(members: list[str], classes: list[list[str]] | None, per_module
     return owners
 
 
+def product_cross_terms(quant: dict, members: list[str], classes: list[list[str]] | None,
+                        shapes: dict[str, list[int]] | None) -> list[str]:
+    """GPTAQ linears of a group whose W D and tr(W Hfp W^T) are summed token by token from products with their
+    own weight (3 out in multiply-adds a token) rather than folded from the [in, in] sums D and Hfp (1.5 in^2):
+    those fed an input of their own with out <= in / 2 (at equality the same flops, and an [out, in] sum held
+    instead of two [in, in] ones), such as down_proj (at Qwen2-VL-7B 204 M against 548 M a
+    token, and two float32 [in, in] sums of 1.4 GB each not held). Fixed by the shapes, never by the workers."""
+    if quant["method"] != "gptaq" or not shapes:
+        return []
+    per_module = quant["importance"] in PER_MODULE_IMPORTANCE
+    shared = set() if per_module else {n for c in classes or [] if len([m for m in c if m in members]) > 1
+                                       for n in c}
+    return [m for m in members if m not in shared and m in shapes and 2 * shapes[m][0] <= shapes[m][1]]
+
+
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -666,7 +681,7 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
         # The block (with the earlier groups' qweights; for GPTAQ the float block too) as built and as read,
         # one shard of each chain alive at a time, the running sums while they are written.
         # For GPTAQ the running sums are H, D and Hfp per owner until each linear's W D and W Hfp (for its
-        # trace) are taken from them.
+        # trace) are taken from them; where those are summed as products (product_cross_terms) only H.
         members = block_plan(groups, task.block, task.tower)["groups"][task.group] if groups else []
         sums, fold = 0, 0
         if groups:
@@ -675,8 +690,15 @@ def estimate_memory(task: Task, manifest: dict, groups: dict | None) -> int:
             acts = max(shard_acts[k] for k in shards)
             blk = block_plan(groups, task.block, task.tower)
             owners = group_owners(members, blk.get("inputs"), quant["importance"] in PER_MODULE_IMPORTANCE)
-            sums = sum(SUM_BYTES * blk["in_features"][o] ** 2 for o in owners) * (3 if gptaq else 1)
-            fold = 2 * SUM_BYTES * max(blk["shapes"][m][0] * blk["shapes"][m][1] for m in members) if gptaq else 0
+            products = product_cross_terms(quant, members, blk.get("inputs"), blk.get("shapes"))
+            # A product linear's: H, its running W D and its weight in the sums' dtype (a copy where the block
+            # computes in bf16).
+            sums = sum(SUM_BYTES * (blk["in_features"][o] ** 2 + 2 * blk["shapes"][o][0] * blk["in_features"][o]
+                                    if o in products else (3 if gptaq else 1) * blk["in_features"][o] ** 2)
+                       for o in owners)
+            folded = [m for m in members if m not in products]
+            fold = 2 * SUM_BYTES * max(blk["shapes"][m][0] * blk["shapes"][m][1] for m in folded) \
+                if gptaq and folded else 0
         # Kept for the block's later forwards (tlq_farm.reuse): outputs of the linears before the group, and of
         # the submodules they make up, for each shard of each chain, within REUSE_BYTES.
         kept = 0

@@ -674,9 +674,12 @@ def group_sums(ctx: JobContext, task: Task) -> tuple[dict[str, torch.Tensor], di
                                                        final_modules(block, groups, g), keep=keep[name],
                                                        tails=tail_linears(block, groups, g)))
                  for name, block in (("q", blk), ("fp", fp_blk)) if once and block is not None}
+        products = plan.product_cross_terms(ctx.manifest["spec"]["quant"], groups[g], block_plan.get("inputs"),
+                                            block_plan.get("shapes"))
         stats = B.accumulate_stats(blk, chain("q"), None, groups[g], act_bits=q.act_bits, act_names=ctx.names(b, t),
                                    fp_block=fp_blk, fp_inputs=chain("fp") if gptaq else None, need_fp_gram=gptaq,
-                                   stop_early=once, q_reuse=reuse.get("q"), fp_reuse=reuse.get("fp"))
+                                   stop_early=once, q_reuse=reuse.get("q"), fp_reuse=reuse.get("fp"),
+                                   products=products)
     for name in [n for n in keep if not keep[n]]:
         for k in shards:
             REUSE.forget(reuse_scope(ctx, t, b, name), (k,))
@@ -684,13 +687,14 @@ def group_sums(ctx: JobContext, task: Task) -> tuple[dict[str, torch.Tensor], di
     out = {}
     if gptaq:  # each linear's W D and tr(W Hfp W^T) instead of the owner's [in, in] D and Hfp
         for m in owners:
-            folded = fold_cross_terms(blk.get_submodule(m).weight.detach(), stats[m])
+            folded = {n: stats[m][n] for n in ("WD", "WHfpW")} if m in products else \
+                fold_cross_terms(blk.get_submodule(m).weight.detach(), stats[m])
             out.update({f"{m}{SEP}{name}": x for name, x in folded.items()})
     for m in sorted(set(owners.values())):
         sums = stats[m]
         # H as its upper block triangle, packed in its own storage: half the bytes of a symmetric sum.
         out.update({f"{m}{SEP}{'H_upper' if name == 'H' else name}": pack_upper_(x) if name == "H" else x
-                    for name, x in sums.items() if name not in ("D", "Hfp")})
+                    for name, x in sums.items() if name not in ("D", "Hfp", "WD", "WHfpW")})
     return out, owners
 
 

@@ -135,32 +135,48 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def start_sums(in_features: int, *, cross: bool = False, need_fp_gram: bool = False,
-               dtype: torch.dtype = torch.float32, device="cpu") -> dict[str, torch.Tensor]:
-    """Zeroed running sums for one linear's input (see add_tokens); cross: GPTAQ's D, need_fp_gram: Hfp."""
+               dtype: torch.dtype = torch.float32, device="cpu", product_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Zeroed running sums for one linear's input (see add_tokens); cross: GPTAQ's D, need_fp_gram: Hfp.
+    product_rows: the linear's out_features, for GPTAQ's terms summed as products with its weight (W D and
+    tr(W Hfp W^T) token by token, add_tokens with `weight`) instead of through D and Hfp."""
     if need_fp_gram and not cross:
         raise ValueError("need_fp_gram=True needs the cross term too (x_fp, the full-precision chain's inputs)")
+    if product_rows is not None and cross:
+        raise ValueError("product_rows sums W D itself: start the sums without D and Hfp (cross=False)")
     sums = {"H": torch.zeros(in_features, in_features, dtype=dtype, device=device)}
     if cross:
         sums["D"] = torch.zeros_like(sums["H"])
     if need_fp_gram:
         sums["Hfp"] = torch.zeros_like(sums["H"])
+    if product_rows is not None:
+        sums["WD"] = torch.zeros(product_rows, in_features, dtype=dtype, device=device)
+        sums["WHfpW"] = torch.zeros((), dtype=torch.float64, device=device)
     sums["w_sum"] = torch.zeros((), dtype=torch.float64, device=device)
     sums["tokens"] = torch.zeros((), dtype=torch.int64, device=device)
     return sums
 
 
 def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: torch.Tensor,
-               x_fp: torch.Tensor | None = None) -> None:
+               x_fp: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
     """Add one batch of tokens to running sums in place, in the sums' dtype (no per-batch partial is kept).
 
     x_q: layer inputs on the quantized chain, [..., in]; token_weights: w_t >= 0, shape x_q.shape[:-1];
-    x_fp: the same inputs on the full-precision chain, needed when the sums hold D. Tokens of weight 0 are
-    dropped before any arithmetic, so they leave the sums exactly as if absent.
+    x_fp: the same inputs on the full-precision chain, needed when the sums hold D or W D. weight: the
+    linear's W [out, in], for sums started with product_rows: W D += sum_t w_t (W dx_t) x~_t^T with
+    dx_t = x_t - x~_t, and tr(W Hfp W^T) += sum_t w_t ||W x_t||^2 (3 out in multiply-adds a token against
+    1.5 in^2 for D and Hfp: fewer where out < in / 2, as for down_proj). Tokens of weight 0 are dropped before
+    any arithmetic, so they leave the sums exactly as if absent.
     """
     dtype = sums["H"].dtype
-    if ("D" in sums) != (x_fp is not None):
+    crossed = "D" in sums or "WD" in sums
+    if crossed != (x_fp is not None):
         raise ValueError("these sums were started with cross=%s but x_fp is %s: give x_fp exactly when the "
-                         "GPTAQ cross term is accumulated" % ("D" in sums, "missing" if x_fp is None else "given"))
+                         "GPTAQ cross term is accumulated" % (crossed, "missing" if x_fp is None else "given"))
+    if ("WD" in sums) != (weight is not None):
+        raise ValueError("give the linear's weight exactly when the sums hold W D (start_sums' product_rows)")
+    if weight is not None and tuple(weight.shape) != tuple(sums["WD"].shape):
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but these sums hold W D of "
+                         f"{tuple(sums['WD'].shape)}")
     if x_fp is not None and tuple(x_fp.shape) != tuple(x_q.shape):
         raise ValueError(
             f"x_fp has shape {tuple(x_fp.shape)} but x_q has {tuple(x_q.shape)}: both chains must give the "
@@ -187,9 +203,17 @@ def add_tokens(sums: dict[str, torch.Tensor], x_q: torch.Tensor, token_weights: 
         if not _all_finite(Xfp):
             raise ValueError("x_fp contains NaN or inf on tokens of nonzero weight: check the full-precision "
                              "chain's activations")
-        sums["D"].addmm_((Xfp - Xq).T if ones else ((Xfp - Xq) * wc).T, Xq)
-        if "Hfp" in sums:
-            add_gram_(sums["Hfp"], Xfp if ones else Xfp * wc, Xfp)
+        if weight is None:
+            sums["D"].addmm_((Xfp - Xq).T if ones else ((Xfp - Xq) * wc).T, Xq)
+            if "Hfp" in sums:
+                add_gram_(sums["Hfp"], Xfp if ones else Xfp * wc, Xfp)
+        else:
+            W = weight.to(dtype)
+            R = (Xfp - Xq) @ W.T  # W dx_t, [tokens, out]: the input difference taken before the product
+            sums["WD"].addmm_(R.T if ones else (R * wc).T, Xq)
+            del R
+            squares = (Xfp @ W.T).square_().sum(1, dtype=torch.float64)
+            sums["WHfpW"] += squares.sum() if ones else (squares * w).sum()
     sums["w_sum"] += w.sum()
     sums["tokens"] += n_kept
 
