@@ -99,6 +99,34 @@ def test_stall_reason_names_idle_ready_work(redis_server):
     assert dispatch.stall_reason(store_url, job, ready, live) is None
 
 
+def test_an_affine_task_goes_to_an_idle_holder_of_its_shards_with_nothing_queued(redis_server):
+    """A task whose shards a worker holds goes to that worker only while it is idle with an empty queue of its
+    own; otherwise to the next holder, or to its class queue (None), never to wait behind another job's task."""
+    r = redis_server.client
+    store_url, job = "s3://tlq-farm-test/affine", "job3"
+    # One statistics partition over both shards (an [64, 64] Gram outweighs them): a quantize task reads both.
+    manifest = {"shards": [[0, 1], [1, 2]], "shard_tokens": [10, 10], "sizes": {"hidden": 8},
+                "spec": {"quant": {"method": "gptq", "importance": "uniform"}}}
+    groups = {"blocks": [{"groups": [["a"]], "in_features": {"a": 64}, "inputs": [["a"]], "shapes": {"a": [8, 64]}}]}
+    task = Task("quantize", block=0, group=0)
+    assert dispatch.plan.task_shards(task, manifest, groups) == [0, 1]
+    live = {w: fake_worker(r, w) for w in ("w1", "w2")}
+    r.set(worker_app.affinity_key(store_url, job, 0), "w2")
+    r.set(worker_app.affinity_key(store_url, job, 1), "w2")
+
+    def pick():
+        return dispatch.affine_worker(r, store_url, job, task, 1, live, manifest, groups)
+
+    assert pick() == "w2"
+    r.set(worker_app.affinity_key(store_url, job, 1), "w1")  # one shard each: the first id of the two
+    assert pick() == "w1"
+    r.rpush(worker_app.personal_queue("w1"), b"another job's task")
+    assert pick() == "w2"
+    live["w2"] = dict(live["w2"], task="running something")
+    assert pick() is None
+    assert dispatch.affine_worker(r, store_url, job, Task("export"), 1, live, manifest, groups) is None  # not affine
+
+
 def test_store_allow_list():
     allowed = [worker_app.normalize_store_url(u) for u in ("s3://farm/runs/", "/srv/tlq")]
     assert worker_app.store_refusal("s3://farm/runs", allowed) is None

@@ -190,6 +190,21 @@ def test_flags(store):
     assert not store.exists_raw(flag)
 
 
+def test_s3_lookups_are_ranged_gets_not_listings(s3_store_factory):
+    """is_committed and exists_raw ask S3 for one byte of the object (a listing costs 12.5 x a GET on S3):
+    an empty flag, an object, a marker, and a missing key each answered by one GetObject."""
+    store = s3_store_factory()
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3", lambda model, **kw: calls.append(model.name))
+    flag, key = keys.cancel_flag(JOB), keys.spec(JOB)
+    store.put_flag(flag, b"")
+    store.put_bytes(key, b"x" * 5000)
+    calls.clear()
+    assert store.exists_raw(flag) and store.exists_raw(key) and store.is_committed(key)
+    assert not store.exists_raw(keys.cancel_flag("job-9")) and not store.is_committed(keys.spec("job-9"))
+    assert calls == ["GetObject"] * 5
+
+
 def test_put_file_get_file(store, tmp_path):
     source = tmp_path / "source.bin"
     data = os.urandom(300_000)

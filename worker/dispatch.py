@@ -209,14 +209,17 @@ AFFINITY_WAIT_S = 10
 def affine_worker(r, store_url: str, job: str, task, need: int, live: dict, manifest: dict,
                   groups: dict | None) -> str | None:
     """The live, idle worker that last read or wrote most of this task's shards (they are in its cache), if
-    its memory class fits the task."""
+    its memory class fits the task. Idle: its record names no task and nothing waits in its own queue (a
+    task another job's advance sent it; the worker that calls this counts as idle by its record). Otherwise
+    two jobs' chains whose shards one worker holds both go there, one waiting behind the other, while another
+    worker has nothing (docs/benchmarks.md, "Farm")."""
     if task.kind not in AFFINE_KINDS:
         return None
     shards = plan.task_shards(task, manifest, groups)
     owners = [o.decode() for o in r.mget([affinity_key(store_url, job, k) for k in shards]) if o] if shards else []
     for owner in sorted(set(owners), key=lambda o: (-owners.count(o), o)):
         w = live.get(owner)
-        if w and not w.get("task") and (w.get("class_bytes") or 0) >= need:
+        if w and not w.get("task") and (w.get("class_bytes") or 0) >= need and not r.llen(personal_queue(w["id"])):
             return w["id"]
     return None
 

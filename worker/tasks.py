@@ -47,6 +47,9 @@ def run_task(store_url: str, job: str, task: dict) -> str:
     finally:
         STATE.current = None
         r.delete(running_key(mark))
+        # And idle as soon as it is: until its next beat other workers' advances would take it for busy and
+        # send the tasks whose shards it holds elsewhere (to a busy worker, where they wait).
+        STATE.beat()
     if status == "computed":  # the shards it read or wrote are in this worker's cache now
         ctx = steps.job_context(store, job)
         for k in plan.task_shards(t, ctx.manifest, ctx.groups if t.kind not in ("embed", "groups") else None):
