@@ -343,3 +343,21 @@ def test_a_packed_batch_lays_out_each_sample_as_one_at_a_time_would():
         assert not batch.hidden[pad].any()
         for r, t in pad.nonzero().tolist():
             assert mask[r, t].nonzero().reshape(-1).tolist() == [t]
+
+
+def test_a_handed_out_batch_is_freed_once_its_forward_is_done():
+    """block.handed_out: the list keeps no batch it has handed out, so a shard's packed copies do not all stay
+    alive until its last forward; every batch comes once, in order."""
+    import gc
+    import weakref
+
+    inputs = [(torch.randn(1, 256, 8), {"position_ids": torch.arange(256).reshape(1, 256)}) for _ in range(6)]
+    batches = B.make_batches(inputs, batch_tokens=512)
+    assert len(batches) == 3
+    refs, order = [weakref.ref(b) for b in batches], []
+    for batch in B.handed_out(batches):
+        order.append(batch.index)
+        del batch
+        gc.collect()
+        assert refs[len(order) - 1]() is None  # gone as soon as its consumer let go of it
+    assert order == [[0, 1], [2, 3], [4, 5]] and batches == [None] * 3

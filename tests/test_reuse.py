@@ -184,28 +184,70 @@ def file_mappings() -> list[tuple[int, int, str]]:
     return out
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
-def test_kept_outputs_live_in_unlinked_files_and_change_no_number(tmp_path, monkeypatch):
+@pytest.fixture
+def kept_dir(tmp_path, monkeypatch):
+    """The temporary directory that kept outputs are spilled to."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def run_spilled(look) -> ForwardReuse:
+    """The toy's stages with every kept output spilled to a file (look(stage, reuse) after each), checked to
+    give the numbers of a run that keeps nothing; returns the run's ForwardReuse."""
     x = torch.randn(3, 8)
     expected = stages(Toy(), ForwardReuse(0), x)
-    reuse, seen = ForwardReuse(1 << 20, spill_from=0), {}
+    reuse = ForwardReuse(1 << 20, spill_from=0)
+    got = stages(Toy(), reuse, x, tails=True, look=look)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    return reuse
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_kept_outputs_live_in_unlinked_files_and_change_no_number(kept_dir):
+    seen = {}
 
     def look(g, r):
         tensors = [t for e in r.entries.values() for t in _tensors(e.output)]
         maps = file_mappings()
         seen[g] = (len(tensors), all(any(a <= t.data_ptr() < b and p.endswith("(deleted)") for a, b, p in maps)
                                      for t in tensors))
-        assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+        assert list(kept_dir.iterdir()) == []  # unlinked as soon as mapped
 
-    got = stages(Toy(), reuse, x, tails=True, look=look)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    reuse = run_spilled(look)
     assert seen[1] == (1, True) and seen[3] == (2, True)  # attn as a2's input; then attn, mlp as m2's input
     # The last stage served and dropped them: their files are no longer mapped.
     assert not reuse.entries and reuse.nbytes == 0
-    assert not [m for m in file_mappings() if str(tmp_path) in m[2]]
+    assert not [m for m in file_mappings() if str(kept_dir) in m[2]]
+
+
+def kept_resident_kib() -> dict[int, int]:
+    """Start address -> resident KiB of each mapping of a kept-output file (/proc/self/smaps)."""
+    out, start = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:  # a mapping's header line
+                start = int(parts[0].split("-")[0], 16) if len(parts) == 6 and "tlq-kept-" in parts[5] else None
+            elif start is not None and parts[0] == "Rss:":
+                out[start] = int(parts[1])
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_a_served_kept_output_leaves_memory_when_its_batch_ends(kept_dir):
+    resident, hits = {}, {}
+
+    def look(g, r):
+        starts = [t.untyped_storage().data_ptr() for e in r.entries.values() for t in _tensors(e.output)]
+        rss = kept_resident_kib()
+        resident[g], hits[g] = sorted(rss.get(a, -1) for a in starts), r.hits
+
+    run_spilled(look)
+    # Stage 3 served attn (kept at stage 2) and read its page; once the batch's forward ended, no kept
+    # output of the block is resident, and the next stage is served the same numbers from the file.
+    assert hits[3] > hits[2] and resident[3] == [0, 0] and resident[2] == [0]
 
 
 def test_kept_outputs_stay_in_memory_where_no_file_can_be_written(tmp_path, monkeypatch):

@@ -421,6 +421,17 @@ def make_batches(inputs: list[SampleInput], token_weights=None, batch_tokens: in
     return batches
 
 
+def handed_out(batches: list[Batch]):
+    """The batches one by one, each slot of the list emptied as it is handed out: a batch's packed copy is freed
+    once its forward is done, not when the last batch of the shard is."""
+    def take(j: int) -> Batch:
+        batch, batches[j] = batches[j], None
+        return batch
+
+    for j in range(len(batches)):
+        yield take(j)  # not held in this frame while the consumer runs
+
+
 def _as_batches(inputs, token_weights=None, pack: bool = True):
     """Batches as given, or sample inputs (a list, or any iterable, which is read whole) packed into batches
     (make_batches)."""
@@ -430,7 +441,7 @@ def _as_batches(inputs, token_weights=None, pack: bool = True):
         return []
     if isinstance(first, Batch):
         return itertools.chain([first], it)
-    return make_batches([first, *it], token_weights, pack=pack)
+    return handed_out(make_batches([first, *it], token_weights, pack=pack))
 
 
 def run_batches(block: nn.Module, batches, reuse=None) -> list[torch.Tensor]:

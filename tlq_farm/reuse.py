@@ -121,11 +121,34 @@ def _spilled(t: torch.Tensor) -> torch.Tensor:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
-        return torch.from_file(path, shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+        mapped = torch.from_file(path, shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+        mapped._tlq_spilled = True  # its storage is a whole private file mapping (_release_pages)
+        return mapped
     except (OSError, RuntimeError):  # disk full, a mapping refused
         return t
     finally:
         os.unlink(path)
+
+
+_MADV_DONTNEED = 4
+
+
+def _release_pages(tensors: list[torch.Tensor]) -> None:
+    """Take the pages of spilled tensors (_spilled) out of this process's memory (madvise MADV_DONTNEED on
+    their private file mapping): their next use reads them back from the page cache, the same bytes, since
+    a served entry is unchanged (its versions are checked before each serve and here). Without this, every
+    kept output a stage has served stays resident until its entry is dropped: at hidden 1024, 64 x 256
+    tokens, the attention outputs of all 8 batches (64 MB) while the last group and the propagate ran."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    for t in tensors:
+        storage = t.untyped_storage()
+        if getattr(t, "_tlq_spilled", False) and storage.nbytes():
+            libc.madvise(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(storage.nbytes()), _MADV_DONTNEED)
 
 
 def _spill_output(output, spill_from: int):
@@ -229,7 +252,18 @@ class ForwardReuse:
         batches) an entry is dropped as it is served. tails (tail_linears of this stage): with keep, the
         input of each such linear is kept under its parent, where a probe shows that the parent returns the
         linear's output. The block's modules are restored on exit."""
-        handle = _Stage()
+        served: list[tuple] = []
+
+        def release_served():
+            # The batch's forward is over: what it was served leaves memory until the next stage asks for it.
+            for entry_key in served:
+                entry = self.entries.get(entry_key)
+                tensors = _tensors(entry.output) if entry is not None else None
+                if tensors and tuple(t._version for t in tensors) == entry.versions:
+                    _release_pages(tensors)
+            served.clear()
+
+        handle = _Stage(release_served)
 
         def wrap(name: str, module: nn.Module, run):
             def forward(*args, **kwargs):
@@ -239,6 +273,8 @@ class ForwardReuse:
                 if out is not None and not keep:
                     # A stage that keeps nothing is the entry's last use: its bytes go with this forward.
                     self._drop((scope, handle.key, name))
+                elif out is not None:
+                    served.append((scope, handle.key, name))
                 if isinstance(out, _TailInput):
                     out = block.get_submodule(out.linear)(out.x)
                     if keep:
@@ -265,11 +301,11 @@ class ForwardReuse:
                 if handle.key is None or self.max_bytes <= 0 or parent not in parent_call:
                     return None
                 if parent not in tail_ok:
-                    key, handle.key = handle.key, None  # the probe neither serves nor keeps
+                    key, handle._key = handle.key, None  # the probe neither serves nor keeps (nor ends a batch)
                     try:
                         tail_ok[parent] = _returns_its_linear(block, parent, name, *parent_call[parent])
                     finally:
-                        handle.key = key
+                        handle._key = key
                 if tail_ok[parent] and isinstance(args[0], torch.Tensor):
                     self.keep(scope, handle.key, parent, _TailInput(name, args[0]))
                 return None
@@ -277,6 +313,7 @@ class ForwardReuse:
 
         with contextlib.ExitStack() as patches:
             patches.callback(parent_call.clear)
+            patches.callback(release_served)
             for name in final:
                 module = block.get_submodule(name)
                 patches.enter_context(_forward_replaced(module, wrap(name, module, module.forward)))
@@ -288,7 +325,20 @@ class ForwardReuse:
 
 
 class _Stage:
-    key = None
+    """An open stage's handle: `key` names the batch of the next forward; setting it ends the last one's."""
+
+    def __init__(self, on_batch_end=lambda: None):
+        self._key = None
+        self._on_batch_end = on_batch_end
+
+    @property
+    def key(self):
+        return self._key
+
+    @key.setter
+    def key(self, value) -> None:
+        self._on_batch_end()
+        self._key = value
 
 
 @contextlib.contextmanager

@@ -659,9 +659,11 @@ def group_sums(ctx: JobContext, task: Task) -> tuple[dict[str, torch.Tensor], di
             weights = None
             if name == "q":  # a vision tower's tokens all weigh the same
                 weights = [torch.ones(h.shape[:-1]) for h, _ in inputs] if t else ctx.token_weights(b, k)
-            for j, batch in enumerate(B.make_batches(inputs, weights, pack=t is None)):
+            batches = B.make_batches(inputs, weights, pack=t is None)
+            del inputs, weights  # packed batches are copies: the shard's own tensors need not stay alive
+            for j, batch in enumerate(batches):
                 batch.key = (k, j)
-                yield batch
+            yield from B.handed_out(batches)
 
     with contextlib.ExitStack() as stack:
         # Where no linear runs twice in a forward, what the earlier groups alone compute is kept and served
@@ -835,7 +837,7 @@ def do_propagate(ctx: JobContext, task: Task) -> None:
             groups = block_plan["groups"]
             reuse = stack.enter_context(REUSE.stage(blk, reuse_scope(ctx, t, b, "q"),
                                                     final_modules(blk, groups, len(groups)), keep=False))
-        q_out = B.propagate(blk, batches, act_bits=q.act_bits, act_names=names, reuse=reuse)
+        q_out = B.propagate(blk, B.handed_out(batches), act_bits=q.act_bits, act_names=names, reuse=reuse)
     REUSE.forget(reuse_scope(ctx, t, b), (k,))  # the shard's last forward through this block
     put_tensors(ctx.store, keys.acts(ctx.job, "q", b + 1, k, t), _acts_tensors(start, q_out))
 
