@@ -31,6 +31,7 @@ without the entries (another worker, a restart, a full budget) computes them and
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -133,17 +134,27 @@ def _spilled(t: torch.Tensor) -> torch.Tensor:
 _MADV_DONTNEED = 4
 
 
+@functools.cache
+def _libc():
+    """The C library's functions (madvise), loaded once; None where it cannot be loaded."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def _release_pages(tensors: list[torch.Tensor]) -> None:
     """Take the pages of spilled tensors (_spilled) out of this process's memory (madvise MADV_DONTNEED on
     their private file mapping): their next use reads them back from the page cache, the same bytes, since
     a served entry is unchanged (its versions are checked before each serve and here). Without this, every
     kept output a stage has served stays resident until its entry is dropped: at hidden 1024, 64 x 256
     tokens, the attention outputs of all 8 batches (64 MB) while the last group and the propagate ran."""
-    try:
-        import ctypes
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
     for t in tensors:
         storage = t.untyped_storage()
@@ -169,6 +180,10 @@ class _Entry:
     output: object
     versions: tuple[int, ...]
     nbytes: int
+
+    def unchanged(self) -> bool:
+        """Whether no tensor of the kept output was changed in place since it was kept."""
+        return tuple(t._version for t in _tensors(self.output)) == self.versions
 
 
 @dataclass
@@ -212,8 +227,7 @@ class ForwardReuse:
         entry = self.entries.get((scope, key, module))
         if entry is None:
             return None
-        tensors = _tensors(entry.output)
-        if tuple(t._version for t in tensors) != entry.versions:
+        if not entry.unchanged():
             self._drop((scope, key, module))  # changed in place after it was kept: run the module again
             return None
         self.hits += 1
@@ -258,9 +272,8 @@ class ForwardReuse:
             # The batch's forward is over: what it was served leaves memory until the next stage asks for it.
             for entry_key in served:
                 entry = self.entries.get(entry_key)
-                tensors = _tensors(entry.output) if entry is not None else None
-                if tensors and tuple(t._version for t in tensors) == entry.versions:
-                    _release_pages(tensors)
+                if entry is not None and entry.unchanged():
+                    _release_pages(_tensors(entry.output))
             served.clear()
 
         handle = _Stage(release_served)
