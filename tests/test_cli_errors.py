@@ -400,7 +400,9 @@ def test_ctrl_c_in_an_embedded_run_says_how_to_go_on(files, tmp_path):
     store = tmp_path / "store"
     argv = [CLI, *map(str, run_args(Ctx(tmp_path, *files), "--store", store, "--create-store", "--out",
                                     tmp_path / "out"))]
-    env = {k: v for k, v in os.environ.items() if k not in BASE_ENV}
+    # Each task waits a second first (fault injection): the interrupt lands while tasks run, however fast the
+    # machine (the whole job takes about a second on a quick one, and a SIGINT after it exits by the signal).
+    env = dict({k: v for k, v in os.environ.items() if k not in BASE_ENV}, TLQ_FAULT_SLEEP="*:1")
     proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     while not (match := re.match(r"job ([0-9a-f]+) \(staged\) in ", seen[-1] if seen else "")):
