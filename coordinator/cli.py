@@ -515,6 +515,7 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
     from tlq_farm.store import keys
 
     last_advance = time.time()
+    events = dispatch.JobEvents(store.url, job)
     try:
         while True:
             # A full status lists the whole job: every poll when it is printed, else only as often as the
@@ -533,10 +534,12 @@ def _follow(store, job, out_dir, overwrite, quiet, every_s: float = 2.0, advance
                 if s["state"] == "stalled" or time.time() - last_advance > advance_every_s:
                     dispatch.advance(store.url, job, store)
                     last_advance = time.time()
-            time.sleep(every_s)
+            events.wait(every_s)  # ends early when a worker announces the job's end
     except KeyboardInterrupt:
         click.echo(f"\ndetached from job {job}; it goes on. Follow it with `tlq-farm status {job}`.", err=True)
         return
+    finally:
+        events.close()
     _finish(store, job, out_dir, overwrite)
 
 

@@ -6,6 +6,7 @@ import pytest
 from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
 
 from tlq_farm.store import CorruptObject, LocalStore
+from tlq_farm.store.base import sha256_hex
 from worker.cache import CachedStore
 
 
@@ -145,3 +146,24 @@ def test_files_are_served_from_the_cache_too_and_a_changed_object_is_downloaded(
     _raw_put(store, "jobs/j/staged/embed", bytes(len(PAYLOAD)))  # damaged behind the marker
     with pytest.raises(CorruptObject):
         cached.get_file("jobs/j/staged/embed", tmp_path / "d")
+
+
+def _operations(store) -> list[str]:
+    """The S3 operations `store`'s client sends from now on, in order (boto3's own event hook)."""
+    seen: list[str] = []
+    store.client.meta.events.register("before-call.s3", lambda model, **_: seen.append(model.name))
+    return seen
+
+
+def test_a_write_keeps_the_version_its_put_returned_so_the_next_hit_needs_one_lookup(s3_store_factory, tmp_path):
+    """The object's version (ETag and size) comes from the PUT's answer, not from a HEAD after it; it is the
+    token a HEAD reads back, so the next read is a hit: its marker and one HEAD, not a download."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    ops = _operations(store)
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD)
+    assert ops == ["DeleteObject", "PutObject", "PutObject"]  # marker withdrawn, object, marker
+    assert store._object_version("jobs/j/acts/x") == cached._recorded(sha256_hex(PAYLOAD), "jobs/j/acts/x")
+    del ops[:]
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
+    assert ops == ["GetObject", "HeadObject"] and (cached.hits, cached.misses, cached.repairs) == (1, 0, 0)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from coordinator.cli import main
-from tlq_farm import steps
+from tlq_farm import plan, steps
 from tlq_farm.pipeline import run_local
 from tlq_farm.staging import stage_job
 from tlq_farm.store import LocalStore, keys
@@ -155,6 +155,31 @@ def test_an_embedded_run_lists_the_job_a_few_times_and_reads_what_every_block_sh
     assert store.listings.count(keys.job_prefix(job)) == 4 and tasks > 20
     shared = [k for k in store.reads if "/kwargs/" in k or "/tokens/" in k]
     assert len(shared) == len(set(shared)) == 2 * len(get_json(store, keys.manifest(job))["shards"])
+
+
+def test_what_a_task_made_ready_is_found_from_a_complete_index_without_a_store_lookup(files, tmp_path):
+    """ready_after with an index of the committed keys (the farm keeps one in Redis) gives the same tasks as
+    marker lookups, and looks nothing up in the store; an index that cannot tell (None) falls back to them."""
+    store = CountingStore(tmp_path / "store")
+    job, _ = stage_job(store, job_spec(*files))
+    assert not steps.run_embedded(store, job, max_tasks=12)  # the embeds, the plan, block 0 part way
+    manifest, committed, groups, _ = steps.reconcile_job(store, job, {})
+    done = [t for t in plan.all_tasks(manifest, groups)
+            if t.kind != "groups" and all(k in committed for k in plan.outputs(t, manifest, groups))]
+    assert len(done) > 5
+    known_plan = {("manifest", store.url, job): manifest, ("groups", store.url, job): groups}
+    found, lookups = [], 0
+    for task in done:
+        store.lookups.clear()
+        by_markers = steps.ready_after(store, job, task, dict(known_plan))
+        lookups += len(store.lookups)
+        store.lookups.clear()
+        by_index = steps.ready_after(store, job, task, dict(known_plan),
+                                     index=lambda wanted: {k for k in wanted if k in committed})
+        assert by_index == by_markers and store.lookups == []
+        assert steps.ready_after(store, job, task, dict(known_plan), index=lambda wanted: None) == by_markers
+        found += by_markers
+    assert lookups > len(done) and found  # the markers were needed, and some tasks were ready
 
 
 def test_the_prefix_cache_keeps_what_its_budget_holds(files, tmp_path, monkeypatch):

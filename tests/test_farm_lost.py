@@ -127,6 +127,50 @@ def test_an_affine_task_goes_to_an_idle_holder_of_its_shards_with_nothing_queued
     assert dispatch.affine_worker(r, store_url, job, Task("export"), 1, live, manifest, groups) is None  # not affine
 
 
+def test_the_committed_index_answers_only_while_complete_and_drops_what_the_store_lost(redis_server, tmp_path):
+    """The farm's index of committed keys says nothing (None) until a listing made it complete, nor after Redis
+    lost it; a key committed after a listing stays, one the store no longer has goes at the next listing."""
+    from tlq_farm.store import LocalStore
+
+    r = redis_server.client
+    store = LocalStore(tmp_path / "store")
+    job = "job5"
+    a, b, c = (f"jobs/{job}/acts/{n}" for n in "abc")
+    for k in (a, b):
+        store.put_bytes(k, b"x")
+    index = dispatch.commit_index(r, store.url, job)
+    assert index([a]) is None
+    dispatch.note_committed(r, store.url, job, [a])
+    assert index([a]) is None  # what was added, but not yet a listing of the whole job
+    dispatch.index_listing(r, store, store.url, job, {a, b})
+    assert index([a, b, c]) == {a, b} and index([]) == set()
+    store.put_bytes(c, b"x")
+    dispatch.note_committed(r, store.url, job, [c])
+    dispatch.index_listing(r, store, store.url, job, {a, b})  # a listing taken before c was committed
+    assert index([a, b, c]) == {a, b, c}
+    store.delete(b)  # found corrupt and deleted by a reader
+    dispatch.index_listing(r, store, store.url, job, {a, c})
+    assert index([a, b, c]) == {a, c}
+    assert dispatch.commit_index(r, "s3://other/store", job)([a]) is None  # another store's job of that id
+    r.flushall()
+    assert index([a]) is None
+
+
+def test_a_follower_hears_the_end_of_its_job_and_only_of_its_job(redis_server):
+    """`tlq-farm run` sleeps between polls in JobEvents.wait: a worker's announcement of the job's end wakes
+    it; another job's, or the same job id in another store, does not."""
+    store_url, job = "s3://tlq-farm-test/events", "job6"
+    events = dispatch.JobEvents(store_url, job)
+    try:
+        dispatch._ended(redis_server.client, store_url, "other-job", "done")
+        dispatch._ended(redis_server.client, "s3://tlq-farm-test/elsewhere", job, "done")
+        assert events.wait(0.5) is None
+        dispatch._ended(redis_server.client, store_url, job, "cancelled")
+        assert events.wait(60) == "cancelled"
+    finally:
+        events.close()
+
+
 def test_store_allow_list():
     allowed = [worker_app.normalize_store_url(u) for u in ("s3://farm/runs/", "/srv/tlq")]
     assert worker_app.store_refusal("s3://farm/runs", allowed) is None

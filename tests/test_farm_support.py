@@ -29,13 +29,18 @@ def make_job_files(root: Path, n_samples: int = 6) -> tuple[Path, Path]:
 
 
 class CountingStore(LocalStore):
-    """A folder store that lists the keys of the objects it reads (get_bytes and get_file), and the prefixes
-    it lists (list_committed)."""
+    """A folder store that lists the keys of the objects it reads (get_bytes and get_file), the prefixes
+    it lists (list_committed) and the markers it looks up (is_committed)."""
 
     def __init__(self, root):
         super().__init__(root)
         self.reads = []
         self.listings = []
+        self.lookups = []
+
+    def is_committed(self, key):
+        self.lookups.append(key)
+        return super().is_committed(key)
 
     def list_committed(self, prefix=""):
         self.listings.append(prefix)

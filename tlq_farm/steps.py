@@ -1268,7 +1268,7 @@ def reconcile_job(store: Store, job: str, cache: dict | None = None, targets=Non
     return manifest, committed, groups, plan.reconcile(manifest, committed, groups, wanted)
 
 
-def ready_after(store: Store, job: str, task: Task, cache: dict) -> list[Task] | None:
+def ready_after(store: Store, job: str, task: Task, cache: dict, index=None) -> list[Task] | None:
     """The tasks that `task`, just committed, may have made ready: those that read one of its outputs, whose
     inputs are now all committed and whose outputs are not, checked marker by marker (a few lookups, where a
     full reconcile lists every object of the job). None where only a full reconcile can tell: the plan was
@@ -1276,7 +1276,10 @@ def ready_after(store: Store, job: str, task: Task, cache: dict) -> list[Task] |
 
     cache: a dict kept by the caller (the manifest, the plan's reverse index, and keys seen committed, which
     stay committed; an input found missing later makes its reader report input-missing, and a full
-    reconcile follows)."""
+    reconcile follows).
+    index(keys) -> the subset of `keys` committed, or None when it cannot tell: answers all the lookups in
+    one call where the caller keeps such an index (the farm's, in Redis: worker/dispatch.py); the keys it
+    does not settle are looked up in the store."""
     manifest = cache.get(("manifest", store.url, job))
     groups = cache.get(("groups", store.url, job))
     if manifest is None or groups is None or task.kind == "groups":
@@ -1289,15 +1292,25 @@ def ready_after(store: Store, job: str, task: Task, cache: dict) -> list[Task] |
                 consumers.setdefault(k, []).append(t)
         cache[index_key] = consumers
     known = cache.setdefault(("committed", store.url, job), set())
+    known.update(plan.outputs(task, manifest, groups))  # the caller has just committed them (or found them so)
+    candidates = dict.fromkeys(c for k in plan.outputs(task, manifest, groups) for c in cache[index_key].get(k, []))
+    absent: set[str] = set()
+    if index is not None:
+        asked = [k for c in candidates for k in (*plan.inputs(c, manifest, groups), *plan.outputs(c, manifest, groups))
+                 if k not in known]
+        found = index(list(dict.fromkeys(asked)))
+        if found is not None:
+            known.update(found)
+            absent = set(asked) - found
 
     def committed(key: str) -> bool:
-        if key not in known and store.is_committed(key):
+        if key not in known and key not in absent and store.is_committed(key):
             known.add(key)
         return key in known
 
-    candidates = dict.fromkeys(c for k in plan.outputs(task, manifest, groups) for c in cache[index_key].get(k, []))
-    return [c for c in candidates if not all(committed(k) for k in plan.outputs(c, manifest, groups))
-            and all(committed(k) for k in plan.inputs(c, manifest, groups))]
+    # Inputs first: a candidate that is not ready costs one lookup (its first missing input), not two.
+    return [c for c in candidates if all(committed(k) for k in plan.inputs(c, manifest, groups))
+            and not all(committed(k) for k in plan.outputs(c, manifest, groups))]
 
 
 class JobStuck(RuntimeError):

@@ -84,6 +84,23 @@ def affinity_key(store_url: str, job: str, shard: int) -> str:
     return f"tlq:affinity:{mark_id(store_url, job)}:{shard}"
 
 
+def committed_key(store_url: str, job: str) -> str:
+    """The set of `job`'s store keys seen committed: lets an advance find what a task made ready without a
+    store lookup per key (dispatch.commit_index). A hint: the store stays the truth."""
+    return f"tlq:committed:{mark_id(store_url, job)}"
+
+
+def committed_full_key(store_url: str, job: str) -> str:
+    """Present while committed_key(store_url, job) holds every committed key of the job: set after a listing
+    of the job was added to it, lost with it when Redis is flushed."""
+    return f"tlq:committed-full:{mark_id(store_url, job)}"
+
+
+def job_events_channel(store_url: str, job: str) -> str:
+    """Pub/sub channel on which workers announce that a job ended (done or cancelled)."""
+    return f"tlq:events:{mark_id(store_url, job)}"
+
+
 def personal_queue(worker_id: str) -> str:
     return f"tlq.worker.{worker_id}"
 
@@ -193,7 +210,11 @@ def _start_heartbeat(sender=None, **kwargs):
     threads = os.environ.get("TLQ_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    # Import the heavy libraries now, not inside the first task (whose time would look like a stall).
+    # Import the heavy libraries now, not inside the first task (whose time would look like a stall): with
+    # transformers' model base classes and attention masks, which every architecture's code imports (about
+    # 2 s of a first task's CPU: they pull in torch.distributed, torch._dynamo and torchvision).
+    import transformers.masking_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
     import transformers.models.auto.modeling_auto  # noqa: F401
 
     import tlq_farm.steps  # noqa: F401

@@ -8,7 +8,7 @@ serves it and again only once it changed (inode, size or mtime), as the folder s
 A hit also checks that the store's object is still the one that was verified, so that damage in the store
 does not hide behind the cache: beside each entry lies, per store key, the object's version token
 (Store._object_version: the S3 ETag and size, a file's size, mtime and inode) taken when this cache wrote or
-downloaded it. A hit compares it with a fresh lookup (one HEAD request on S3). When the token differs or
+downloaded it (for a write on S3, the ETag that the PUT answered with: no lookup). A hit compares it with a fresh lookup (one HEAD request on S3). When the token differs or
 is unknown, the object is read through the store's verifying path: a sound object is served and its token
 kept; a corrupt one is deleted by the store, and is committed again from the cached copy, which hashes to
 the marker's digest and so is the committed content itself. The job goes on with the same bytes, with no
@@ -107,10 +107,12 @@ class CachedStore:
     def put_bytes(self, key: str, data: bytes) -> str:
         digest = self._store.put_bytes(key, data)
         self._keep(digest, bytes(data))
-        # Looked up after the write: a concurrent rewrite in between leaves a token that no longer matches,
-        # which costs one verifying read later, never a false hit.
+        # The token of what this write stored (S3: the PUT's ETag), else looked up after the write: a
+        # concurrent rewrite since leaves a token that no longer matches, which costs one verifying read
+        # later, never a false hit.
+        written = self._store._written_version(keys.check_key(key))
         if self._path(digest).exists():
-            self._remember(digest, key, self._version(key))
+            self._remember(digest, key, written or self._version(key))
         return digest
 
     def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:

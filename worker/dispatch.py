@@ -25,8 +25,8 @@ from tlq_farm.store import Store, open_store
 
 from worker.cache import CachedStore
 from worker.probe import parse_size
-from worker.app import (HEARTBEAT_S, JOBS_KEY, REQUEUE_AFTER, affinity_key, app, mark_id, personal_queue,
-                        queued_key, redis_client, running_key)
+from worker.app import (HEARTBEAT_S, JOBS_KEY, REQUEUE_AFTER, affinity_key, app, committed_full_key, committed_key,
+                        job_events_channel, mark_id, personal_queue, queued_key, redis_client, running_key)
 
 RUN_TASK = "tlq.run"
 ADVANCE_TASK = "tlq.advance"
@@ -60,16 +60,18 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
     store = store or store_for(store_url)
     r = redis_client()
     if steps.is_cancelled(store, job):
-        r.hdel(JOBS_KEY, active_field(store_url, job))
+        _ended(r, store_url, job, "cancelled")
         return {"job": job, "state": "cancelled", "sent": 0}
     if finished is not None and finished.kind == "export":
-        r.hdel(JOBS_KEY, active_field(store_url, job))
+        _ended(r, store_url, job, "done")
         return {"job": job, "state": "done", "sent": 0}
-    ready = steps.ready_after(store, job, finished, _plan_cache) if finished is not None else None
+    ready = (steps.ready_after(store, job, finished, _plan_cache, index=commit_index(r, store_url, job))
+             if finished is not None else None)
     if ready is None:
         manifest, committed, groups, rec = steps.reconcile_job(store, job, cache=_plan_cache)
+        index_listing(r, store, store_url, job, committed)
         if rec.done:
-            r.hdel(JOBS_KEY, active_field(store_url, job))
+            _ended(r, store_url, job, "done")
             return {"job": job, "state": "done", "sent": 0}
         ready, missing = rec.ready, rec.missing
     else:
@@ -102,6 +104,100 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
         app.send_task(RUN_TASK, args=[store_url, job, task.to_dict()], task_id=task_id, queue=queue)
         sent.append(task.name)
     return {"job": job, "state": "running", "sent": len(sent), "ready": len(ready), "missing": missing}
+
+
+def _ended(r, store_url: str, job: str, state: str) -> None:
+    """The job is no longer active; whoever follows it (JobEvents) hears so at once."""
+    r.hdel(JOBS_KEY, active_field(store_url, job))
+    r.publish(job_events_channel(store_url, job), state)
+
+
+class JobEvents:
+    """Waits between two polls of a job, and wakes as soon as a worker announces the job's end (Redis pub/sub),
+    so that a follower does not sleep through the rest of its polling interval. Only a hint: the follower
+    still reads the end from the store, and without Redis it simply sleeps."""
+
+    def __init__(self, store_url: str, job: str):
+        self._pubsub = None
+        try:
+            self._pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(job_events_channel(store_url, job))
+        except Exception:  # no broker now: poll as before
+            self.close()
+
+    def wait(self, seconds: float) -> str | None:
+        """Sleep up to `seconds` -> the state a worker announced meanwhile ('done', 'cancelled'), else None."""
+        deadline = time.monotonic() + seconds
+        while self._pubsub is not None and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = self._pubsub.get_message(timeout=left)
+            except Exception:
+                self.close()
+                break
+            if message and message.get("type") == "message":
+                return message["data"].decode()
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        return None
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:
+                pass
+            self._pubsub = None
+
+
+# The committed-key index: a set per job in Redis that every commit adds to (note_committed) and that each
+# full reconcile's listing makes complete (index_listing). While it is complete, one request answers which
+# of a finished task's consumers are ready, where the store takes a lookup per key: about a dozen per task,
+# each a round trip to S3. Redis flushed: the completeness flag goes with the set, and those lookups go back
+# to the store until the next listing. A stale entry (an object found corrupt and deleted since) sends a
+# task that reports its input missing; the full reconcile that follows drops the entry.
+COMMITTED_TTL_S = 7 * 24 * 3600
+
+
+def commit_index(r, store_url: str, job: str):
+    """index(keys) for steps.ready_after: the subset of `keys` committed, None while the set is incomplete."""
+    set_key, full_key = committed_key(store_url, job), committed_full_key(store_url, job)
+
+    def index(wanted: list[str]) -> set[str] | None:
+        if not wanted:
+            return set()
+        pipe = r.pipeline(transaction=False)
+        pipe.exists(full_key, set_key)
+        pipe.smismember(set_key, wanted)
+        both, members = pipe.execute()
+        return {k for k, m in zip(wanted, members) if m} if both == 2 else None
+
+    return index
+
+
+def note_committed(r, store_url: str, job: str, committed: list[str]) -> None:
+    """Add keys just committed (or found committed) to the job's index, before the advance that reads it."""
+    if committed:
+        set_key = committed_key(store_url, job)
+        pipe = r.pipeline(transaction=False)
+        pipe.sadd(set_key, *committed)
+        pipe.expire(set_key, COMMITTED_TTL_S)
+        pipe.execute()
+
+
+def index_listing(r, store: Store, store_url: str, job: str, committed: set[str]) -> None:
+    """Make the job's index complete from a listing of the job. A key it holds that the listing lacks is
+    dropped only once the store says it is gone: it may have been committed (and added) after the listing."""
+    set_key, full_key = committed_key(store_url, job), committed_full_key(store_url, job)
+    held = {m.decode() for m in r.smembers(set_key)}
+    gone = [k for k in sorted(held - committed) if not store.is_committed(k)]
+    pipe = r.pipeline(transaction=True)
+    if gone:
+        pipe.srem(set_key, *gone)
+    if committed:
+        pipe.sadd(set_key, *sorted(committed))
+    pipe.expire(set_key, COMMITTED_TTL_S)
+    # The flag never outlives the set: the set's time is renewed by every commit, the flag's only here.
+    pipe.set(full_key, "1", ex=COMMITTED_TTL_S)
+    pipe.execute()
 
 
 # A queued mark younger than this needs no evidence: its message may be between the sender and the queue,

@@ -189,6 +189,11 @@ class Store(ABC):
         data = self._read_raw(raw_key)
         return None if data is None else f"sha256:{sha256_hex(data)}:{len(data)}"
 
+    def _written_version(self, raw_key: str) -> str | None:
+        """The _object_version token of the object this process has just written to `raw_key`, when the write
+        itself told it (S3: the PUT's ETag), so that a reader keeping a copy needs no lookup; else None."""
+        return None
+
     def _write_guard(self, key: str) -> contextlib.AbstractContextManager:
         """Held while the companions of `key` change; stores with locks serialize writers here."""
         return contextlib.nullcontext()

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tlq_farm.store.base import Store, StoreError, StoreMissing, StoreUnavailable, sha256_file
+from tlq_farm.store.keys import COMMIT_SUFFIX
 
 MiB = 1 << 20
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+WRITTEN_VERSIONS_KEPT = 1024  # versions of objects just written, awaiting CachedStore.put_bytes
 
 _CREDENTIAL_CODES = {
     "AccessDenied",
@@ -107,6 +109,7 @@ class S3Store(Store):
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
         )
         self.client = _client(endpoint_url=self.endpoint_url, config=config)
+        self._versions_written: dict[str, str] = {}
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize or multipart_threshold,
@@ -241,7 +244,15 @@ class S3Store(Store):
 
     def _write_raw(self, raw_key: str, data: bytes) -> None:
         with self._errors(f"write {raw_key!r}"):
-            self.client.put_object(Bucket=self.bucket, Key=self._full(raw_key), Body=data)
+            response = self.client.put_object(Bucket=self.bucket, Key=self._full(raw_key), Body=data)
+        if not raw_key.endswith(COMMIT_SUFFIX) and response.get("ETag"):
+            # The token _object_version would read back with a HEAD (ETag and size), kept for one taker.
+            self._versions_written[raw_key] = f"{response['ETag']}:{len(data)}"
+            while len(self._versions_written) > WRITTEN_VERSIONS_KEPT:
+                self._versions_written.pop(next(iter(self._versions_written)), None)
+
+    def _written_version(self, raw_key: str) -> str | None:
+        return self._versions_written.pop(raw_key, None)
 
     def _delete_raw(self, raw_key: str) -> None:
         with self._errors(f"delete {raw_key!r}"):
