@@ -167,3 +167,30 @@ def test_a_write_keeps_the_version_its_put_returned_so_the_next_hit_needs_one_lo
     del ops[:]
     assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
     assert ops == ["GetObject", "HeadObject"] and (cached.hits, cached.misses, cached.repairs) == (1, 0, 0)
+
+
+def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_own(s3_store_factory, tmp_path):
+    """prefetch() reads the markers and versions of the objects a task reads next, side by side. A hit then
+    sends no request, a miss only its download; damage that was there when it looked is still found and
+    repaired; each lookup serves one read, and forget_prefetched() drops the rest."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    names = [f"jobs/j/qweights/block-0/m{i}" for i in range(3)]
+    for i, k in enumerate(names):
+        cached.put_bytes(k, PAYLOAD + bytes([i]))
+    store.put_bytes("jobs/j/acts/x", PAYLOAD[::-1])  # another worker's output: not in this cache
+    _raw_put(store, names[2], bytes(len(PAYLOAD) + 1))  # damaged behind its marker
+    ops = _operations(store)
+    cached.prefetch(names + ["jobs/j/acts/x", "jobs/j/acts/never-written"])
+    assert sorted(ops) == ["GetObject"] * 5 + ["HeadObject"] * 4  # a missing marker needs no HEAD
+    del ops[:]
+    assert [cached.get_bytes(k) for k in names[:2]] == [PAYLOAD + b"\0", PAYLOAD + b"\1"] and ops == []
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD[::-1] and ops == ["GetObject"]
+    assert cached.get_bytes(names[2]) == PAYLOAD + b"\2" and cached.repairs == 1
+    assert store.get_bytes(names[2]) == PAYLOAD + b"\2"
+    del ops[:]
+    assert cached.get_bytes(names[0]) == PAYLOAD + b"\0" and ops == ["GetObject", "HeadObject"]  # taken already
+    cached.prefetch([names[1]])
+    cached.forget_prefetched()
+    del ops[:]
+    assert cached.get_bytes(names[1]) == PAYLOAD + b"\1" and ops == ["GetObject", "HeadObject"]

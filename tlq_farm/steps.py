@@ -241,8 +241,13 @@ class JobContext:
     def blocks_path(self, tower: str | None = None) -> str:
         return self.layout.vision_blocks if tower else self.layout.blocks
 
-    def block(self, b: int, qweights: list[str] = (), tower: str | None = None) -> torch.nn.Module:
-        """Block b of a tower from its staged weights, with the named modules' quantized weights applied."""
+    def block(self, b: int, qweights: list[str] = (), tower: str | None = None, reads: list[str] = ()
+              ) -> torch.nn.Module:
+        """Block b of a tower from its staged weights, with the named modules' quantized weights applied.
+        reads: other objects the task reads next, looked up with the block's (Store.prefetch)."""
+        staged = keys.staged_block(self.job, b, tower)
+        held = self._staged_copy is not None and self._staged_copy[0] == staged  # no read of it then
+        self.store.prefetch([*([] if held else [staged]), *(keys.qweights(self.job, b, m, tower) for m in qweights), *reads])
         blk = self.module_from_meta(f"{self.blocks_path(tower)}.{b}", keys.staged_block(self.job, b, tower))
         for m in qweights:
             apply_stored_qweight(self.store, keys.qweights(self.job, b, m, tower), blk, m)
@@ -648,8 +653,9 @@ def group_sums(ctx: JobContext, task: Task) -> tuple[dict[str, torch.Tensor], di
     groups = block_plan["groups"]
     shards = plan.partition_shards(plan.stat_partitions(ctx.manifest, ctx.groups, b, t),
                                    len(ctx.manifest["shards"]), task.shard or 0)
-    blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]], t)
     gptaq = q.method == "gptaq"
+    blk = ctx.block(b, [m for gg in range(g) for m in groups[gg]], t,
+                    reads=[plan.acts_key(ctx.manifest, name, b, k, t) for name in ("q", "fp")[:1 + gptaq] for k in shards])
     fp_blk = ctx.block(b, tower=t) if gptaq else None
     once = block_plan.get("once", False)
 
@@ -826,7 +832,7 @@ def do_propagate(ctx: JobContext, task: Task) -> None:
     b, k, t = task.block, task.shard, task.tower
     start, _ = ctx.manifest["shards"][k]
     names = ctx.names(b, t)
-    blk = ctx.block(b, names, t)
+    blk = ctx.block(b, names, t, reads=[plan.acts_key(ctx.manifest, "q", b, k, t)])
     block_plan = plan.block_plan(ctx.groups, b, t) if ctx.groups else {}
     batches = B.make_batches(_inputs(ctx.captured("q", b, k, t), b), pack=t is None)
     for j, batch in enumerate(batches):
@@ -917,6 +923,8 @@ def do_export(ctx: JobContext, task: Task) -> None:
         # A block's tensors that stay as they are, then each quantized linear with its result, one at a time:
         # a linear's codes and dequantized weight take 8 bytes per weight (1.9 GB for a 7B block at once).
         prefix = f"{ctx.blocks_path(tower)}.{b}."
+        ctx.store.prefetch([keys.staged_block(ctx.job, b, tower)] + ([keys.qweights(ctx.job, b, m, tower)
+                                                                     for m in ctx.names(b, tower)] if quantized else []))
         state = computed({prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b, tower)).items()})
         linears = [prefix + m for m in ctx.names(b, tower)] if quantized else []
         weights = {name: state.pop(name + ".weight") for name in linears}
@@ -1224,6 +1232,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
         return "input-missing"
     finally:
         ctx.current_record = None
+        store.forget_prefetched()
     put_json(store, keys.task_log(job, f"{task.name}--{attempt}"), record())
     return "computed"
 

@@ -28,6 +28,7 @@ from tlq_farm.store import CorruptObject, Store, keys
 from tlq_farm.store.base import Commit
 
 log = logging.getLogger(__name__)
+RESCAN_S = 30.0  # the longest a process trusts its own count of the cache's size between two scans
 
 
 class CachedStore:
@@ -51,6 +52,13 @@ class CachedStore:
         # cache file -> (its identity: inode, size, mtime, when it last hashed to its name): a hit on an
         # unchanged file is not hashed again (a block's tasks read the same activations several times).
         self._verified: dict[Path, tuple] = {}
+        # key -> (its marker, its object's version) as prefetch() read them, for the one read that follows.
+        self._ahead: dict[str, tuple[Commit, str | None]] = {}
+        # The cache's size as last scanned plus what this process added since, and when it was scanned: the
+        # folder is walked (a stat per entry) only when that passes the limit or the scan is old (other
+        # processes may share the folder), not after every write.
+        self._estimate: int | None = None
+        self._scanned = 0.0
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -92,9 +100,14 @@ class CachedStore:
         tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        self._evict()
+        self._evict(len(data))
 
-    def _evict(self) -> None:
+    def _evict(self, added: int) -> None:
+        """Bring the cache within its size after `added` bytes were put in it."""
+        if self._estimate is not None and time.monotonic() - self._scanned < RESCAN_S:
+            self._estimate += added
+            if self._estimate <= self.max_bytes:
+                return
         files = [p for p in self.folder.glob("*/*") if p.is_file() and not p.name.startswith(".")]
         total = sum(p.stat().st_size for p in files)
         for p in sorted(files, key=lambda p: p.stat().st_atime):
@@ -103,6 +116,7 @@ class CachedStore:
             total -= p.stat().st_size
             p.unlink(missing_ok=True)
             shutil.rmtree(p.with_name(f"{p.name}.keys"), ignore_errors=True)
+        self._estimate, self._scanned = total, time.monotonic()
 
     def put_bytes(self, key: str, data: bytes) -> str:
         digest = self._store.put_bytes(key, data)
@@ -115,21 +129,62 @@ class CachedStore:
             self._remember(digest, key, written or self._version(key))
         return digest
 
+    def prefetch(self, wanted) -> None:
+        """Read the markers and object versions of the committed objects `wanted`, side by side (up to 8
+        requests at once), for the reads that follow in this task: on S3 about one round trip for all of
+        them, where each read would take two in turn. Each read takes its own (a second read of the key looks
+        again); forget_prefetched() drops what no read took. A marker read ahead is as safe as one read just
+        before: a read that finds other bytes reads the marker again (Store._read_verified), and the version
+        is taken before the object is read, as _fetch takes it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tlq_farm.store import StoreError
+
+        todo = [k for k in dict.fromkeys(wanted) if k not in self._ahead]
+
+        def look(key: str):
+            try:
+                info = self._store.commit_info(key)
+                return None if info is None else (info, self._version(key))
+            except StoreError:  # the read itself will meet it and say what is wrong
+                return None
+
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+                for key, ahead in zip(todo, pool.map(look, todo)):
+                    if ahead is not None:
+                        self._ahead[key] = ahead
+
+    def forget_prefetched(self) -> None:
+        self._ahead.clear()
+
+    def commit_info(self, key: str) -> Commit | None:
+        ahead = self._ahead.get(key)
+        return ahead[0] if ahead is not None else self._store.commit_info(key)
+
+    def _take_ahead(self, key: str, commit: Commit | None) -> tuple[Commit | None, str | None, bool]:
+        """(marker, version, whether the version was read ahead) for a read of `key`: prefetch's, unless
+        the caller holds a marker of its own."""
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None and (commit is None or commit is ahead[0]):
+            return ahead[0], ahead[1], True
+        return commit or self._store.commit_info(key), None, False
+
     def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
-        info = commit or self._store.commit_info(key)
+        info, version, ahead = self._take_ahead(key, commit)
         if info is None:
             return self._store.get_bytes(key)  # raises NotCommitted / CorruptObject with the store's message
         path = self._path(info.sha256)
         data = self._read_cached(path, info.sha256)
         if data is not None:
-            version = self._version(key)
+            version = version if ahead else self._version(key)
             if version is not None and version == self._recorded(info.sha256, key):
                 self.hits += 1
                 self.hit_bytes += len(data)
                 self._touch(path)
                 return data
             return self._confirm(key, data, info.sha256)
-        return self._fetch(key, info)
+        return self._fetch(key, info, version if ahead else None)
 
     @staticmethod
     def _touch(path: Path) -> None:
@@ -181,10 +236,10 @@ class CachedStore:
         from tlq_farm.store.base import sha256_file
 
         target = Path(path)
-        info = commit or self._store.commit_info(key)
+        info, version, ahead = self._take_ahead(key, commit)
         if info is not None:
             cached = self._path(info.sha256)
-            version = self._version(key)
+            version = version if ahead else self._version(key)
             if (version is not None and version == self._recorded(info.sha256, key)
                     and self._file_verified(cached, info.sha256, info.size)):
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +250,7 @@ class CachedStore:
                 self.hits += 1
                 self.hit_bytes += info.size
                 return target
-        version = self._version(key)
+        version = version if ahead else self._version(key)
         self.misses += 1
         out = self._store.get_file(key, target, commit=info)
         digest, size = sha256_file(out)
@@ -205,14 +260,14 @@ class CachedStore:
             tmp = cached.with_name(f".{digest}.{os.getpid()}.tmp")
             shutil.copyfile(out, tmp)
             os.replace(tmp, cached)
-            self._evict()
+            self._evict(size)
         self._remember(digest, key, version)
         return out
 
-    def _fetch(self, key: str, commit: Commit | None = None) -> bytes:
+    def _fetch(self, key: str, commit: Commit | None = None, version: str | None = None) -> bytes:
         # The token is taken before the read: if the object changes in between, it is stale and the next
         # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
-        version = self._version(key)
+        version = version or self._version(key)
         self.misses += 1
         data = self._store.get_bytes(key, commit=commit)
         digest = hashlib.sha256(data).hexdigest()

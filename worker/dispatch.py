@@ -59,7 +59,9 @@ def advance(store_url: str, job: str, store: Store | None = None, idle_worker: s
     the coordinator) reconciles in full, which finds anything this shortcut could miss."""
     store = store or store_for(store_url)
     r = redis_client()
-    if steps.is_cancelled(store, job):
+    # After a task, the cancel flag was looked up as that task began: a cancel since then stops the next
+    # task as it begins, and that task's advance (a full one) ends the job here.
+    if finished is None and steps.is_cancelled(store, job):
         _ended(r, store_url, job, "cancelled")
         return {"job": job, "state": "cancelled", "sent": 0}
     if finished is not None and finished.kind == "export":

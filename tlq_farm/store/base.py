@@ -189,6 +189,13 @@ class Store(ABC):
         data = self._read_raw(raw_key)
         return None if data is None else f"sha256:{sha256_hex(data)}:{len(data)}"
 
+    def prefetch(self, wanted: Iterable[str]) -> None:
+        """A hint that the committed objects `wanted` are read next; a store with round trips to spare (the
+        worker's cache over S3) looks their markers up side by side. Nothing to do here."""
+
+    def forget_prefetched(self) -> None:
+        """Drop what prefetch() read and no read took (at the end of a task)."""
+
     def _written_version(self, raw_key: str) -> str | None:
         """The _object_version token of the object this process has just written to `raw_key`, when the write
         itself told it (S3: the PUT's ETag), so that a reader keeping a copy needs no lookup; else None."""
