@@ -59,6 +59,11 @@ def make_calib(root: Path, samples: int, words: int) -> Path:
     return path
 
 
+def task_requests(folder: Path) -> int:
+    """S3 requests the job's tasks sent (tlq_report.json's store_io; the coordinator's staging not counted)."""
+    return json.loads((folder / "tlq_report.json").read_text())["store_io"]["requests"]
+
+
 def export_files(folder: Path) -> dict[str, bytes]:
     from test_farm_support import export_bytes
 
@@ -177,7 +182,8 @@ def main() -> None:
             cmd, out = run("s3-1", [], f"s3://bench-farm/{uuid.uuid4().hex[:8]}", farm.env, broker=True)
             t, moto = farm.timed([cmd])
             rows.append(("farm, 1 worker (Redis + moto S3 over loopback)", t, moto,
-                         f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}"))
+                         f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}; "
+                         f"{task_requests(out)} S3 requests by its tasks"))
             if "folder" not in args.skip:
                 cmd, out = run("folder-1", [], str(folder_store / uuid.uuid4().hex[:8]), farm.env, broker=True)
                 t, _ = farm.timed([cmd])

@@ -181,8 +181,10 @@ def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_o
     store.put_bytes("jobs/j/acts/x", PAYLOAD[::-1])  # another worker's output: not in this cache
     _raw_put(store, names[2], bytes(len(PAYLOAD) + 1))  # damaged behind its marker
     ops = _operations(store)
+    sent = store.requests
     cached.prefetch(names + ["jobs/j/acts/x", "jobs/j/acts/never-written"])
     assert sorted(ops) == ["GetObject"] * 5 + ["HeadObject"] * 4  # a missing marker needs no HEAD
+    assert store.requests - sent == 9  # what the store counts for the task records (store_requests)
     del ops[:]
     assert [cached.get_bytes(k) for k in names[:2]] == [PAYLOAD + b"\0", PAYLOAD + b"\1"] and ops == []
     assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD[::-1] and ops == ["GetObject"]

@@ -290,8 +290,8 @@ def test_summarize_task_records_exactly():
          "cpu_s": 0.5, "peak_rss_mib": 300.0, "cuda_peak_mib": None, "host": "h", "pid": 1, "worker": "w"},
         {"task": "stats-b000-g00-s0000", "kind": "stats", "block": 0, "started": 101.0, "finished": 103.0,
          "seconds": 2.0, "cpu_s": 1.5, "peak_rss_mib": 500.0, "cuda_peak_mib": None, "host": "h", "pid": 2,
-         "worker": "v", "store_read_bytes": 700, "store_written_bytes": 50, "cache_hits": 3, "cache_misses": 1,
-         "cache_hit_bytes": 2100},
+         "worker": "v", "store_read_bytes": 700, "store_written_bytes": 50, "store_requests": 9, "cache_hits": 3,
+         "cache_misses": 1, "cache_hit_bytes": 2100},
         {"task": "stats-b001-g00-s0000", "started": 102.0, "finished": 106.0, "seconds": 4.0, "cpu_s": 3.0,
          "peak_rss_mib": 400.0, "host": "h", "pid": 1, "worker": "w"},   # an older record: kind and block from its name
         {"task": "solve-b001-mlp.down_proj", "started": 90.0, "finished": 91.0, "status": "skipped"},
@@ -312,10 +312,10 @@ def test_summarize_task_records_exactly():
     assert [(b.lane, b.start, b.seconds, b.kind) for b in bars] == [
         ("w (h:1)", 0.0, 1.0, "embed"), ("v (h:2)", 1.0, 2.0, "stats"), ("w (h:1)", 2.0, 4.0, "stats")]
     # Store traffic: the record without the fields counts as none.
-    assert s["store_io"] == {"read_bytes": 700, "written_bytes": 50, "cache_hits": 3, "cache_misses": 1,
+    assert s["store_io"] == {"read_bytes": 700, "written_bytes": 50, "requests": 9, "cache_hits": 3, "cache_misses": 1,
                              "cache_hit_bytes": 2100, "cache_hit_rate": 0.75,
-                             "blocks": [{"index": 0, "read_bytes": 700, "written_bytes": 50},
-                                        {"index": 1, "read_bytes": 0, "written_bytes": 0}]}
+                             "blocks": [{"index": 0, "read_bytes": 700, "written_bytes": 50, "requests": 9},
+                                        {"index": 1, "read_bytes": 0, "written_bytes": 0, "requests": 0}]}
     empty = summarize_task_records([])
     assert {k: empty[k] for k in ("time", "timeline", "peak_memory")} == {"time": {}, "timeline": [], "peak_memory": {}}
     assert empty["store_io"]["read_bytes"] == 0 and empty["store_io"]["cache_hit_rate"] is None

@@ -79,9 +79,11 @@ def format_status(s: dict) -> str:
     io = s.get("store_io")
     if io:
         rate = "no cached reads" if io["cache_hit_rate"] is None else f"cache hit rate {io['cache_hit_rate']:.0%}"
-        lines.append(f"  store: {_size(io['read_bytes'])} read, {_size(io['written_bytes'])} written, {rate}")
+        sent = f", {io['requests']:,} requests" if io.get("requests") else ""
+        lines.append(f"  store: {_size(io['read_bytes'])} read, {_size(io['written_bytes'])} written{sent}, {rate}")
         for blk in io["blocks"]:
-            lines.append(f"    block {blk['index']}: {_size(blk['read_bytes'])} read, {_size(blk['written_bytes'])} written")
+            sent = f", {blk['requests']:,} requests" if blk.get("requests") else ""
+            lines.append(f"    block {blk['index']}: {_size(blk['read_bytes'])} read, {_size(blk['written_bytes'])} written{sent}")
     if s["missing"]:
         lines.append(f"  missing staged inputs (run `tlq-farm run` again with the same options): {s['missing'][:3]}")
     return "\n".join(lines)

@@ -133,10 +133,10 @@ def store_io(records: list[dict]) -> dict:
             per_block.setdefault(b, []).append(r)
     hits, misses = total("cache_hits"), total("cache_misses")
     return {"read_bytes": total("store_read_bytes"), "written_bytes": total("store_written_bytes"),
-            "cache_hits": hits, "cache_misses": misses, "cache_hit_bytes": total("cache_hit_bytes"),
+            "requests": total("store_requests"), "cache_hits": hits, "cache_misses": misses, "cache_hit_bytes": total("cache_hit_bytes"),
             "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
-            "blocks": [{"index": b, "read_bytes": total("store_read_bytes", rs), "written_bytes": total("store_written_bytes", rs)}
-                       for b, rs in sorted(per_block.items())]}
+            "blocks": [{"index": b, "read_bytes": total("store_read_bytes", rs), "written_bytes": total("store_written_bytes", rs),
+                        "requests": total("store_requests", rs)} for b, rs in sorted(per_block.items())]}
 
 
 # ----------------------------------------------------------------------------------------------- losses

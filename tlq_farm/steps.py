@@ -1136,12 +1136,13 @@ def _peak_rss_kib() -> tuple[int, str]:
 
 
 def io_counters(store) -> dict[str, int]:
-    """Bytes this process read from and wrote to `store` so far, and the reads its local cache served
-    (a worker's CachedStore; 0 without one)."""
+    """Bytes this process read from and wrote to `store` so far, the requests it sent (S3), and the reads its
+    local cache served (a worker's CachedStore; 0 without one)."""
     if store is None:
         return {}
     return {"store_read_bytes": int(getattr(store, "bytes_read", 0)),
             "store_written_bytes": int(getattr(store, "bytes_written", 0)),
+            "store_requests": int(getattr(store, "requests", 0) or 0),
             "cache_hits": int(getattr(store, "hits", 0) or 0), "cache_misses": int(getattr(store, "misses", 0) or 0),
             "cache_hit_bytes": int(getattr(store, "hit_bytes", 0) or 0)}
 

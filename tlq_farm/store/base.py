@@ -136,6 +136,8 @@ class Store(ABC):
     # a task's record carries its share (tlq_farm.steps.TaskMeter).
     bytes_read = 0
     bytes_written = 0
+    # Requests this process sent to a store across a network (S3); a folder store sends none.
+    requests = 0
 
     # ------------------------------------------------------------------------------ raw primitives
 
