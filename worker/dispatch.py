@@ -194,8 +194,8 @@ def index_listing(r, store: Store, store_url: str, job: str, committed: set[str]
     pipe = r.pipeline(transaction=True)
     if gone:
         pipe.srem(set_key, *gone)
-    if committed:
-        pipe.sadd(set_key, *sorted(committed))
+    if committed - held:  # only what it lacks: a 7B job's listing holds tens of thousands of keys
+        pipe.sadd(set_key, *sorted(committed - held))
     pipe.expire(set_key, COMMITTED_TTL_S)
     # The flag never outlives the set: the set's time is renewed by every commit, the flag's only here.
     pipe.set(full_key, "1", ex=COMMITTED_TTL_S)
