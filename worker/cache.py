@@ -118,7 +118,16 @@ class CachedStore:
             shutil.rmtree(p.with_name(f"{p.name}.keys"), ignore_errors=True)
         self._estimate, self._scanned = total, time.monotonic()
 
+    def put_file(self, key: str, path) -> str:
+        self._ahead.pop(key, None)  # a marker read ahead of this write is no longer the key's
+        return self._store.put_file(key, path)
+
+    def delete(self, key: str) -> None:
+        self._ahead.pop(key, None)
+        self._store.delete(key)
+
     def put_bytes(self, key: str, data: bytes) -> str:
+        self._ahead.pop(key, None)
         digest = self._store.put_bytes(key, data)
         self._keep(digest, bytes(data))
         # The token of what this write stored (S3: the PUT's ETag), else looked up after the write: a

@@ -109,6 +109,7 @@ class S3Store(Store):
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
         )
         self.client = _client(endpoint_url=self.endpoint_url, config=config)
+        self._count_lock = threading.Lock()
         self.client.meta.events.register("before-call.s3", self._count_request)  # once per call, not per retry
         self._versions_written: dict[str, str] = {}
         self.transfer_config = TransferConfig(
@@ -117,7 +118,8 @@ class S3Store(Store):
         )
 
     def _count_request(self, **_) -> None:
-        self.requests += 1
+        with self._count_lock:  # prefetch sends requests from several threads
+            self.requests += 1
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint_url!r})"
