@@ -5,7 +5,7 @@ import os
 import pytest
 from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
 
-from tlq_farm.store import CorruptObject, LocalStore
+from tlq_farm.store import CorruptObject, LocalStore, NotCommitted
 from tlq_farm.store.base import sha256_hex
 from worker.cache import CachedStore
 
@@ -196,3 +196,18 @@ def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_o
     cached.forget_prefetched()
     del ops[:]
     assert cached.get_bytes(names[1]) == PAYLOAD + b"\1" and ops == ["GetObject", "HeadObject"]
+
+
+def test_a_key_written_after_its_prefetch_is_read_as_written(s3_store_factory, tmp_path):
+    """A marker read ahead stands for the object of that moment: a write (or delete) of the key in between
+    drops it, so the read finds the new bytes, not the cached old ones."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD)
+    cached.prefetch(["jobs/j/acts/x"])
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD[::-1])
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD[::-1]
+    cached.prefetch(["jobs/j/acts/x"])
+    cached.delete("jobs/j/acts/x")
+    with pytest.raises(NotCommitted):
+        cached.get_bytes("jobs/j/acts/x")
