@@ -226,6 +226,10 @@ class JobContext:
     def names(self, b: int, tower: str | None = None) -> list[str]:
         return plan.block_plan(self.groups, b, tower)["names"]
 
+    def outputs(self, task: Task) -> list[str]:
+        """Keys `task` writes (plan.outputs); only a quantize task's need the plan's groups."""
+        return plan.outputs(task, self.manifest, self.groups if task.kind == "quantize" else None)
+
     def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
         """A copy of the meta module at `path`, materialized and filled from the staged object `key` (its
         tensors whose names start with `strip`, less that prefix): every tensor of the module, no other."""
@@ -248,7 +252,7 @@ class JobContext:
         staged = keys.staged_block(self.job, b, tower)
         held = self._staged_copy is not None and self._staged_copy[0] == staged  # no read of it then
         self.store.prefetch([*([] if held else [staged]), *(keys.qweights(self.job, b, m, tower) for m in qweights), *reads])
-        blk = self.module_from_meta(f"{self.blocks_path(tower)}.{b}", keys.staged_block(self.job, b, tower))
+        blk = self.module_from_meta(f"{self.blocks_path(tower)}.{b}", staged)
         for m in qweights:
             apply_stored_qweight(self.store, keys.qweights(self.job, b, m, tower), blk, m)
         return blk
@@ -923,10 +927,11 @@ def do_export(ctx: JobContext, task: Task) -> None:
         # A block's tensors that stay as they are, then each quantized linear with its result, one at a time:
         # a linear's codes and dequantized weight take 8 bytes per weight (1.9 GB for a 7B block at once).
         prefix = f"{ctx.blocks_path(tower)}.{b}."
-        ctx.store.prefetch([keys.staged_block(ctx.job, b, tower)] + ([keys.qweights(ctx.job, b, m, tower)
-                                                                     for m in ctx.names(b, tower)] if quantized else []))
-        state = computed({prefix + k: v for k, v in get_tensors(ctx.store, keys.staged_block(ctx.job, b, tower)).items()})
-        linears = [prefix + m for m in ctx.names(b, tower)] if quantized else []
+        names = ctx.names(b, tower) if quantized else []
+        staged = keys.staged_block(ctx.job, b, tower)
+        ctx.store.prefetch([staged, *(keys.qweights(ctx.job, b, m, tower) for m in names)])
+        state = computed({prefix + k: v for k, v in get_tensors(ctx.store, staged).items()})
+        linears = [prefix + m for m in names]
         weights = {name: state.pop(name + ".weight") for name in linears}
         yield state, {}
         del state
@@ -1207,8 +1212,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     if is_cancelled(store, job):
         return "cancelled"
     ctx = job_context(store, job, device)
-    outs = plan.outputs(task, ctx.manifest, ctx.groups if task.kind == "quantize" else None)
-    if all(store.is_committed(k) for k in outs):
+    if all(store.is_committed(k) for k in ctx.outputs(task)):
         return "skipped"
     meter = TaskMeter(device, store)
     attempt = uuid.uuid4().hex
@@ -1302,13 +1306,15 @@ def ready_after(store: Store, job: str, task: Task, cache: dict, index=None) -> 
                 consumers.setdefault(k, []).append(t)
         cache[index_key] = consumers
     known = cache.setdefault(("committed", store.url, job), set())
-    known.update(plan.outputs(task, manifest, groups))  # the caller has just committed them (or found them so)
-    candidates = dict.fromkeys(c for k in plan.outputs(task, manifest, groups) for c in cache[index_key].get(k, []))
+    done = plan.outputs(task, manifest, groups)
+    known.update(done)  # the caller has just committed them (or found them so)
+    # Each candidate's (inputs, outputs).
+    candidates = {c: (plan.inputs(c, manifest, groups), plan.outputs(c, manifest, groups))
+                  for k in done for c in cache[index_key].get(k, [])}
     absent: set[str] = set()
     if index is not None:
-        asked = [k for c in candidates for k in (*plan.inputs(c, manifest, groups), *plan.outputs(c, manifest, groups))
-                 if k not in known]
-        found = index(list(dict.fromkeys(asked)))
+        asked = list(dict.fromkeys(k for ins, outs in candidates.values() for k in (*ins, *outs) if k not in known))
+        found = index(asked)
         if found is not None:
             known.update(found)
             absent = set(asked) - found
@@ -1319,8 +1325,8 @@ def ready_after(store: Store, job: str, task: Task, cache: dict, index=None) -> 
         return key in known
 
     # Inputs first: a candidate that is not ready costs one lookup (its first missing input), not two.
-    return [c for c in candidates if all(committed(k) for k in plan.inputs(c, manifest, groups))
-            and not all(committed(k) for k in plan.outputs(c, manifest, groups))]
+    return [c for c, (ins, outs) in candidates.items() if all(committed(k) for k in ins)
+            and not all(committed(k) for k in outs)]
 
 
 class JobStuck(RuntimeError):

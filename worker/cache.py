@@ -8,7 +8,8 @@ serves it and again only once it changed (inode, size or mtime), as the folder s
 A hit also checks that the store's object is still the one that was verified, so that damage in the store
 does not hide behind the cache: beside each entry lies, per store key, the object's version token
 (Store._object_version: the S3 ETag and size, a file's size, mtime and inode) taken when this cache wrote or
-downloaded it (for a write on S3, the ETag that the PUT answered with: no lookup). A hit compares it with a fresh lookup (one HEAD request on S3). When the token differs or
+downloaded it (for a write on S3, the ETag that the PUT answered with: no lookup). A hit compares it with a
+fresh lookup (one HEAD request on S3). When the token differs or
 is unknown, the object is read through the store's verifying path: a sound object is served and its token
 kept; a corrupt one is deleted by the store, and is committed again from the cached copy, which hashes to
 the marker's digest and so is the committed content itself. The job goes on with the same bytes, with no
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tlq_farm.store import CorruptObject, Store, keys
@@ -171,29 +173,29 @@ class CachedStore:
         ahead = self._ahead.get(key)
         return ahead[0] if ahead is not None else self._store.commit_info(key)
 
-    def _take_ahead(self, key: str, commit: Commit | None) -> tuple[Commit | None, str | None, bool]:
-        """(marker, version, whether the version was read ahead) for a read of `key`: prefetch's, unless
-        the caller holds a marker of its own."""
+    def _take_ahead(self, key: str, commit: Commit | None) -> tuple[Commit | None, Callable[[], str | None]]:
+        """(marker, version()) for a read of `key`: prefetch's, unless the caller holds a marker of its own;
+        version() gives the object's version as prefetch read it, else looks it up."""
         ahead = self._ahead.pop(key, None)
         if ahead is not None and (commit is None or commit is ahead[0]):
-            return ahead[0], ahead[1], True
-        return commit or self._store.commit_info(key), None, False
+            return ahead[0], lambda: ahead[1]
+        return commit or self._store.commit_info(key), lambda: self._version(key)
 
     def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
-        info, version, ahead = self._take_ahead(key, commit)
+        info, version = self._take_ahead(key, commit)
         if info is None:
             return self._store.get_bytes(key)  # raises NotCommitted / CorruptObject with the store's message
         path = self._path(info.sha256)
         data = self._read_cached(path, info.sha256)
         if data is not None:
-            version = version if ahead else self._version(key)
-            if version is not None and version == self._recorded(info.sha256, key):
+            token = version()
+            if token is not None and token == self._recorded(info.sha256, key):
                 self.hits += 1
                 self.hit_bytes += len(data)
                 self._touch(path)
                 return data
             return self._confirm(key, data, info.sha256)
-        return self._fetch(key, info, version if ahead else None)
+        return self._fetch(key, info, version)
 
     @staticmethod
     def _touch(path: Path) -> None:
@@ -245,11 +247,12 @@ class CachedStore:
         from tlq_farm.store.base import sha256_file
 
         target = Path(path)
-        info, version, ahead = self._take_ahead(key, commit)
+        info, version = self._take_ahead(key, commit)
+        # Taken before the object is read: it vouches for a hit, and for a miss it is what _remember keeps.
+        token = version()
         if info is not None:
             cached = self._path(info.sha256)
-            version = version if ahead else self._version(key)
-            if (version is not None and version == self._recorded(info.sha256, key)
+            if (token is not None and token == self._recorded(info.sha256, key)
                     and self._file_verified(cached, info.sha256, info.size)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -259,7 +262,6 @@ class CachedStore:
                 self.hits += 1
                 self.hit_bytes += info.size
                 return target
-        version = version if ahead else self._version(key)
         self.misses += 1
         out = self._store.get_file(key, target, commit=info)
         digest, size = sha256_file(out)
@@ -270,18 +272,18 @@ class CachedStore:
             shutil.copyfile(out, tmp)
             os.replace(tmp, cached)
             self._evict(size)
-        self._remember(digest, key, version)
+        self._remember(digest, key, token)
         return out
 
-    def _fetch(self, key: str, commit: Commit | None = None, version: str | None = None) -> bytes:
+    def _fetch(self, key: str, commit: Commit | None = None, version: Callable[[], str | None] | None = None) -> bytes:
         # The token is taken before the read: if the object changes in between, it is stale and the next
         # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
-        version = version or self._version(key)
+        token = version() if version is not None else self._version(key)
         self.misses += 1
         data = self._store.get_bytes(key, commit=commit)
         digest = hashlib.sha256(data).hexdigest()
         self._keep(digest, data)
-        self._remember(digest, key, version)
+        self._remember(digest, key, token)
         return data
 
     def _confirm(self, key: str, cached: bytes, digest: str) -> bytes:

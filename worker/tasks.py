@@ -52,10 +52,10 @@ def run_task(store_url: str, job: str, task: dict) -> str:
         STATE.beat()
     if status in ("computed", "skipped"):
         ctx = steps.job_context(store, job)
-        dispatch.note_committed(r, store_url, job, plan.outputs(t, ctx.manifest, ctx.groups if t.kind == "quantize" else None))
-    if status == "computed":  # the shards it read or wrote are in this worker's cache now
-        for k in plan.task_shards(t, ctx.manifest, ctx.groups if t.kind not in ("embed", "groups") else None):
-            r.set(affinity_key(store_url, job, k), STATE.id, ex=24 * 3600)
+        dispatch.note_committed(r, store_url, job, ctx.outputs(t))
+        if status == "computed":  # the shards it read or wrote are in this worker's cache now
+            for k in plan.task_shards(t, ctx.manifest, ctx.groups if t.kind not in ("embed", "groups") else None):
+                r.set(affinity_key(store_url, job, k), STATE.id, ex=24 * 3600)
     # What this task made ready; on anything but a fresh commit (a skip, a missing input) the full reconcile.
     dispatch.advance(store_url, job, store, idle_worker=STATE.id, finished=t if status == "computed" else None)
     return status
