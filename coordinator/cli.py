@@ -236,7 +236,8 @@ def main() -> None:
 @click.option("--shard-tokens", default=8192, show_default=True, type=int, help="Calibration tokens per shard (shards are fixed by the job, not by the workers).")
 @click.option("--partition-tokens", default=0, show_default=True, type=int,
               help="Calibration tokens per statistics partition; 0 chooses from the model's shapes (a partition's "
-                   "statistics never outweigh its activations). Larger partitions move fewer bytes.")
+                   "statistics never outweigh its activations, nor its work a task's cost). Larger partitions move fewer "
+                   "bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (embedded and in-memory runs).")
 @click.option("--dtype", "dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="What blocks compute in and activations are stored in; auto: the checkpoint's "

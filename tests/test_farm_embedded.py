@@ -82,6 +82,8 @@ def test_three_shards_change_the_reduction_order_but_not_the_plan(files, tmp_pat
     manifest = get_json(store, keys.manifest(job))
     assert manifest["shards"] == [[0, 2], [2, 4], [4, 6]]
     assert sum(manifest["shard_tokens"]) == manifest["calibration"]["tokens"]
+    # A job keeps the floor of Gram work per statistics partition it was staged with (plan.MIN_PARTITION_MACS).
+    assert manifest["partition_macs"] == plan.MIN_PARTITION_MACS
 
 
 def test_embedded_runs_are_byte_identical_and_rerunning_attaches(files, tmp_path):

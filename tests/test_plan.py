@@ -148,6 +148,28 @@ def test_shared_inputs_share_a_partial_and_the_partition_follows_the_blocks_byte
     assert plan.block_partitions([161] * 6, 64, gptaq, grps, classes, cols, shapes=shapes) == [0, 1, 2, 3, 4, 5]
 
 
+def test_a_partition_carries_at_least_the_floor_of_gram_work_the_manifest_names():
+    """q/k share a 64-column Gram, o has its own: 2 x 64^2 multiply-adds a token. A floor of 200 tokens' worth
+    joins the 128-token shards in twos (the bytes alone cut one partition a shard); a job staged before the
+    floor (no partition_macs in its manifest) keeps the partitions it had."""
+    g = groups()
+    g["blocks"][0]["inputs"] = [["self_attn.q_proj", "self_attn.k_proj"], ["self_attn.o_proj"]]
+    q = manifest()["spec"]["quant"]
+    grps, classes, cols = g["blocks"][0]["groups"], g["blocks"][0]["inputs"], g["blocks"][0]["in_features"]
+    per_token = 2 * 64 * 64
+    assert plan.block_partitions([128] * 4, 64, q, grps, classes, cols) == [0, 1, 2, 3]
+    assert plan.block_partitions([128] * 4, 64, q, grps, classes, cols, min_macs=200 * per_token) == [0, 2]
+    assert plan.block_partitions([128] * 4, 64, q, grps, classes, cols, min_macs=200 * per_token + 1) == [0, 2]
+    assert plan.block_partitions([128] * 4, 64, q, grps, classes, cols, min_macs=257 * per_token) == [0]
+    m = manifest(n_shards=4, tokens=128)
+    assert plan.stat_partitions(m, g, 0) == [0, 1, 2, 3] and not plan.solves_in_place(m, g, 0)
+    m["partition_macs"] = 200 * per_token
+    assert plan.stat_partitions(m, g, 0) == [0, 2] and not plan.solves_in_place(m, g, 0)
+    m["partition_macs"] = plan.MIN_PARTITION_MACS  # what staging writes: far more than this job's 4 M
+    assert plan.stat_partitions(m, g, 0) == [0] and plan.solves_in_place(m, g, 0)
+    assert not any(t.kind in ("stats", "solve") for t in plan.all_tasks(m, g))
+
+
 def test_a_block_of_one_partition_quantizes_each_group_in_one_task_reading_each_shard():
     m, g = manifest(tokens=100), groups()  # 25.6 KB of activations per shard, partials of 32 KB
     assert plan.stat_partitions(m, g, 0) == [0] and plan.solves_in_place(m, g, 0)

@@ -711,9 +711,9 @@ def apply_qweight(block: nn.Module, name: str, result: QuantResult) -> None:
 def rtn_proxy(block: nn.Module, names: list[str], spec: QuantSpec) -> nn.Module:
     """A copy of the block with RTN weights: the cheap stand-in for 'this block, quantized' that gradient
     importance strategies need before the real solve."""
-    import copy
+    from .models.adapter import copy_module
 
-    proxy = copy.deepcopy(block)
+    proxy = copy_module(block)
     with torch.no_grad():
         for n in names:
             w = proxy.get_submodule(n).weight

@@ -55,6 +55,11 @@ REUSE_BYTES = parse_size(os.environ.get("TLQ_REUSE_BYTES", "1g"))
 # each costs then with its codes and temporaries (int8 and int32 codes, float32 weight, products).
 REBUILD_WEIGHTS = 2**24
 REBUILD_BYTES_PER_WEIGHT = 17
+# Multiply-adds of the Grams that one statistics partition computes, at least: a partition with less work (a
+# fraction of a second of one CPU core) does not pay for its own tasks, its partial's round trip through the
+# store and a separate solve, so a small model takes one partition per block (a 7B model does by its bytes).
+# Staging writes it into the manifest (`partition_macs`): a job keeps the partitions it was staged with.
+MIN_PARTITION_MACS = 2**33
 # The export hands the staged prefix and head on in parts of at least this many float32 bytes.
 EXPORT_CHUNK_BYTES = 2**28
 KINDS = ("embed", "groups", "reembed", "forward", "backward", "importance", "weights", "stats", "solve", "quantize",
@@ -150,11 +155,12 @@ def act_bytes(manifest: dict) -> int:
 def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_groups: list[list[str]],
                      classes: list[list[str]] | None, in_features: dict[str, int],
                      partition_tokens: int = 0, element_bytes: int = 4,
-                     shapes: dict[str, list[int]] | None = None) -> list[int]:
+                     shapes: dict[str, list[int]] | None = None, min_macs: int = 0) -> list[int]:
     """First shard of each statistics partition of one block, shared by all its true-sequential groups (see
     partition_starts): a partition holds at least the bytes of the block's partials (every group's, per
     owner H and for GPTAQ also D and Hfp, float32 [in, in]) in the activations a stats task reads (the q
-    chain's, and the fp chain's for GPTAQ). partition_tokens > 0: at least that many tokens instead."""
+    chain's, and the fp chain's for GPTAQ), and at least `min_macs` multiply-adds of its Grams (in^2 a token
+    per owner). partition_tokens > 0: at least that many tokens instead."""
     if partition_tokens > 0:
         return partition_starts(shard_tokens, partition_tokens)
     per_token = hidden * element_bytes * (2 if quant["method"] == "gptaq" else 1)
@@ -164,7 +170,12 @@ def block_partitions(shard_tokens: list[int], hidden: int, quant: dict, block_gr
     # (GPTAQ's W D terms do not shrink), and the store's bytes are what a 1 GbE farm waits on.
     partials = sum(partial_bytes(quant, members, classes, in_features, shapes=shapes, stored=False)
                    for members in block_groups)
-    return partition_starts([n * per_token for n in shard_tokens], partials)
+    owners = [o for members in block_groups
+              for o in group_owners(members, classes, quant["importance"] in PER_MODULE_IMPORTANCE)]
+    macs_per_token = sum(in_features[o] ** 2 for o in owners)
+    # Both floors in tokens (a whole token reaches a floor of bytes or multiply-adds as its ceiling in tokens).
+    tokens = max(-(-partials // per_token), -(-min_macs // macs_per_token) if macs_per_token else 0)
+    return partition_starts(shard_tokens, tokens)
 
 
 def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = None) -> list[int]:
@@ -175,7 +186,8 @@ def stat_partitions(manifest: dict, groups: dict, b: int, tower: str | None = No
     block = groups["blocks"][b]
     return block_partitions(manifest["shard_tokens"], manifest["sizes"]["hidden"], manifest["spec"]["quant"],
                             block["groups"], block.get("inputs"), block["in_features"],
-                            manifest["spec"].get("partition_tokens", 0), act_bytes(manifest), block.get("shapes"))
+                            manifest["spec"].get("partition_tokens", 0), act_bytes(manifest), block.get("shapes"),
+                            manifest.get("partition_macs", 0))
 
 
 def partial_bytes(quant: dict, members: list[str], classes: list[list[str]] | None,

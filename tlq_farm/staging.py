@@ -296,6 +296,7 @@ def stage_job(store: Store, spec: JobSpec, *, log=lambda m: None, warn=None) -> 
         "shard_tokens": [sum(token_counts[a:b]) for a, b in shards],
         "shard_vision_tokens": [sum(vision_counts[a:b]) for a, b in shards],
         "shard_input_bytes": [sum(tensor_bytes(sample_tensors(s)) for s in calib.samples[a:b]) for a, b in shards],
+        "partition_macs": plan.MIN_PARTITION_MACS,
         "sizes": sizes,
         "files": files,
         "layout": {"blocks": layout.blocks, "norm": layout.norm, "head": layout.head,

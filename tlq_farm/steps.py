@@ -12,7 +12,6 @@ when that task starts computing, once per TLQ_FAULT_CRASH_FLAG file (the flag is
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import socket
 import tempfile
@@ -24,7 +23,7 @@ import torch
 
 from . import block as B
 from . import plan
-from .models.adapter import Layout, linear_names
+from .models.adapter import Layout, copy_module, linear_names
 from .plan import Task
 from .quant import QuantResult, fold_cross_terms
 from .quant.grid import dequantize_grouped, pack_codes, unpack_codes
@@ -233,7 +232,7 @@ class JobContext:
     def module_from_meta(self, path: str, key: str, strip: str = "") -> torch.nn.Module:
         """A copy of the meta module at `path`, materialized and filled from the staged object `key` (its
         tensors whose names start with `strip`, less that prefix): every tensor of the module, no other."""
-        module = copy.deepcopy(self.meta.get_submodule(path)).to(dtype=self.dtype).to_empty(device=self.device)
+        module = copy_module(self.meta.get_submodule(path)).to(dtype=self.dtype).to_empty(device=self.device)
         persistent = set(module.state_dict())
         buffers = {n for n, _ in module.named_buffers()}
         if buffers - persistent:
@@ -512,7 +511,7 @@ def _on_meta(value):
 def _meta_plan(ctx: JobContext, tower: str | None, b: int, sample: B.Captured, true_sequential: bool) -> dict | None:
     """_traced_plan of block b run on the meta device (shapes only: no weights read, nothing computed); None
     where its forward needs values (data-dependent code has no meta kernels)."""
-    blk = copy.deepcopy(ctx.meta.get_submodule(f"{ctx.blocks_path(tower)}.{b}")).to(dtype=ctx.dtype)
+    blk = copy_module(ctx.meta.get_submodule(f"{ctx.blocks_path(tower)}.{b}")).to(dtype=ctx.dtype)
     try:
         return _traced_plan(blk.eval().requires_grad_(False), _on_meta(sample.hidden), _on_meta(sample.kwargs(b)),
                             true_sequential)

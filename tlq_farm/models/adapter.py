@@ -132,6 +132,15 @@ def _head_path(model: nn.Module) -> str:
     raise UnsupportedModel(f"the lm_head of {type(model).__name__} is not a submodule of the model")
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` that shares its config objects with the original: modules only read their
+    config, and copying it (a validated dataclass tree) for every block cost more than the block's own copy."""
+    import copy
+
+    memo = {id(m.config): m.config for m in module.modules() if getattr(m, "config", None) is not None}
+    return copy.deepcopy(module, memo)
+
+
 def linear_names(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
