@@ -68,17 +68,41 @@ def _raw_put(store, key, data):
     store.client.put_object(Bucket=store.bucket, Key=store._full(key), Body=data)
 
 
+STAGED = "jobs/j/staged/block-000.safetensors"
+
+
 def test_a_corrupted_s3_object_behind_a_cache_hit_is_found_and_repaired(s3_store_factory, tmp_path):
+    """A staged object (no task can compute it again) is checked against the store on every hit."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    cached.put_bytes(STAGED, PAYLOAD)
+    assert cached.get_bytes(STAGED) == PAYLOAD and cached.hits == 1
+    garbage = bytes(b ^ 0x5A for b in PAYLOAD)  # same size: only the content check can see it
+    _raw_put(store, STAGED, garbage)
+    assert cached.get_bytes(STAGED) == PAYLOAD
+    assert (cached.hits, cached.repairs) == (1, 1)
+    assert store.get_bytes(STAGED) == PAYLOAD  # the bucket holds the committed bytes again
+    assert cached.get_bytes(STAGED) == PAYLOAD and cached.hits == 2  # and hits resume
+
+
+def test_a_tasks_output_is_served_by_its_marker_alone_and_damage_is_left_to_the_next_store_read(
+        s3_store_factory, tmp_path):
+    """A task's output hits on its marker's digest with no look at the store's object: the cached bytes are
+    the committed content. Damage behind it stays for a reader of the store to find (which deletes the
+    object, so that the task that wrote it runs again), and costs this cache nothing."""
     store = s3_store_factory()
     cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
     cached.put_bytes("jobs/j/acts/x", PAYLOAD)
-    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD and cached.hits == 1
-    garbage = bytes(b ^ 0x5A for b in PAYLOAD)  # same size: only the content check can see it
-    _raw_put(store, "jobs/j/acts/x", garbage)
-    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
-    assert (cached.hits, cached.repairs) == (1, 1)
-    assert store.get_bytes("jobs/j/acts/x") == PAYLOAD  # the bucket holds the committed bytes again
-    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD and cached.hits == 2  # and hits resume
+    _raw_put(store, "jobs/j/acts/x", bytes(b ^ 0x5A for b in PAYLOAD))
+    ops = _operations(store)
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD and ops == ["GetObject"]
+    assert cached.get_file("jobs/j/acts/x", tmp_path / "x").read_bytes() == PAYLOAD
+    assert (cached.hits, cached.misses, cached.repairs) == (2, 0, 0)
+    with pytest.raises(CorruptObject):
+        store.get_bytes("jobs/j/acts/x")
+    assert not store.is_committed("jobs/j/acts/x")
+    with pytest.raises(NotCommitted):  # and no cache serves what is no longer committed
+        cached.get_bytes("jobs/j/acts/x")
 
 
 def test_an_s3_object_missing_behind_its_marker_is_committed_again_from_the_cache(s3_store_factory, tmp_path):
@@ -161,53 +185,49 @@ def test_a_write_keeps_the_version_its_put_returned_so_the_next_hit_needs_one_lo
     store = s3_store_factory()
     cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
     ops = _operations(store)
-    cached.put_bytes("jobs/j/acts/x", PAYLOAD)
+    cached.put_bytes(STAGED, PAYLOAD)
     assert ops == ["DeleteObject", "PutObject", "PutObject"]  # marker withdrawn, object, marker
-    assert store._object_version("jobs/j/acts/x") == cached._recorded(sha256_hex(PAYLOAD), "jobs/j/acts/x")
+    assert store._object_version(STAGED) == cached._recorded(sha256_hex(PAYLOAD), STAGED)
     del ops[:]
-    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
+    assert cached.get_bytes(STAGED) == PAYLOAD
     assert ops == ["GetObject", "HeadObject"] and (cached.hits, cached.misses, cached.repairs) == (1, 0, 0)
+    del ops[:]
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD)  # a task's output: no version kept, none looked up
+    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
+    assert ops == ["DeleteObject", "PutObject", "PutObject", "GetObject"] and cached.hits == 2
 
 
 def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_own(s3_store_factory, tmp_path):
-    """prefetch() reads the markers and versions of the objects a task reads next, side by side. A hit then
-    sends no request, a miss only its download; damage that was there when it looked is still found and
-    repaired; each lookup serves one read, and forget_prefetched() drops the rest."""
+    """prefetch() reads the markers (and for staged objects the versions) of the objects a task reads next,
+    side by side. A hit then sends no request, a miss only its download; damage to a staged object that was
+    there when it looked is still found and repaired; each lookup serves one read, and forget_prefetched()
+    drops the rest."""
     store = s3_store_factory()
     cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
-    names = [f"jobs/j/qweights/block-0/m{i}" for i in range(3)]
+    names = [f"jobs/j/staged/block-00{i}.safetensors" for i in range(3)]
     for i, k in enumerate(names):
         cached.put_bytes(k, PAYLOAD + bytes([i]))
+    output = "jobs/j/qweights/block-000/mlp.down_proj.safetensors"
+    cached.put_bytes(output, PAYLOAD + b"\3")
     store.put_bytes("jobs/j/acts/x", PAYLOAD[::-1])  # another worker's output: not in this cache
     _raw_put(store, names[2], bytes(len(PAYLOAD) + 1))  # damaged behind its marker
     ops = _operations(store)
     sent = store.requests
-    cached.prefetch(names + ["jobs/j/acts/x", "jobs/j/acts/never-written"])
-    assert sorted(ops) == ["GetObject"] * 5 + ["HeadObject"] * 4  # a missing marker needs no HEAD
+    cached.prefetch(names + [output, "jobs/j/acts/x", "jobs/j/acts/never-written"])
+    # Six markers; a version only for the three staged objects (a missing marker needs none either).
+    assert sorted(ops) == ["GetObject"] * 6 + ["HeadObject"] * 3
     assert store.requests - sent == 9  # what the store counts for the task records (store_requests)
     del ops[:]
     assert [cached.get_bytes(k) for k in names[:2]] == [PAYLOAD + b"\0", PAYLOAD + b"\1"] and ops == []
+    assert cached.get_bytes(output) == PAYLOAD + b"\3" and ops == []
     assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD[::-1] and ops == ["GetObject"]
     assert cached.get_bytes(names[2]) == PAYLOAD + b"\2" and cached.repairs == 1
     assert store.get_bytes(names[2]) == PAYLOAD + b"\2"
     del ops[:]
     assert cached.get_bytes(names[0]) == PAYLOAD + b"\0" and ops == ["GetObject", "HeadObject"]  # taken already
+    del ops[:]
+    assert cached.get_bytes(output) == PAYLOAD + b"\3" and ops == ["GetObject"]
     cached.prefetch([names[1]])
     cached.forget_prefetched()
     del ops[:]
     assert cached.get_bytes(names[1]) == PAYLOAD + b"\1" and ops == ["GetObject", "HeadObject"]
-
-
-def test_a_key_written_after_its_prefetch_is_read_as_written(s3_store_factory, tmp_path):
-    """A marker read ahead stands for the object of that moment: a write (or delete) of the key in between
-    drops it, so the read finds the new bytes, not the cached old ones."""
-    store = s3_store_factory()
-    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
-    cached.put_bytes("jobs/j/acts/x", PAYLOAD)
-    cached.prefetch(["jobs/j/acts/x"])
-    cached.put_bytes("jobs/j/acts/x", PAYLOAD[::-1])
-    assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD[::-1]
-    cached.prefetch(["jobs/j/acts/x"])
-    cached.delete("jobs/j/acts/x")
-    with pytest.raises(NotCommitted):
-        cached.get_bytes("jobs/j/acts/x")

@@ -5,15 +5,21 @@ marker is still read on every get (a rewrite or a corrupt-and-deleted object is 
 oldest-used files go first when the cache exceeds its size. A cache file is hashed when this process first
 serves it and again only once it changed (inode, size or mtime), as the folder store does.
 
-A hit also checks that the store's object is still the one that was verified, so that damage in the store
-does not hide behind the cache: beside each entry lies, per store key, the object's version token
-(Store._object_version: the S3 ETag and size, a file's size, mtime and inode) taken when this cache wrote or
-downloaded it (for a write on S3, the ETag that the PUT answered with: no lookup). A hit compares it with a
-fresh lookup (one HEAD request on S3). When the token differs or
-is unknown, the object is read through the store's verifying path: a sound object is served and its token
+A hit on an object that staging wrote (the checkpoint's pieces, the calibration samples, the manifest) also
+checks that the store's object is still the one that was verified, so that damage in the store does not hide
+behind the cache: no task could compute such an object again. Beside each such entry lies, per store key,
+the object's version token (Store._object_version: the S3 ETag and size, a file's size, mtime and inode)
+taken when this cache wrote or downloaded it (for a write on S3, the ETag that the PUT answered with: no
+lookup). A hit compares it with a fresh lookup (one HEAD request on S3). When the token differs or is
+unknown, the object is read through the store's verifying path: a sound object is served and its token
 kept; a corrupt one is deleted by the store, and is committed again from the cached copy, which hashes to
-the marker's digest and so is the committed content itself. The job goes on with the same bytes, with no
-recomputation, even for staged checkpoint pieces and calibration samples, which no task can recompute.
+the marker's digest and so is the committed content itself. The job goes on with the same bytes.
+
+A hit on a task's output needs only its marker: the cached bytes hash to the digest the marker names, so
+they are the committed content whatever the store's copy has become. A damaged copy in the store is found by
+whoever reads it from there (the read deletes it and the task that wrote it runs again), not by this cache.
+On S3 a hit is then one request instead of two: the tasks of a block read what they and the tasks before
+them wrote, again and again, and those HEADs were a third of a worker's requests.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class CachedStore:
     def _version(self, key: str) -> str | None:
         return self._store._object_version(keys.check_key(key))
 
+    @staticmethod
+    def _checked(key: str) -> bool:
+        """Whether a hit on `key` checks the store's object version (staged inputs; module docstring)."""
+        return not keys.is_task_output(key)
+
     def _remember(self, digest: str, key: str, version: str | None) -> None:
         """Record the version of the store's object `key` whose content is the cached `digest`."""
         if version is None or not self._path(digest).exists():
@@ -135,8 +146,8 @@ class CachedStore:
         # The token of what this write stored (S3: the PUT's ETag), else looked up after the write: a
         # concurrent rewrite since leaves a token that no longer matches, which costs one verifying read
         # later, never a false hit.
-        written = self._store._written_version(keys.check_key(key))
-        if self._path(digest).exists():
+        if self._checked(key) and self._path(digest).exists():
+            written = self._store._written_version(keys.check_key(key))
             self._remember(digest, key, written or self._version(key))
         return digest
 
@@ -156,7 +167,7 @@ class CachedStore:
         def look(key: str):
             try:
                 info = self._store.commit_info(key)
-                return None if info is None else (info, self._version(key))
+                return None if info is None else (info, self._version(key) if self._checked(key) else None)
             except StoreError:  # the read itself will meet it and say what is wrong
                 return None
 
@@ -188,8 +199,8 @@ class CachedStore:
         path = self._path(info.sha256)
         data = self._read_cached(path, info.sha256)
         if data is not None:
-            token = version()
-            if token is not None and token == self._recorded(info.sha256, key):
+            token = version() if self._checked(key) else None
+            if not self._checked(key) or (token is not None and token == self._recorded(info.sha256, key)):
                 self.hits += 1
                 self.hit_bytes += len(data)
                 self._touch(path)
@@ -249,10 +260,11 @@ class CachedStore:
         target = Path(path)
         info, version = self._take_ahead(key, commit)
         # Taken before the object is read: it vouches for a hit, and for a miss it is what _remember keeps.
-        token = version()
+        checked = self._checked(key)
+        token = version() if checked else None
         if info is not None:
             cached = self._path(info.sha256)
-            if (token is not None and token == self._recorded(info.sha256, key)
+            if ((not checked or (token is not None and token == self._recorded(info.sha256, key)))
                     and self._file_verified(cached, info.sha256, info.size)):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
@@ -272,18 +284,21 @@ class CachedStore:
             shutil.copyfile(out, tmp)
             os.replace(tmp, cached)
             self._evict(size)
-        self._remember(digest, key, token)
+        if checked:
+            self._remember(digest, key, token)
         return out
 
     def _fetch(self, key: str, commit: Commit | None = None, version: Callable[[], str | None] | None = None) -> bytes:
         # The token is taken before the read: if the object changes in between, it is stale and the next
         # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
-        token = version() if version is not None else self._version(key)
+        checked = self._checked(key)
+        token = (version() if version is not None else self._version(key)) if checked else None
         self.misses += 1
         data = self._store.get_bytes(key, commit=commit)
         digest = hashlib.sha256(data).hexdigest()
         self._keep(digest, data)
-        self._remember(digest, key, token)
+        if checked:
+            self._remember(digest, key, token)
         return data
 
     def _confirm(self, key: str, cached: bytes, digest: str) -> bytes:

@@ -202,6 +202,17 @@ def cancel_flag(job: str) -> str:
     return job_prefix(job) + "cancel"
 
 
+def is_task_output(key: str) -> bool:
+    """Whether `key` is an object of a job that a task writes, and so could write again: anything under the
+    job's prefix but what staging writes (the spec and manifest, the checkpoint's pieces, the calibration
+    samples), which no task can compute."""
+    parts = key.split("/", 2)
+    if len(parts) < 3 or parts[0] != JOBS or not parts[2]:
+        return False
+    rest = parts[2]
+    return rest not in ("spec.json", "manifest.json") and not rest.startswith(("staged/", "calib/"))
+
+
 def calib_shard(job: str, k: int) -> str:
     """The encoded calibration samples of shard k, one object (tensors 's<index>|<name>'): one write and one
     read per shard, where an object per sample cost a store round trip (and on S3 a request) per sample."""
