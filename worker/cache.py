@@ -87,6 +87,10 @@ class CachedStore:
         """Whether a hit on `key` checks the store's object version (staged inputs; module docstring)."""
         return not keys.is_task_output(key)
 
+    def _vouched(self, digest: str, key: str, token: str | None) -> bool:
+        """Whether the store's object `key`, of version `token`, is the one this cache saw hold `digest`."""
+        return token is not None and token == self._recorded(digest, key)
+
     def _remember(self, digest: str, key: str, version: str | None) -> None:
         """Record the version of the store's object `key` whose content is the cached `digest`."""
         if version is None or not self._path(digest).exists():
@@ -199,8 +203,7 @@ class CachedStore:
         path = self._path(info.sha256)
         data = self._read_cached(path, info.sha256)
         if data is not None:
-            token = version() if self._checked(key) else None
-            if not self._checked(key) or (token is not None and token == self._recorded(info.sha256, key)):
+            if not self._checked(key) or self._vouched(info.sha256, key, version()):
                 self.hits += 1
                 self.hit_bytes += len(data)
                 self._touch(path)
@@ -264,8 +267,8 @@ class CachedStore:
         token = version() if checked else None
         if info is not None:
             cached = self._path(info.sha256)
-            if ((not checked or (token is not None and token == self._recorded(info.sha256, key)))
-                    and self._file_verified(cached, info.sha256, info.size)):
+            current = not checked or self._vouched(info.sha256, key, token)
+            if current and self._file_verified(cached, info.sha256, info.size):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
                 shutil.copyfile(cached, tmp)
