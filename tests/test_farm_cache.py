@@ -195,6 +195,7 @@ def test_a_write_keeps_the_version_its_put_returned_so_the_next_hit_needs_one_lo
     cached.put_bytes("jobs/j/acts/x", PAYLOAD)  # a task's output: no version kept, none looked up
     assert cached.get_bytes("jobs/j/acts/x") == PAYLOAD
     assert ops == ["DeleteObject", "PutObject", "PutObject", "GetObject"] and cached.hits == 2
+    assert store._versions_written == {}  # each write's version taken, used or not: none piles up
 
 
 def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_own(s3_store_factory, tmp_path):

@@ -149,9 +149,9 @@ class CachedStore:
         self._keep(digest, bytes(data))
         # The token of what this write stored (S3: the PUT's ETag), else looked up after the write: a
         # concurrent rewrite since leaves a token that no longer matches, which costs one verifying read
-        # later, never a false hit.
+        # later, never a false hit. Taken for every write, so that the store keeps none nobody takes.
+        written = self._store._written_version(keys.check_key(key))
         if self._checked(key) and self._path(digest).exists():
-            written = self._store._written_version(keys.check_key(key))
             self._remember(digest, key, written or self._version(key))
         return digest
 
@@ -295,7 +295,9 @@ class CachedStore:
         # The token is taken before the read: if the object changes in between, it is stale and the next
         # hit reads again, whereas a token taken after could vouch for bytes that were never checked.
         checked = self._checked(key)
-        token = (version() if version is not None else self._version(key)) if checked else None
+        token = None
+        if checked:
+            token = version() if version is not None else self._version(key)
         self.misses += 1
         data = self._store.get_bytes(key, commit=commit)
         digest = hashlib.sha256(data).hexdigest()

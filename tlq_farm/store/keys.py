@@ -207,10 +207,10 @@ def is_task_output(key: str) -> bool:
     job's prefix but what staging writes (the spec and manifest, the checkpoint's pieces, the calibration
     samples), which no task can compute."""
     parts = key.split("/", 2)
-    if len(parts) < 3 or parts[0] != JOBS or not parts[2]:
+    if len(parts) < 3 or parts[0] != JOBS or not is_job_id(parts[1]) or not parts[2]:
         return False
-    rest = parts[2]
-    return rest not in ("spec.json", "manifest.json") and not rest.startswith(("staged/", "calib/"))
+    job = parts[1]
+    return key not in (spec(job), manifest(job)) and not key.startswith((staged_prefix(job), calib_prefix(job)))
 
 
 def calib_shard(job: str, k: int) -> str:
