@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_farm.py --hidden 256 --samples 8   # a quick check
     .venv/bin/python bench/bench_farm.py --skip single --shared-folder   # scaling without the S3 server's CPU
     .venv/bin/python bench/bench_farm.py --skip single two --shared-folder --partition-tokens 2048
+    .venv/bin/python bench/bench_farm.py --skip single two --tlq-samples 128   # the usual calibration size
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
 side by side, every command from its start to the downloaded export (the workers are started, and have
@@ -141,6 +142,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--tlq-samples", type=int, default=0,
+                    help="calibration samples of the GPTAQ + tlq job (0: --samples); 128, the usual calibration "
+                         "size, gives its blocks two statistics partitions at this width, where 32 gives one")
     ap.add_argument("--words", type=int, default=120, help="words per calibration row (about 2 tokens each)")
     ap.add_argument("--shard-tokens", type=int, default=2048,
                     help="calibration tokens per shard: several shards let workers split a block's data")
@@ -207,9 +211,14 @@ def main() -> None:
                 cmd, _ = run("tlq", ["--method", "gptaq", "--importance", "tlq",
                                      "--partition-tokens", str(args.partition_tokens)], scaling_store(), farm.env,
                              broker=True)
+                if args.tlq_samples:  # its own rows: the other jobs' samples stay what they were
+                    (work / "tlq").mkdir(exist_ok=True)
+                    cmd[cmd.index("--calib") + 1] = str(make_calib(work / "tlq", args.tlq_samples, args.words))
+                    cmd[cmd.index("--samples") + 1] = str(args.tlq_samples)
                 found[n], moto = farm.timed([cmd])
                 moto = None if args.shared_folder else moto
                 parts = f", --partition-tokens {args.partition_tokens}" if args.partition_tokens else ""
+                parts += f", {args.tlq_samples} samples" if args.tlq_samples else ""
                 rows.append((f"one GPTAQ + tlq job{parts}, {n} worker{'s' if n > 1 else ''}, {where}", found[n], moto,
                              "" if n == 1 else f"{found[1] / found[2]:.2f} x faster than 1 worker"))
     finally:

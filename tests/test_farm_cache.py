@@ -1,5 +1,6 @@
 """The worker's local object cache: hits only for the committed digest, never stale, bounded in size."""
 
+import logging
 import os
 
 import pytest
@@ -232,3 +233,71 @@ def test_a_prefetch_looks_up_what_a_task_reads_at_once_and_each_read_takes_its_o
     cached.forget_prefetched()
     del ops[:]
     assert cached.get_bytes(names[1]) == PAYLOAD + b"\1" and ops == ["GetObject", "HeadObject"]
+
+
+def test_a_read_ahead_downloads_the_next_blocks_weights_once_so_that_their_read_is_a_hit(
+        s3_store_factory, tmp_path):
+    """read_ahead() brings committed objects into the cache in the background; the task's later read of one
+    is then a hit (its marker and version, no download), the same bytes; each key is read ahead once per
+    process; a key not committed yet is left for a later ask; what the cache holds is not downloaded."""
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    nxt, later = STAGED, "jobs/j/staged/block-001.safetensors"
+    store.put_bytes(nxt, PAYLOAD)
+    ops = _operations(store)
+    before = store.bytes_read
+    cached.read_ahead([nxt, later])()  # later: not staged yet
+    assert sorted(ops) == ["GetObject", "GetObject", "GetObject", "HeadObject"]  # 2 markers, the version, the object
+    assert cached.misses == 1 and store.bytes_read == before + len(PAYLOAD)
+    assert list((tmp_path / "cache" / ".ahead").iterdir()) == []  # nothing left half-way
+    del ops[:]
+    assert cached.get_file(nxt, tmp_path / "block").read_bytes() == PAYLOAD
+    assert ops == ["GetObject", "HeadObject"] and (cached.hits, cached.misses) == (1, 1)
+    del ops[:]
+    cached.read_ahead([nxt])()
+    assert ops == []  # once per process
+    store.put_bytes(later, PAYLOAD[::-1])
+    cached.put_bytes("jobs/j/staged/embed.safetensors", PAYLOAD + b"!")  # written here: cached already
+    del ops[:]
+    cached.read_ahead([later, "jobs/j/staged/embed.safetensors"])()
+    assert sorted(ops) == ["GetObject", "GetObject", "GetObject", "HeadObject"] and cached.misses == 2
+    del ops[:]
+    assert cached.get_bytes(later) == PAYLOAD[::-1] and ops == ["GetObject", "HeadObject"]
+
+
+def test_a_read_ahead_that_fails_leaves_the_read_to_the_task(s3_store_factory, tmp_path, caplog):
+    """A damaged object met by the read-ahead is not kept; the task's own read meets it and says so."""
+    caplog.set_level(logging.INFO, logger="worker.cache")
+    store = s3_store_factory()
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1 << 20)
+    store.put_bytes(STAGED, PAYLOAD)
+    _raw_put(store, STAGED, bytes(len(PAYLOAD)))  # damaged behind its marker
+    cached.read_ahead([STAGED])()
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert "read-ahead of" in caplog.text and STAGED in caplog.text
+    with pytest.raises((CorruptObject, NotCommitted)):
+        cached.get_file(STAGED, tmp_path / "block")
+
+
+def test_what_a_killed_workers_read_ahead_left_is_removed_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    ahead = tmp_path / "cache" / ".ahead"
+    ahead.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = ahead / f".{int(gone.stdout)}.part"
+    alive = ahead / f".{os.getpid()}.part"
+    for p in (dead, alive, ahead / f"..{int(gone.stdout)}.part.x1y2.part"):
+        p.write_bytes(b"half")
+    CachedStore(LocalStore(tmp_path / "store"), tmp_path / "cache", max_bytes=1 << 20)
+    assert sorted(ahead.iterdir()) == [alive]
+
+
+def test_an_object_of_more_than_a_quarter_of_the_cache_is_not_read_ahead(s3_store_factory, tmp_path):
+    store = s3_store_factory()
+    store.put_bytes(STAGED, PAYLOAD)
+    for max_bytes, downloads in ((4 * len(PAYLOAD) - 1, 0), (4 * len(PAYLOAD), 1)):
+        cached = CachedStore(store, tmp_path / f"cache-{max_bytes}", max_bytes=max_bytes)
+        cached.read_ahead([STAGED])()
+        assert cached.misses == downloads

@@ -300,3 +300,26 @@ def test_memory_classes_route_to_the_smallest_fitting_class():
     # the factor in H's storage and 16 bytes per weight (work copy, codes, dequantized weight).
     assert solve == max(20_000, 4 * 64 * 64 + max(8 * 64 * 64 + 3 * (2 * 4 * 64 * 64),  # adding a partial
                                                   8 * 64 * 64 + 16 * 64 * 64))         # factor and loop
+
+
+def test_read_ahead_names_the_staged_block_a_tasks_chain_reads_next():
+    m = dict(manifest(n_blocks=3), n_vision_blocks=2)
+    block = lambda b, t=None: [keys.staged_block(JOB, b, t)]  # noqa: E731
+    expected = {
+        Task("embed", shard=0): block(0), Task("reembed", shard=1): block(0),
+        Task("forward", block=0, shard=0): block(1), Task("forward", block=2, shard=0): [],
+        Task("backward", block=3, shard=0): block(2), Task("backward", block=1, shard=0): block(0),
+        Task("backward", block=0, shard=0): [],
+        Task("weights", block=1, shard=2): block(2),
+        Task("quantize", block=0, group=1): block(1), Task("stats", block=1, group=0, shard=0): block(2),
+        Task("solve", block=1, group=0, module="self_attn.q_proj"): block(2),
+        Task("propagate", block=1, shard=0): block(2), Task("propagate", block=2, shard=0): [],
+        Task("quantize", block=0, group=0, tower="vision"): block(1, "vision"),
+        Task("propagate", block=1, shard=0, tower="vision"): [],
+        Task("groups"): [], Task("importance"): [], Task("export"): [],
+    }
+    assert {t: plan.read_ahead(t, m) for t in expected} == expected
+    # Each is a block some task of the job reads: nothing is downloaded that the job does not need.
+    g = groups(3)
+    read = {k for t in plan.all_tasks(m, g) for k in plan.inputs(t, m, g)}
+    assert {k for t in plan.all_tasks(m, g) for k in plan.read_ahead(t, m)} <= read

@@ -464,6 +464,23 @@ def task_shards(task: Task, manifest: dict, groups: dict | None) -> list[int]:
     return [] if task.shard is None else [task.shard]
 
 
+def read_ahead(task: Task, manifest: dict) -> list[str]:
+    """The staged block that whoever runs `task` most likely reads next: the next block of its chain (the one
+    before, on the gradient chain; block 0 after embedding). A worker's cache downloads it while the task
+    computes (worker/cache.py): every chain walks the blocks in order, and the tasks of a block go to the
+    workers that hold its shards, which then run the next block's."""
+    job, b, t = manifest["job"], task.block, task.tower
+    if task.kind in ("embed", "reembed"):
+        nxt, t = 0, None
+    elif task.kind == "backward":
+        nxt = b - 1
+    elif task.kind in BLOCK_KINDS or task.kind == "weights":
+        nxt = b + 1
+    else:  # groups, importance, export: no next block
+        return []
+    return [keys.staged_block(job, nxt, t)] if 0 <= nxt < tower_blocks(manifest, t) else []
+
+
 def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -> list[Task]:
     """A tower's per-block tasks in order: weights, then each group's stats and solves (or its quantize task),
     then propagate."""

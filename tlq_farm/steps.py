@@ -1229,6 +1229,9 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     _fault_sleep(task.kind)
     fault_crash(task.name)
     ctx.current_record = record
+    # The next block's weights come down while this task computes (a worker's cache; Store.read_ahead), and
+    # the record counts their bytes: the wait at the end is for what the task did not already cover.
+    read_ahead_done = store.read_ahead(plan.read_ahead(task, ctx.manifest))
     try:
         BODIES[task.kind](ctx, task)
     except (NotCommitted, CorruptObject):
@@ -1236,6 +1239,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
         return "input-missing"
     finally:
         ctx.current_record = None
+        read_ahead_done()
         store.forget_prefetched()
     put_json(store, keys.task_log(job, f"{task.name}--{attempt}"), record())
     return "computed"

@@ -136,6 +136,8 @@ class Store(ABC):
     # a task's record carries its share (tlq_farm.steps.TaskMeter).
     bytes_read = 0
     bytes_written = 0
+    # Held while adding to those: a worker's read-ahead thread (worker/cache.py) reads beside its task.
+    _counting = threading.Lock()
     # Requests this process sent to a store across a network (S3); a folder store sends none.
     requests = 0
 
@@ -191,9 +193,20 @@ class Store(ABC):
         data = self._read_raw(raw_key)
         return None if data is None else f"sha256:{sha256_hex(data)}:{len(data)}"
 
+    def _count(self, read: int = 0, written: int = 0) -> None:
+        with Store._counting:
+            self.bytes_read += read
+            self.bytes_written += written
+
     def prefetch(self, wanted: Iterable[str]) -> None:
         """A hint that the committed objects `wanted` are read next; a store with round trips to spare (the
         worker's cache over S3) looks their markers up side by side. Nothing to do here."""
+
+    def read_ahead(self, wanted: Iterable[str]) -> Callable[[], None]:
+        """A hint that the committed objects `wanted` are read by a later task -> wait(), which returns once
+        whatever was started for them has ended. A store with a local cache (the worker's over S3) downloads
+        them into it meanwhile. Nothing to do here."""
+        return lambda: None
 
     def forget_prefetched(self) -> None:
         """Drop what prefetch() read and no read took (at the end of a task)."""
@@ -226,7 +239,7 @@ class Store(ABC):
             self._write_raw(key, data)
             self._wrote(key, digest)
             self._commit(key, digest, len(data))
-        self.bytes_written += len(data)
+        self._count(written=len(data))
         return digest
 
     def put_file(self, key: str, path: str | os.PathLike) -> str:
@@ -240,7 +253,7 @@ class Store(ABC):
             digest, size = self._upload_file(key, source)
             self._wrote(key, digest)
             self._commit(key, digest, size)
-        self.bytes_written += size
+        self._count(written=size)
         return digest
 
     def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
@@ -248,7 +261,7 @@ class Store(ABC):
         as the caller just read it, which spares a second read of it)."""
         keys.check_key(key)
         data = self._read_verified(key, lambda: self._fetch_bytes(key), lambda data: None, commit)
-        self.bytes_read += len(data)
+        self._count(read=len(data))
         return data
 
     def get_file(self, key: str, path: str | os.PathLike, commit: Commit | None = None) -> Path:
@@ -276,7 +289,7 @@ class Store(ABC):
             return partial, digest, size
 
         partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True), commit)
-        self.bytes_read += partial.stat().st_size
+        self._count(read=partial.stat().st_size)
         os.replace(partial, target)
         return target
 
