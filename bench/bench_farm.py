@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_farm.py --skip single --shared-folder   # scaling without the S3 server's CPU
     .venv/bin/python bench/bench_farm.py --skip single two --shared-folder --partition-tokens 2048
     .venv/bin/python bench/bench_farm.py --skip single two --tlq-samples 128   # the usual calibration size
+    .venv/bin/python bench/bench_farm.py --skip two tlq folder --checkpoint-dtype bfloat16   # as models are published
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
 side by side, every command from its start to the downloaded export (the workers are started, and have
@@ -41,13 +42,25 @@ WORDS = "the a cat dog red blue green tree car house runs sits is on under near 
 CLI = str(Path(sys.executable).parent / "tlq-farm")
 
 
-def make_model(root: Path, layers: int, hidden: int, intermediate: int) -> Path:
+def make_model(root: Path, layers: int, hidden: int, intermediate: int, dtype: str = "float32") -> Path:
+    """The Llama, its checkpoint in `dtype` (bfloat16: as published models are; the tasks compute in float32
+    on a CPU either way)."""
     from tlq_farm.models.tiny import make_tiny
 
     heads = max(1, hidden // 64)
-    return make_tiny("llama", root / "model", seed=0, num_hidden_layers=layers, hidden_size=hidden,
+    path = make_tiny("llama", root / "model", seed=0, num_hidden_layers=layers, hidden_size=hidden,
                      intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
                      head_dim=hidden // heads)
+    if dtype != "float32":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        for f in path.glob("*.safetensors"):
+            save_file({k: v.to(getattr(torch, dtype)) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = dtype
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
 
 
 def make_calib(root: Path, samples: int, words: int) -> Path:
@@ -151,18 +164,21 @@ def main() -> None:
     ap.add_argument("--partition-tokens", type=int, default=0,
                     help="--partition-tokens of the GPTAQ + tlq job (0: the plan's choice, one partition per block at "
                          "this size; 2048: four, so that workers split each block's statistics)")
+    ap.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the dtype the model's checkpoint is saved in (staged and moved through the store as is)")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
     ap.add_argument("--shared-folder", action="store_true",
                     help="run the two-worker scenarios (two, tlq) on the shared folder store instead of moto's S3: "
                          "on one machine the S3 server's own CPU competes with the workers for the same cores")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-farm-"))
-    model = make_model(work, args.layers, args.hidden, args.intermediate)
+    model = make_model(work, args.layers, args.hidden, args.intermediate, args.checkpoint_dtype)
     calib = make_calib(work, args.samples, args.words)
     folder_store = work / "shared-store"
     folder_store.mkdir()
+    # --dtype float32: these workers are CPUs, and a farm's --dtype auto would compute a bf16 checkpoint in bf16.
     common = ["run", str(model), "--calib", str(calib), "--samples", str(args.samples), "--seq-len", "4096",
-              "--shard-tokens", str(args.shard_tokens), "--quiet", "--create-store"]
+              "--shard-tokens", str(args.shard_tokens), "--quiet", "--create-store", "--dtype", "float32"]
     env1 = dict(os.environ, OMP_NUM_THREADS="1", TLQ_BROKER_URL="")
     rows: list[tuple[str, float, float | None, str]] = []
 
@@ -231,7 +247,8 @@ def main() -> None:
     import torch
 
     print(f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; one torch thread per process.")
-    print(f"Job: Llama {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, GPTQ W4 g128, "
+    print(f"Job: Llama {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, {args.checkpoint_dtype} "
+          f"checkpoint, GPTQ W4 g128, "
           f"{args.samples} samples of {args.words} words, {args.shard_tokens} tokens per shard.\n")
     print("| run | wall s | S3 server CPU s | ratio |\n|---|---:|---:|---|")
     for name, t, moto, note in rows:

@@ -302,6 +302,11 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
             return
         if broker:
             _set_broker(broker)  # before staging: a broker that cannot be reached leaves nothing staged
+            from tlq_farm.spec import farm_dtype_note
+
+            note = farm_dtype_note(dtype, spec.dtype, [w.get("device", "cpu") for w in _live_workers()])
+            if note:
+                click.echo(note, err=True)
         # The default folder may be made (the first `tlq-farm run` on a fresh machine); a named store must exist.
         store = _open_store(store_url, create=create_store or not store_url, run=True)
         from tlq_farm.staging import stage_job

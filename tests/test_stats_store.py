@@ -233,6 +233,14 @@ def test_a_bf16_checkpoint_stays_bf16_and_the_compute_dtype_is_the_jobs(files, t
     assert resolve_dtype("auto", "bfloat16", "cuda", farm=False) == "bfloat16"
     assert resolve_dtype("auto", "bfloat16", "cpu", farm=True) == "bfloat16"
     assert resolve_dtype("float16", "bfloat16", "cpu", farm=False) == "float16"
+    # A farm of CPU workers computing a half dtype by --dtype auto is told how to get float32, not switched.
+    from tlq_farm.spec import farm_dtype_note
+
+    note = farm_dtype_note("auto", "bfloat16", ["cpu", "cpu"])
+    assert "every live worker (2) is a CPU" in note and "--dtype float32" in note
+    assert farm_dtype_note("auto", "bfloat16", ["cpu", "cuda:0"]) is None  # a GPU among them
+    assert farm_dtype_note("bfloat16", "bfloat16", ["cpu"]) is None  # asked for
+    assert farm_dtype_note("auto", "float32", ["cpu"]) is None and farm_dtype_note("auto", "bfloat16", []) is None
 
     acts = {}
     for dtype in ("float32", "bfloat16"):

@@ -141,6 +141,17 @@ def fingerprint(spec: JobSpec, model_digest: str, data_digest: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def farm_dtype_note(option: str, dtype: str, devices: list[str]) -> str | None:
+    """What to tell a user whose farm job computes in a half dtype (--dtype auto takes a farm's workers for
+    GPUs) while every live worker is a CPU, which has no fast half-precision matmul; None otherwise. The
+    dtype stays as resolved: a job's numbers must not depend on which workers happen to be up."""
+    if option != "auto" or dtype == "float32" or not devices or any(str(d).startswith("cuda") for d in devices):
+        return None
+    return (f"note: --dtype auto computes this {dtype} checkpoint in {dtype} on a farm, and every live worker "
+            f"({len(devices)}) is a CPU, where {dtype} matmuls are several times slower than float32 ones; for "
+            "a CPU farm pass --dtype float32 (the numbers an embedded run on a CPU computes)")
+
+
 def resolve_dtype(option: str, checkpoint_dtype: str, device: str, farm: bool) -> str:
     """--dtype auto -> the checkpoint's dtype where a GPU computes (a farm's workers, --device cuda), float32 on
     a CPU (which has no fast bfloat16 matmul); an explicit dtype as it is."""
