@@ -329,7 +329,11 @@ class CachedStore:
         if self._ahead_pool is None:
             self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlq-read-ahead")
         future = self._ahead_pool.submit(self._download_ahead, todo)
-        return lambda: future.exception() and None
+
+        def wait() -> None:
+            future.exception()  # waits; _download_ahead logs its own errors and raises none
+
+        return wait
 
     def _drop_dead_downloads(self) -> None:
         """Remove what read-aheads of processes that no longer run left half-way (a killed worker's); the
