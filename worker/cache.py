@@ -282,16 +282,13 @@ class CachedStore:
                 self.hit_bytes += info.size
                 return target
         self._missed()
-        out = self._store.get_file(key, target, commit=info)
-        self._keep_file(out, key, token)
+        out, digest, size = self._store._get_file_verified(key, target, commit=info)
+        self._keep_file(out, digest, size, key, token)
         return out
 
-    def _keep_file(self, path: Path, key: str, token: str | None, move: bool = False) -> None:
-        """Keep a copy of the downloaded file of `key` (moved into the cache with `move`), and for a staged key
-        the object's version `token` taken before the download."""
-        from tlq_farm.store.base import sha256_file
-
-        digest, size = sha256_file(path)
+    def _keep_file(self, path: Path, digest: str, size: int, key: str, token: str | None, move: bool = False) -> None:
+        """Keep a copy of the downloaded file of `key`, verified to `digest` and `size` (moved into the cache with
+        `move`), and for a staged key the object's version `token` taken before the download (None otherwise)."""
         cached = self._path(digest)
         if size <= self.max_bytes and not cached.exists():
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +301,7 @@ class CachedStore:
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, cached)
             self._evict(size)
-        if self._checked(key):
-            self._remember(digest, key, token)
+        self._remember(digest, key, token)  # nothing for a task's output, whose token is None
         if move:
             path.unlink(missing_ok=True)
 
@@ -360,7 +356,7 @@ class CachedStore:
                 token = self._version(key) if self._checked(key) else None
                 part = self.folder / AHEAD / f".{os.getpid()}.part"  # hidden: no cache entry (_evict)
                 self._missed()
-                self._keep_file(self._store.get_file(key, part, commit=info), key, token, move=True)
+                self._keep_file(*self._store._get_file_verified(key, part, commit=info), key, token, move=True)
             except Exception as error:  # noqa: BLE001 - the task that reads it will meet it again, and report
                 self._read_ahead_keys.discard(key)
                 log.info("read-ahead of %s failed: %s", key, error)

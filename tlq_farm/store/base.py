@@ -267,11 +267,17 @@ class Store(ABC):
     def get_file(self, key: str, path: str | os.PathLike, commit: Commit | None = None) -> Path:
         """Write the committed object `key` into the file `path` (verified, then renamed into place);
         `commit` as for get_bytes."""
+        return self._get_file_verified(key, path, commit)[0]
+
+    def _get_file_verified(self, key: str, path: str | os.PathLike, commit: Commit | None = None
+                           ) -> tuple[Path, str, int]:
+        """get_file -> (the file, the sha256 and size its bytes were verified to): a caller keeping a copy
+        by digest (the worker's cache) need not hash the file again."""
         keys.check_key(key)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
 
-        def fetch() -> tuple[Path, str, int] | None:
+        def fetch() -> tuple[tuple[Path, str, int], str, int] | None:
             handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
             os.close(handle)
             partial = Path(name)
@@ -286,12 +292,13 @@ class Store(ABC):
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
-            return partial, digest, size
+            return (partial, digest, size), digest, size
 
-        partial = self._read_verified(key, fetch, lambda rejected: rejected.unlink(missing_ok=True), commit)
-        self._count(read=partial.stat().st_size)
+        partial, digest, size = self._read_verified(key, fetch, lambda rejected: rejected[0].unlink(missing_ok=True),
+                                                    commit)
+        self._count(read=size)
         os.replace(partial, target)
-        return target
+        return target, digest, size
 
     def is_committed(self, key: str) -> bool:
         """Whether `key` has a commit marker (the object is then complete, unless damaged later)."""
