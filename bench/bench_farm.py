@@ -6,6 +6,7 @@
     .venv/bin/python bench/bench_farm.py --skip single two --shared-folder --partition-tokens 2048
     .venv/bin/python bench/bench_farm.py --skip single two --tlq-samples 128   # the usual calibration size
     .venv/bin/python bench/bench_farm.py --skip two tlq folder --checkpoint-dtype bfloat16   # as models are published
+    .venv/bin/python bench/bench_farm.py --skip two tlq folder --cache-bytes 120m   # a cache below the block's set
 
 Builds a Llama from a config (no download) and a calibration set of text rows, then times, one run each and
 side by side, every command from its start to the downloaded export (the workers are started, and have
@@ -73,9 +74,12 @@ def make_calib(root: Path, samples: int, words: int) -> Path:
     return path
 
 
-def task_requests(folder: Path) -> int:
-    """S3 requests the job's tasks sent (tlq_report.json's store_io; the coordinator's staging not counted)."""
-    return json.loads((folder / "tlq_report.json").read_text())["store_io"]["requests"]
+def task_io(folder: Path) -> str:
+    """S3 requests and bytes read by the job's tasks, and their cache hit rate (tlq_report.json's store_io;
+    the coordinator's staging not counted)."""
+    io = json.loads((folder / "tlq_report.json").read_text())["store_io"]
+    return (f"{io['requests']} S3 requests by its tasks, {io['read_bytes'] / 1e6:.0f} MB read, "
+            f"cache hit rate {io['cache_hit_rate']:.0%}")
 
 
 def export_files(folder: Path) -> dict[str, bytes]:
@@ -87,7 +91,7 @@ def export_files(folder: Path) -> dict[str, bytes]:
 class Farm:
     """A private redis-server, moto's S3 server (its own process) and worker processes."""
 
-    def __init__(self, root: Path, folder_store: Path):
+    def __init__(self, root: Path, folder_store: Path, cache_bytes: str = ""):
         from test_farm_support import free_port
 
         from s3_server import DUMMY_ENVIRONMENT
@@ -103,6 +107,8 @@ class Farm:
                         AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", TLQ_TORCH_THREADS="1", OMP_NUM_THREADS="1",
                         PYTHONPATH=str(ROOT), TLQ_ALLOWED_STORES=f"s3://bench-farm,{folder_store}",
                         TLQ_CACHE_DIR=str(root / "cache"))
+        if cache_bytes:
+            self.env["TLQ_CACHE_BYTES"] = cache_bytes
         self.workers: list[subprocess.Popen] = []
         time.sleep(2)
         subprocess.run([sys.executable, "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='bench-farm')"],
@@ -166,6 +172,9 @@ def main() -> None:
                          "this size; 2048: four, so that workers split each block's statistics)")
     ap.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the dtype the model's checkpoint is saved in (staged and moved through the store as is)")
+    ap.add_argument("--cache-bytes", default="",
+                    help="TLQ_CACHE_BYTES of the workers (unset: the cache grows to what the job's blocks read "
+                         "again); below that figure the tasks download again what they read a moment before")
     ap.add_argument("--skip", nargs="*", default=[], help="scenarios to leave out: single, folder, two, tlq")
     ap.add_argument("--shared-folder", action="store_true",
                     help="run the two-worker scenarios (two, tlq) on the shared folder store instead of moto's S3: "
@@ -187,7 +196,7 @@ def main() -> None:
         cmd = [CLI, *common, *extra, "--store", store, "--out", str(out)] + (["--broker", farm.broker] if broker else [])
         return cmd, out
 
-    farm = Farm(work, folder_store)
+    farm = Farm(work, folder_store, args.cache_bytes)
 
     def scaling_store() -> str:
         return str(folder_store / uuid.uuid4().hex[:8]) if args.shared_folder else f"s3://bench-farm/{uuid.uuid4().hex[:8]}"
@@ -203,7 +212,7 @@ def main() -> None:
             t, moto = farm.timed([cmd])
             rows.append(("farm, 1 worker (Redis + moto S3 over loopback)", t, moto,
                          f"{t / embedded:.2f} x embedded; export {'equal' if export_files(out) == export_files(ref) else 'DIFFERS'}; "
-                         f"{task_requests(out)} S3 requests by its tasks"))
+                         f"{task_io(out)}"))
             if "folder" not in args.skip:
                 cmd, out = run("folder-1", [], str(folder_store / uuid.uuid4().hex[:8]), farm.env, broker=True)
                 t, _ = farm.timed([cmd])

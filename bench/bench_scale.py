@@ -257,7 +257,7 @@ def arithmetic_7b(method: str) -> list[str]:
     importance = "tlq" if method == "gptq" else "uniform"  # the two jobs the benchmark runs
     manifest = {"job": "x", "spec": {"quant": {"method": method, "importance": importance, "bits": 4},
                                      "partition_tokens": 0, "dtype": "bfloat16"},
-                "calibration": {"vision_tokens": 262144 // 2}, "n_blocks": 28,
+                "calibration": {"vision_tokens": 262144 // 2}, "n_blocks": 28, "checkpoint_dtype": "bfloat16",
                 "shards": [[4 * k, 4 * k + 4] for k in range(shards)], "shard_tokens": [8192] * shards,
                 "shard_input_bytes": [8192 * 8] * shards, "files": [],
                 "sizes": {"embed": 152064 * h * 2 + 675_000_000 * 2, "head": 152064 * h * 2, "blocks": [block_bytes] * 28,
@@ -281,6 +281,7 @@ def arithmetic_7b(method: str) -> list[str]:
     minimum = weights + 2 * chains * acts + packed
     rows.append(f"| store bytes per block | {stored / GB:.1f} GB = {stored / minimum:.2f} x the minimum "
                 f"({minimum / GB:.1f} GB) |")
+    rows.append(f"| a worker's cache, to read nothing twice (plan.cache_bytes) | {plan.cache_bytes(manifest, groups) / GB:.1f} GB |")
     tasks = [("embed", plan.Task("embed", shard=0)), ("forward", plan.Task("forward", block=0, shard=0)),
              ("backward (a block)", plan.Task("backward", block=0, shard=0)),
              ("backward (the head)", plan.Task("backward", block=28, shard=0)), ("importance", plan.Task("importance")),

@@ -301,3 +301,68 @@ def test_an_object_of_more_than_a_quarter_of_the_cache_is_not_read_ahead(s3_stor
         cached = CachedStore(store, tmp_path / f"cache-{max_bytes}", max_bytes=max_bytes)
         cached.read_ahead([STAGED])()
         assert cached.misses == downloads
+
+
+def test_a_cache_grows_to_a_jobs_working_set_as_far_as_its_disk_allows(tmp_path, monkeypatch, caplog):
+    """Without TLQ_CACHE_BYTES (grow) the cache's size rises to each job's working set, never above what it
+    holds plus half its disk's free space; a cache left below a job's working set says so once, with the
+    setting to change."""
+    import shutil
+    from collections import namedtuple
+
+    caplog.set_level(logging.WARNING, logger="worker.cache")
+    store = LocalStore(tmp_path / "store")
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=1000, grow=True)
+    cached.size_cache("j", 50_000)
+    cached.size_cache("j", 40_000)  # a smaller figure of the same job changes nothing
+    assert cached.max_bytes == 50_000 and caplog.text == ""
+    cached = CachedStore(store, tmp_path / "cache", max_bytes=20_000, grow=True)
+    cached.put_bytes("jobs/j/acts/x", PAYLOAD)  # 10240 bytes held
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 60_000, 60_000))
+    cached.size_cache("k", 10**6)
+    assert cached.max_bytes == len(PAYLOAD) + 30_000
+    assert caplog.text.count("job k: ") == 1 and "TLQ_CACHE_DIR" in caplog.text
+    cached.size_cache("k", 10**6)
+    assert caplog.text.count("job k: ") == 1
+    fixed = CachedStore(store, tmp_path / "cache", max_bytes=1000)
+    fixed.size_cache("j", 50_000)
+    assert fixed.max_bytes == 1000 and "TLQ_CACHE_BYTES" in caplog.text
+
+
+def test_a_block_read_through_a_cache_grown_to_its_job_downloads_nothing_twice(tmp_path, caplog):
+    """A job's tasks run through a cache that grew to the job's working set (plan.cache_bytes): the tasks of
+    each block download at most its staged weights (the rest they or the block before wrote), and the embed
+    tasks the prefix once. Through a cache a third of that size the same tasks download again what they read
+    or wrote a moment before, and the cache says why. The export is the same bytes."""
+    from test_farm_support import job_spec, make_job_files
+
+    from tlq_farm import plan, steps
+    from tlq_farm.staging import stage_job
+    from tlq_farm.store import keys
+
+    files = make_job_files(tmp_path / "files")
+    caplog.set_level(logging.WARNING, logger="worker.cache")
+    misses, exports, size = {}, {}, 1
+    for run in ("grown", "third"):
+        store = LocalStore(tmp_path / f"store-{run}")
+        job, _ = stage_job(store, job_spec(*files))
+        cached = CachedStore(store, tmp_path / f"cache-{run}", max_bytes=size, grow=run == "grown")
+        assert steps.run_embedded(cached, job)
+        records = steps.task_records(store, job)
+        misses[run] = {kind: [r["cache_misses"] for r in records if r["kind"] == kind] for kind in plan.KINDS}
+        exports[run] = store.get_bytes(keys.export_file(job, "model.safetensors"))
+        manifest = steps.get_json(store, keys.manifest(job))
+        if run == "grown":
+            assert cached.max_bytes == plan.cache_bytes(manifest, steps.get_json(store, keys.plan_groups(job)))
+            size = cached.max_bytes // 3
+            assert "job " not in caplog.text
+    n_blocks, n_shards = manifest["n_blocks"], len(manifest["shards"])
+    # Embed: the first task downloads the prefix (and block 0, read ahead); each other only its shard's samples.
+    assert sorted(misses["grown"]["embed"])[:-1] == [1] * (n_shards - 1), misses
+    # Each block's tasks: at most the next block's weights, read ahead.
+    assert sum(sum(misses["grown"][k]) for k in plan.BLOCK_KINDS) <= n_blocks - 1, misses
+    total = {run: sum(map(sum, m.values())) for run, m in misses.items()}
+    assert total["third"] > total["grown"] + n_blocks, total
+    assert f"job {job}: " in caplog.text and "TLQ_CACHE_BYTES" in caplog.text
+    assert exports["grown"] == exports["third"]

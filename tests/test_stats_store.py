@@ -405,3 +405,23 @@ def test_the_rtn_proxy_rounded_slab_by_slab_is_the_whole_linear_rounded(monkeypa
         whole = rtn_quantize(w.float(), bits=3, group_size=16, sym=False).weight
         assert torch.equal(proxy[n].weight, whole.to(dtype)), n
     assert torch.equal(proxy["a"].bias, blk["a"].bias)
+
+
+def test_a_workers_cache_size_holds_what_a_blocks_tasks_read_again(done_job):
+    """plan.cache_bytes covers every object that the embed tasks, or the tasks of any block, read or write,
+    with the next block's weights read ahead (the objects' real sizes in the store), and not by much more."""
+    store, job = done_job
+    manifest = get_json(store, keys.manifest(job))
+    groups = get_json(store, keys.plan_groups(job))
+    tasks = plan.all_tasks(manifest, groups)
+    need = plan.cache_bytes(manifest, groups)
+    phases = [[t for t in tasks if t.kind == "embed"]]
+    phases += [[t for t in tasks if t.block == b and t.tower is None and t.kind in plan.BLOCK_KINDS]
+               for b in range(manifest["n_blocks"])]
+    sets = []
+    for phase in phases:
+        assert phase
+        touched = {k for t in phase for k in plan.inputs(t, manifest, groups) + plan.outputs(t, manifest, groups)
+                   + plan.read_ahead(t, manifest)}
+        sets.append(sum(store.commit_info(k).size for k in touched))
+    assert max(sets) <= need <= 1.5 * max(sets), (sets, need)

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 from tlq_farm import plan, steps
+from tlq_farm.spec import format_size
 from tlq_farm.staging import load_manifest
 from tlq_farm.store import Store, keys
 from tlq_farm.store.tensors import get_json
@@ -53,13 +54,6 @@ def job_status(store: Store, job: str, live_classes: list[int] | None = None, st
     return out
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def format_status(s: dict) -> str:
     p = s["progress"]
     lines = [f"job {s['job']}: {s['state']}  ({s['model']})"]
@@ -80,10 +74,12 @@ def format_status(s: dict) -> str:
     if io:
         rate = "no cached reads" if io["cache_hit_rate"] is None else f"cache hit rate {io['cache_hit_rate']:.0%}"
         sent = f", {io['requests']:,} requests" if io.get("requests") else ""
-        lines.append(f"  store: {_size(io['read_bytes'])} read, {_size(io['written_bytes'])} written{sent}, {rate}")
+        read, written = format_size(io["read_bytes"]), format_size(io["written_bytes"])
+        lines.append(f"  store: {read} read, {written} written{sent}, {rate}")
         for blk in io["blocks"]:
             sent = f", {blk['requests']:,} requests" if blk.get("requests") else ""
-            lines.append(f"    block {blk['index']}: {_size(blk['read_bytes'])} read, {_size(blk['written_bytes'])} written{sent}")
+            read, written = format_size(blk["read_bytes"]), format_size(blk["written_bytes"])
+            lines.append(f"    block {blk['index']}: {read} read, {written} written{sent}")
     if s["missing"]:
         lines.append(f"  missing staged inputs (run `tlq-farm run` again with the same options): {s['missing'][:3]}")
     return "\n".join(lines)

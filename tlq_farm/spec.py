@@ -31,6 +31,14 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def format_size(n: int) -> str:
+    """12_345_678 -> '12.3 MB': bytes in the largest decimal unit that keeps a leading digit."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 class SpecError(ValueError):
     """A spec value that cannot work; the message names the option and what to choose instead."""
 

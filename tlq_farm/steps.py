@@ -1229,6 +1229,8 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     _fault_sleep(task.kind)
     fault_crash(task.name)
     ctx.current_record = record
+    # A worker's cache holds what the job's blocks read again (at 7B several GB, above its 2 GiB floor).
+    store.size_cache(job, plan.cache_bytes(ctx.manifest, ctx.groups if task.kind not in ("embed", "groups") else None))
     # The next block's weights come down while this task computes (a worker's cache; Store.read_ahead), and
     # the record counts their bytes: the wait at the end is for what the task did not already cover.
     read_ahead_done = store.read_ahead(plan.read_ahead(task, ctx.manifest))

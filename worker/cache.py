@@ -2,8 +2,10 @@
 
 Entries are named by sha256, so a cached copy serves any key whose commit marker names that digest; the
 marker is still read on every get (a rewrite or a corrupt-and-deleted object is seen at once). The
-oldest-used files go first when the cache exceeds its size. A cache file is hashed when this process first
-serves it and again only once it changed (inode, size or mtime), as the folder store does.
+oldest-used files go first when the cache exceeds its size, so a cache smaller than what a block's tasks
+read again (plan.cache_bytes: 5.8 GB at Qwen2-VL-7B) evicts each object just before its next read; given no
+size, it grows to each job's figure as far as its disk has room (size_cache). A cache file is hashed when
+this process first serves it and again only once it changed (inode, size or mtime), as the folder store does.
 
 A hit on an object that staging wrote (the checkpoint's pieces, the calibration samples, the manifest) also
 checks that the store's object is still the one that was verified, so that damage in the store does not hide
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tlq_farm.spec import format_size
 from tlq_farm.store import CorruptObject, Store, keys
 from tlq_farm.store.base import Commit
 
@@ -47,14 +50,17 @@ class CachedStore:
     Every other attribute is the wrapped store's; put_bytes writes through and keeps a copy; get_file is
     served from the cache like get_bytes (without the repair of a corrupt store object).
     hits: reads served from the cache (hit_bytes: their bytes); misses: reads that downloaded the object;
-    repairs: corrupt store objects committed again from the cache.
+    repairs: corrupt store objects committed again from the cache. grow: max_bytes is a floor (size_cache).
     """
 
-    def __init__(self, store: Store, folder: str | os.PathLike, max_bytes: int):
+    def __init__(self, store: Store, folder: str | os.PathLike, max_bytes: int, grow: bool = False):
         self._store = store
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        # grow: max_bytes is a floor, raised to each job's working set as far as the disk allows (size_cache).
+        self.grow = grow
+        self._sized: dict[str, int] = {}  # job -> the working set size_cache() was last given for it
         self.hits = 0
         self.hit_bytes = 0
         self.misses = 0
@@ -140,6 +146,37 @@ class CachedStore:
             p.unlink(missing_ok=True)
             shutil.rmtree(p.with_name(f"{p.name}.keys"), ignore_errors=True)
         self._estimate, self._scanned = total, time.monotonic()
+
+    def size_cache(self, job: str, nbytes: int) -> None:
+        """Hold `nbytes`, the working set of `job`'s blocks (plan.cache_bytes; it grows once the job's groups
+        are known): with `grow`, the cache's size is raised to it, as far as its disk has room (room()); a
+        cache left smaller says so once a figure, since its tasks will then download again what they read a
+        moment before."""
+        if nbytes <= self._sized.get(job, -1):
+            return
+        self._sized[job] = nbytes
+        if self.grow:
+            self.max_bytes = max(self.max_bytes, min(nbytes, self.room()))
+        if nbytes > self.max_bytes:
+            fix = (f"free {format_size(2 * (nbytes - self.max_bytes))} on that disk (the cache takes half of what "
+                   "is free) or point TLQ_CACHE_DIR to a disk with more room"
+                   if self.grow else "leave TLQ_CACHE_BYTES unset (the cache then grows to what a job needs, "
+                   f"as far as its disk allows) or set it to {format_size(nbytes)} or more")
+            log.warning("job %s: a block's tasks read again %s of objects, more than this worker's cache of %s in "
+                        "%s holds: they will download some of them again; %s", job, format_size(nbytes),
+                        format_size(self.max_bytes), self.folder, fix)
+
+    def room(self) -> int:
+        """The most this cache may grow to: what it holds now and half its disk's free space (the rest is left
+        to everything else on that disk)."""
+        free = shutil.disk_usage(self.folder).free
+        held = 0
+        for path in self.folder.glob("*/*"):
+            try:
+                held += path.stat().st_size if path.is_file() and not path.name.startswith(".") else 0
+            except OSError:  # evicted by another worker on the folder meanwhile
+                pass
+        return held + free // 2
 
     def put_file(self, key: str, path) -> str:
         self._ahead.pop(key, None)  # a marker read ahead of this write is no longer the key's

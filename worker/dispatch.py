@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import time
-import tempfile
 from pathlib import Path
 
 from tlq_farm import plan, steps
@@ -32,21 +31,33 @@ RUN_TASK = "tlq.run"
 ADVANCE_TASK = "tlq.advance"
 
 _stores: dict[str, Store] = {}
+# The worker's cache when TLQ_CACHE_BYTES is not set: at least this, more where a job needs it.
+DEFAULT_CACHE_BYTES = "2g"
 # Manifests and groups never change once committed (same job id, same content): read each once.
 _plan_cache: dict = {}
 
 
 def store_for(url: str) -> Store:
-    """One Store per URL per process; S3 stores read through a local cache of TLQ_CACHE_BYTES (default 2g,
-    0 for none) in TLQ_CACHE_DIR, so what this worker wrote or read is not downloaded again."""
+    """One Store per URL per process; S3 stores read through a local cache in TLQ_CACHE_DIR (default
+    ~/.cache/tlq-farm), so what this worker wrote or read is not downloaded again. Its size: TLQ_CACHE_BYTES
+    (0 for none), else at least 2 GiB and as much as a job's blocks read again (plan.cache_bytes), as far as
+    the disk has room."""
     if url not in _stores:
         store = open_store(url)
-        cache_bytes = parse_size(os.environ.get("TLQ_CACHE_BYTES", "2g"))
+        size = os.environ.get("TLQ_CACHE_BYTES", "")
+        cache_bytes = parse_size(size or DEFAULT_CACHE_BYTES)
         if url.startswith("s3://") and cache_bytes:
-            folder = os.environ.get("TLQ_CACHE_DIR") or Path(tempfile.gettempdir()) / "tlq-farm-cache"
-            store = CachedStore(store, folder, cache_bytes)
+            store = CachedStore(store, cache_dir(), cache_bytes, grow=not size)
         _stores[url] = store
     return _stores[url]
+
+
+def cache_dir() -> Path:
+    """TLQ_CACHE_DIR, else the user's cache folder (XDG_CACHE_HOME or ~/.cache): on a disk, where the system's
+    temporary folder may be memory (tmpfs), and a cache of a 7B job holds several GB."""
+    if folder := os.environ.get("TLQ_CACHE_DIR"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlq-farm"
 
 
 def advance(store_url: str, job: str, store: Store | None = None, idle_worker: str | None = None,

@@ -211,6 +211,10 @@ class Store(ABC):
     def forget_prefetched(self) -> None:
         """Drop what prefetch() read and no read took (at the end of a task)."""
 
+    def size_cache(self, job: str, nbytes: int) -> None:
+        """A hint that the tasks of `job` read again `nbytes` of objects they read or wrote (plan.cache_bytes):
+        a store with a local cache (the worker's over S3) grows it to hold them. Nothing to do here."""
+
     def _written_version(self, raw_key: str) -> str | None:
         """The _object_version token of the object this process has just written to `raw_key`, when the write
         itself told it (S3: the PUT's ETag), so that a reader keeping a copy needs no lookup; else None."""
