@@ -366,3 +366,15 @@ def test_a_block_read_through_a_cache_grown_to_its_job_downloads_nothing_twice(t
     assert total["third"] > total["grown"] + n_blocks, total
     assert f"job {job}: " in caplog.text and "TLQ_CACHE_BYTES" in caplog.text
     assert exports["grown"] == exports["third"]
+
+
+def test_each_gpu_process_of_a_machine_has_its_own_cache_folder(tmp_path):
+    """Under TLQ_CACHE_DIR (else XDG_CACHE_HOME or ~/.cache, tlq-farm), one folder per GPU and one for CPU
+    workers: each process sizes its cache for its own tasks."""
+    from worker.cache import cache_dir
+
+    base = {"TLQ_CACHE_DIR": str(tmp_path)}
+    folders = [cache_dir({**base, "TLQ_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": i}) for i in ("0", "1")]
+    assert folders == [tmp_path / "cuda0", tmp_path / "cuda1"]
+    assert cache_dir({**base, "TLQ_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "0"}) == tmp_path / "cpu"
+    assert cache_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg" / "tlq-farm" / "cpu"

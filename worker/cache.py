@@ -44,6 +44,19 @@ AHEAD = ".ahead"  # the folder's subfolder of read-aheads under way: files named
 RESCAN_S = 30.0  # the longest a process trusts its own count of the cache's size between two scans
 
 
+def cache_dir(env) -> Path:
+    """A worker's cache folder: under TLQ_CACHE_DIR, else under the user's cache folder (XDG_CACHE_HOME or
+    ~/.cache: on a disk, where the system's temporary folder may be memory, and a 7B job's cache holds GBs),
+    one per GPU ('cuda0', 'cuda1', ...; 'cpu' for the rest). Each process sizes its cache for its own tasks
+    (size_cache), so the processes of a machine with several GPUs, which run different blocks and shards,
+    each need their own; one folder would hold a single process's working set for all of them."""
+    base = Path(env["TLQ_CACHE_DIR"]) if env.get("TLQ_CACHE_DIR") else (
+        Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlq-farm")
+    if env.get("TLQ_DEVICE") != "cuda":
+        return base / "cpu"
+    return base / ("cuda" + env.get("CUDA_VISIBLE_DEVICES", "").strip().replace(",", "-"))
+
+
 class CachedStore:
     """`store` with get_bytes served from a local folder when the committed digest is cached there.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tlq_farm import plan, steps
 from tlq_farm.store import Store, open_store
 
-from worker.cache import CachedStore
+from worker.cache import CachedStore, cache_dir
 from worker.probe import parse_size
 from worker.app import (HEARTBEAT_S, JOBS_KEY, REQUEUE_AFTER, affinity_key, app, committed_full_key, committed_key,
                         job_events_channel, mark_id, personal_queue, queued_key, redis_client, running_key)
@@ -38,7 +38,7 @@ _plan_cache: dict = {}
 
 
 def store_for(url: str) -> Store:
-    """One Store per URL per process; S3 stores read through a local cache in TLQ_CACHE_DIR (default
+    """One Store per URL per process; S3 stores read through a local cache (cache_dir: under TLQ_CACHE_DIR or
     ~/.cache/tlq-farm), so what this worker wrote or read is not downloaded again. Its size: TLQ_CACHE_BYTES
     (0 for none), else at least 2 GiB and as much as a job's blocks read again (plan.cache_bytes), as far as
     the disk has room."""
@@ -47,17 +47,9 @@ def store_for(url: str) -> Store:
         size = os.environ.get("TLQ_CACHE_BYTES", "")
         cache_bytes = parse_size(size or DEFAULT_CACHE_BYTES)
         if url.startswith("s3://") and cache_bytes:
-            store = CachedStore(store, cache_dir(), cache_bytes, grow=not size)
+            store = CachedStore(store, cache_dir(os.environ), cache_bytes, grow=not size)
         _stores[url] = store
     return _stores[url]
-
-
-def cache_dir() -> Path:
-    """TLQ_CACHE_DIR, else the user's cache folder (XDG_CACHE_HOME or ~/.cache): on a disk, where the system's
-    temporary folder may be memory (tmpfs), and a cache of a 7B job holds several GB."""
-    if folder := os.environ.get("TLQ_CACHE_DIR"):
-        return Path(folder)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlq-farm"
 
 
 def advance(store_url: str, job: str, store: Store | None = None, idle_worker: str | None = None,
