@@ -482,45 +482,48 @@ def read_ahead(task: Task, manifest: dict) -> list[str]:
 
 
 def cache_bytes(manifest: dict, groups: dict | None = None) -> int:
-    """Bytes of store objects that the tasks of one block read again after they were read or written, on the
-    widest tower: what a worker's cache must hold for none to be downloaded twice (worker/cache.py). Below
-    that, least-recently-used eviction drops each object just before its next read. Per block: the
-    activations entering it on every chain its quantize tasks read (the q chain; GPTAQ also the fp chain)
-    and those leaving it (propagate); a quarter of a chain's activations more for the per-shard arguments
-    (position embeddings: 1 KiB a token at 7B); where the block takes several partitions, its partial
-    statistics (known with `groups`); its packed quantized weights; its staged weights and the next block's
-    (read ahead); a tenth more for records and headers. At least what the embed tasks hold: the prefix and
-    block 0 (read ahead), the samples, and what they write for block 0.
-    Qwen2-VL-7B, 128 x 2048 tokens in bf16: 5.8 GB (GPTAQ 7.9), where the worker's cache was 2 GiB. The
-    export reads every block's quantized weights once more, and the gradient chain (tlq, modality) the fp
-    chain's activations of every block: what the cache no longer holds then is downloaded once."""
-    quant = manifest["spec"]["quant"]
-    chains = 2 if quant["method"] == "gptaq" else 1
-    element = act_bytes(manifest)
+    """Bytes of store objects that a worker's tasks read again after they were read or written: what its cache
+    must hold for none to be downloaded twice (worker/cache.py); below that, least-recently-used eviction
+    drops each object just before its next read. The larger of what the embed tasks hold and what the tasks
+    of any block hold (_block_set), a tenth more for records and headers. Qwen2-VL-7B, 128 x 2048 tokens in
+    bf16: 5.8 GB (GPTAQ 7.9), where the worker's cache was 2 GiB. Not the whole job: the export reads every
+    block's quantized weights once more, and the gradient chain (tlq, modality) the fp chain's activations of
+    every block; what the cache no longer holds then is downloaded once."""
+    sizes, element = manifest["sizes"], act_bytes(manifest)
     staged_per_byte = _DTYPE_BYTES.get(manifest.get("checkpoint_dtype", "float32"), 4) / element
-    sizes, towers = manifest["sizes"], [(None, manifest["shard_tokens"])]
-    if quantize_vision(manifest):  # up to 4 patches per vision token of the decoder (2 x 2 merged, Qwen-VL)
-        towers.append(("vision", [4 * n for n in manifest["shard_vision_tokens"]]))
-    # Every embed task reads the prefix (the embeddings and the vision tower) beside block 0 read ahead and its
-    # shard's samples, and writes what block 0's tasks read: the activations and the per-shard arguments.
+    # The embed tasks: the prefix (embeddings, vision tower) and block 0 read ahead, each shard's samples, and
+    # what they write for block 0's tasks (its activations, the per-shard arguments).
     prefix = (sizes["embed"] + sum(sizes.get("vision_blocks", [])) + sizes["blocks"][0]) * staged_per_byte
-    need = int(1.1 * (prefix + sum(manifest["shard_input_bytes"])
-                      + 1.25 * sum(manifest["shard_tokens"]) * sizes["hidden"] * element))
-    for tower, tokens in towers:
-        hidden = sizes["vision_hidden"] if tower else sizes["hidden"]
-        acts = sum(tokens) * hidden * element
-        blocks = sizes["vision_blocks"] if tower else sizes["blocks"]
-        for b, nbytes in enumerate(blocks):
-            stats = 0
-            if groups is not None and not solves_in_place(manifest, groups, b, tower):
-                plan_b = block_plan(groups, b, tower)
-                stats = len(stat_partitions(manifest, groups, b, tower)) * sum(
-                    partial_bytes(quant, members, plan_b.get("inputs"), plan_b["in_features"],
-                                  shapes=plan_b.get("shapes")) for members in plan_b["groups"])
-            weights, per_scale = nbytes / element, quant.get("group_size", 128)
-            packed = weights * quant.get("bits", 4) / 8 + weights / (per_scale if per_scale > 0 else 128) * 8
-            need = max(need, int(1.1 * (acts * (chains + 1.25) + stats + packed + 2 * nbytes * staged_per_byte)))
-    return need
+    first_inputs = 1.25 * sum(manifest["shard_tokens"]) * sizes["hidden"] * element
+    sets = [prefix + sum(manifest["shard_input_bytes"]) + first_inputs]
+    towers = [None, "vision"] if quantize_vision(manifest) else [None]
+    sets += [_block_set(manifest, groups, b, tower, staged_per_byte) for tower in towers
+             for b in range(tower_blocks(manifest, tower))]
+    return int(1.1 * max(sets))
+
+
+def _block_set(manifest: dict, groups: dict | None, b: int, tower: str | None, staged_per_byte: float) -> float:
+    """Bytes the tasks of block b read again: the activations entering it on every chain its quantize tasks
+    read (the q chain; GPTAQ also the fp chain) and those leaving it (propagate); a quarter of a chain's more
+    for the per-shard arguments (position embeddings: 1 KiB a token at 7B, where a chain is 7 KiB); the
+    partial statistics where it takes several partitions (known with `groups`); its packed quantized
+    weights; its staged weights and the next block's (read ahead)."""
+    quant, sizes, element = manifest["spec"]["quant"], manifest["sizes"], act_bytes(manifest)
+    if tower:  # up to 4 patches per vision token of the decoder (2 x 2 merged, Qwen-VL)
+        acts = 4 * sum(manifest["shard_vision_tokens"]) * sizes["vision_hidden"] * element
+    else:
+        acts = sum(manifest["shard_tokens"]) * sizes["hidden"] * element
+    chains = 2 if quant["method"] == "gptaq" else 1
+    stats = 0
+    if groups is not None and not solves_in_place(manifest, groups, b, tower):
+        blk = block_plan(groups, b, tower)
+        stats = len(stat_partitions(manifest, groups, b, tower)) * sum(
+            partial_bytes(quant, members, blk.get("inputs"), blk["in_features"], shapes=blk.get("shapes"))
+            for members in blk["groups"])
+    nbytes = (sizes["vision_blocks"] if tower else sizes["blocks"])[b]
+    weights, per_scale = nbytes / element, quant.get("group_size", 128)
+    packed = weights * quant.get("bits", 4) / 8 + weights / (per_scale if per_scale > 0 else 128) * 8
+    return acts * (chains + 1.25) + stats + packed + 2 * nbytes * staged_per_byte
 
 
 def _tower_tasks(manifest: dict, groups: dict, tower: str | None, local: bool) -> list[Task]:

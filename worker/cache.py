@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -150,21 +151,34 @@ class CachedStore:
             self._estimate += added
             if self._estimate <= self.max_bytes:
                 return
-        files = [p for p in self.folder.glob("*/*") if p.is_file() and not p.name.startswith(".")]
-        total = sum(p.stat().st_size for p in files)
-        for p in sorted(files, key=lambda p: p.stat().st_atime):
+        entries = self._entries()
+        total = sum(st.st_size for _, st in entries)
+        for p, st in sorted(entries, key=lambda entry: entry[1].st_atime):
             if total <= self.max_bytes:
                 break
-            total -= p.stat().st_size
+            total -= st.st_size
             p.unlink(missing_ok=True)
             shutil.rmtree(p.with_name(f"{p.name}.keys"), ignore_errors=True)
         self._estimate, self._scanned = total, time.monotonic()
 
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """The cached files and their stat results (one stat each; what another process on the folder evicts
+        meanwhile is left out)."""
+        found = []
+        for path in self.folder.glob("*/*"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and not path.name.startswith("."):
+                found.append((path, st))
+        return found
+
     def size_cache(self, job: str, nbytes: int) -> None:
-        """Hold `nbytes`, the working set of `job`'s blocks (plan.cache_bytes; it grows once the job's groups
-        are known): with `grow`, the cache's size is raised to it, as far as its disk has room (room()); a
-        cache left smaller says so once a figure, since its tasks will then download again what they read a
-        moment before."""
+        """Hold `nbytes`, the working set of `job`'s blocks (plan.cache_bytes; larger once the job's groups are
+        known): with `grow`, the cache's size is raised to it, as far as its disk has room (room()). A cache
+        left smaller logs it, once per job and figure: its tasks will download again what they read a moment
+        before."""
         if nbytes <= self._sized.get(job, -1):
             return
         self._sized[job] = nbytes
@@ -182,14 +196,7 @@ class CachedStore:
     def room(self) -> int:
         """The most this cache may grow to: what it holds now and half its disk's free space (the rest is left
         to everything else on that disk)."""
-        free = shutil.disk_usage(self.folder).free
-        held = 0
-        for path in self.folder.glob("*/*"):
-            try:
-                held += path.stat().st_size if path.is_file() and not path.name.startswith(".") else 0
-            except OSError:  # evicted by another worker on the folder meanwhile
-                pass
-        return held + free // 2
+        return sum(st.st_size for _, st in self._entries()) + shutil.disk_usage(self.folder).free // 2
 
     def put_file(self, key: str, path) -> str:
         self._ahead.pop(key, None)  # a marker read ahead of this write is no longer the key's
