@@ -2,6 +2,7 @@
 
 import logging
 import os
+import socket
 
 import pytest
 from s3_server import moto_s3, s3_store_factory  # noqa: F401  (fixtures)
@@ -355,8 +356,11 @@ def test_a_block_read_through_a_cache_grown_to_its_job_downloads_nothing_twice(t
         manifest = steps.get_json(store, keys.manifest(job))
         if run == "grown":
             assert cached.max_bytes == plan.cache_bytes(manifest, steps.get_json(store, keys.plan_groups(job)))
-            size = cached.max_bytes // 3
+            size, grown = cached.max_bytes // 3, cached
             assert "job " not in caplog.text
+            from tlq_farm.jobs import job_status
+
+            assert job_status(store, job, io=True)["store_io"]["small_caches"] == []
     n_blocks, n_shards = manifest["n_blocks"], len(manifest["shards"])
     # Embed: the first task downloads the prefix (and block 0, read ahead); each other only its shard's samples.
     assert sorted(misses["grown"]["embed"])[:-1] == [1] * (n_shards - 1), misses
@@ -366,6 +370,15 @@ def test_a_block_read_through_a_cache_grown_to_its_job_downloads_nothing_twice(t
     assert total["third"] > total["grown"] + n_blocks, total
     assert f"job {job}: " in caplog.text and "TLQ_CACHE_BYTES" in caplog.text
     assert exports["grown"] == exports["third"]
+    # `status` names the worker process whose cache was below the job's need, with both sizes.
+    from tlq_farm.jobs import format_status, job_status
+    from tlq_farm.spec import format_size
+
+    small = job_status(store, job, io=True)["store_io"]["small_caches"]
+    assert small == [{"worker": f"{socket.gethostname()}:{os.getpid()}", "cache_bytes": size,
+                      "need_bytes": grown.max_bytes}]
+    line = next(x for x in format_status(job_status(store, job, io=True)).splitlines() if "caches below" in x)
+    assert format_size(size) in line and format_size(grown.max_bytes) in line and "TLQ_CACHE_BYTES" in line
 
 
 def test_each_gpu_process_of_a_machine_has_its_own_cache_folder(tmp_path):

@@ -50,8 +50,21 @@ def job_status(store: Store, job: str, live_classes: list[int] | None = None, st
     if io:
         from tlq_farm.report import store_io
 
-        out["store_io"] = store_io(steps.task_records(store, job))
+        records = steps.task_records(store, job)
+        out["store_io"] = store_io(records)
+        out["store_io"]["small_caches"] = small_caches(records, plan.cache_bytes(manifest, groups))
     return out
+
+
+def small_caches(records: list[dict], need: int) -> list[dict]:
+    """The worker processes whose cache held less than `need` (plan.cache_bytes) at their last task: their
+    tasks download again what they read a moment before."""
+    last: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: r.get("finished") or 0):
+        if r.get("cache_bytes"):
+            last[f"{r.get('host')}:{r.get('pid')}"] = r
+    return [{"worker": w, "cache_bytes": r["cache_bytes"], "need_bytes": need}
+            for w, r in sorted(last.items()) if r["cache_bytes"] < need]
 
 
 def format_status(s: dict) -> str:
@@ -80,6 +93,12 @@ def format_status(s: dict) -> str:
             sent = f", {blk['requests']:,} requests" if blk.get("requests") else ""
             read, written = format_size(blk["read_bytes"]), format_size(blk["written_bytes"])
             lines.append(f"    block {blk['index']}: {read} read, {written} written{sent}")
+        if small := io.get("small_caches"):
+            shown = ", ".join(f"{c['worker']} ({format_size(c['cache_bytes'])})" for c in small[:3])
+            lines.append(f"  caches below the {format_size(small[0]['need_bytes'])} a block reads again, so their tasks "
+                         f"download some objects twice: {shown}{', ...' if len(small) > 3 else ''}; unset "
+                         "TLQ_CACHE_BYTES on those workers (the cache grows to the job) or give their cache "
+                         "folder more free disk")
     if s["missing"]:
         lines.append(f"  missing staged inputs (run `tlq-farm run` again with the same options): {s['missing'][:3]}")
     return "\n".join(lines)

@@ -1188,6 +1188,8 @@ class TaskMeter:
                 "cuda_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None,
                 # Submodule outputs served from an earlier forward, and what this process keeps for later ones.
                 "reused_outputs": REUSE.hits - self.reused0, "kept_outputs_mib": REUSE.nbytes / 2**20,
+                # The size of the worker's cache (0 without one): `status` names those below the job's need.
+                "cache_bytes": int(getattr(self.store, "max_bytes", 0) or 0),
                 **{k: v - self.io0[k] for k, v in io_counters(self.store).items()}}
 
 
