@@ -333,8 +333,8 @@ def test_a_cache_grows_to_a_jobs_working_set_as_far_as_its_disk_allows(tmp_path,
 
 def test_a_block_read_through_a_cache_grown_to_its_job_downloads_nothing_twice(tmp_path, caplog):
     """A job's tasks run through a cache that grew to the job's working set (plan.cache_bytes): the tasks of
-    each block download at most its staged weights (the rest they or the block before wrote), and the embed
-    tasks the prefix once. Through a cache a third of that size the same tasks download again what they read
+    each block download at most the next block's weights, read ahead (the rest they or the block before
+    wrote), and the embed tasks the prefix once. Through a cache a third of that size the same tasks download again what they read
     or wrote a moment before, and the cache says why. The export is the same bytes."""
     from test_farm_support import job_spec, make_job_files
 
