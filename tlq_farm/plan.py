@@ -487,8 +487,9 @@ def cache_bytes(manifest: dict, groups: dict | None = None) -> int:
     drops each object just before its next read. The larger of what the embed tasks hold and what the tasks
     of any block hold (_block_set), a tenth more for records and headers. Qwen2-VL-7B, 128 x 2048 tokens in
     bf16: 5.8 GB (GPTAQ 7.9), where the worker's cache was 2 GiB. Not the whole job: the export reads every
-    block's quantized weights once more, and the gradient chain (tlq, modality) the fp chain's activations of
-    every block; what the cache no longer holds then is downloaded once."""
+    block's quantized weights once more, and the gradient chain (tlq, modality), block by block backwards, the
+    activations the forward chains wrote (fp; for tlq also RTN): 1.9 GB a chain and block at 7B, more than a
+    cache holds; what it no longer holds then is downloaded once."""
     sizes, element = manifest["sizes"], act_bytes(manifest)
     staged_per_byte = _DTYPE_BYTES.get(manifest.get("checkpoint_dtype", "float32"), 4) / element
     # The embed tasks: the prefix (embeddings, vision tower) and block 0 read ahead, each shard's samples, and
