@@ -1217,13 +1217,13 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
         return "skipped"
     meter = TaskMeter(device, store)
     attempt = uuid.uuid4().hex
+    groups = ctx.groups if task.kind not in ("embed", "groups") else None  # committed before any other task
 
     def record() -> dict:
         r = {"task": task.name, "kind": task.kind, "block": task.block, "tower": task.tower, "attempt": attempt,
              **meter.sample(),
              "host": socket.gethostname(), "pid": os.getpid(),
-             "estimate_bytes": plan.estimate_memory(task, ctx.manifest, ctx.groups if task.kind != "embed"
-                                                    and task.kind != "groups" else None)}
+             "estimate_bytes": plan.estimate_memory(task, ctx.manifest, groups)}
         r.update(worker or {})
         return r
 
@@ -1232,7 +1232,7 @@ def execute(store: Store, job: str, task: Task, *, device: str = "cpu", worker: 
     fault_crash(task.name)
     ctx.current_record = record
     # A worker's cache holds what the job's blocks read again (at 7B several GB, above its 2 GiB floor).
-    store.size_cache(job, plan.cache_bytes(ctx.manifest, ctx.groups if task.kind not in ("embed", "groups") else None))
+    store.size_cache(job, plan.cache_bytes(ctx.manifest, groups))
     # The next block's weights come down while this task computes (a worker's cache; Store.read_ahead), and
     # the record counts their bytes: the wait at the end is for what the task did not already cover.
     read_ahead_done = store.read_ahead(plan.read_ahead(task, ctx.manifest))

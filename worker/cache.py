@@ -370,9 +370,9 @@ class CachedStore:
         """Download the committed objects `wanted` into the cache in a background thread, while the task that
         asked computes -> wait(). Each key once per process; what the cache holds already, or what is not
         committed yet, is left alone, and so is an object of more than a quarter of the cache. Meant for the
-        next block's staged weights (plan.read_ahead): at 7B, 0.47 GB a block (the default 2 GiB cache takes
-        it), 4 s on 1 GbE that the next block's first task would otherwise wait for. Errors are left to the
-        read that follows, which meets them again and says what is wrong."""
+        next block's staged weights (plan.read_ahead): at 7B, 0.47 GB a block (within a quarter of the 5.8 GB
+        the cache grows to, size_cache), 4 s on 1 GbE that the next block's first task would otherwise wait
+        for. Errors are left to the read that follows, which meets them again and says what is wrong."""
         from concurrent.futures import ThreadPoolExecutor
 
         todo = [k for k in dict.fromkeys(wanted) if k not in self._read_ahead_keys]
