@@ -270,6 +270,9 @@ def run(model_dir, calib, out, bits, group_size, sym, act_bits, method, importan
         calib = calib or demo_calib
     if calib is None:
         raise click.UsageError("--calib is required when MODEL_DIR is given")
+    from tlq_farm.models.adapter import import_model_code
+
+    import_model_code()  # staging reads the config and runs the processor; the tasks run the model's code
     q = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_bits=int(act_bits) if act_bits else None, method=method,
                   importance=importance, act_order=act_order, static_groups=static_groups, damp=damp, blocksize=blocksize,
                   true_sequential=true_sequential, quantize_vision=quantize_vision, tlq_keep=tlq_keep, qig_steps=qig_steps)
@@ -783,9 +786,12 @@ def worker(broker, device, gpus, max_memory, threads, loglevel, stores):
     os.execve(sys.executable, argv, env)
 
 
-from coordinator.eval_cmd import eval_command  # noqa: E402
-from coordinator.report_cmd import report_command  # noqa: E402
-from coordinator.verify_cmd import verify_command  # noqa: E402
+from tlq_farm.heap import long_lived  # noqa: E402
+
+with long_lived():  # eval imports torch, which every command but --help goes on to use
+    from coordinator.eval_cmd import eval_command  # noqa: E402
+    from coordinator.report_cmd import report_command  # noqa: E402
+    from coordinator.verify_cmd import verify_command  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(report_command)

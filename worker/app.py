@@ -210,14 +210,13 @@ def _start_heartbeat(sender=None, **kwargs):
     threads = os.environ.get("TLQ_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    # Import the heavy libraries now, not inside the first task (whose time would look like a stall): with
-    # transformers' model base classes and attention masks, which every architecture's code imports (about
-    # 2 s of a first task's CPU: they pull in torch.distributed, torch._dynamo and torchvision).
-    import transformers.masking_utils  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
-    import transformers.models.auto.modeling_auto  # noqa: F401
+    # Import the heavy libraries now, not inside the first task (whose time would look like a stall).
+    from tlq_farm.heap import long_lived
+    from tlq_farm.models.adapter import import_model_code
 
-    import tlq_farm.steps  # noqa: F401
+    import_model_code()
+    with long_lived():
+        import tlq_farm.steps  # noqa: F401
 
     STATE.beat()
     threading.Thread(target=_heartbeat_loop, name="tlq-heartbeat", daemon=True).start()

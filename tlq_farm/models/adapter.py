@@ -39,6 +39,19 @@ def is_decoder_model_type(model_type, is_encoder_decoder: bool = False) -> bool:
     return model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
+def import_model_code() -> None:
+    """Import transformers' model base classes, attention masks and auto mappings, which every architecture's
+    code and processor import (about 2 CPU s: they pull in torch.distributed, torch._dynamo and torchvision),
+    as long-lived objects (tlq_farm.heap)."""
+    from tlq_farm.heap import long_lived
+
+    with long_lived():
+        import transformers.masking_utils  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        import transformers.models.auto.modeling_auto  # noqa: F401
+        import transformers.models.auto.processing_auto  # noqa: F401
+
+
 class UnsupportedModel(ValueError):
     """A model tlq-farm cannot quantize: its architecture, or its decoder blocks or head could not be located."""
 

@@ -495,9 +495,15 @@ def export_parts(model: nn.Module, source_dir: str | Path, out_dir: str | Path, 
             saved_qconfig = getattr(meta.config, "quantization_config", None)
             if had_qconfig:
                 del meta.config.quantization_config
+            from transformers.utils import logging as hf_logging
+
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # its bar over zero shards is noise on the run's terminal
             try:
                 meta.save_pretrained(tmp_dir, state_dict={})
             finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
                 if had_qconfig:
                     meta.config.quantization_config = saved_qconfig
             for file, names in layout.items():
