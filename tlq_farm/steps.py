@@ -1385,7 +1385,7 @@ def run_embedded(store: Store, job: str, *, device: str = "cpu", log=lambda m: N
                 if is_cancelled(store, job):  # (execute checks it before each task)
                     return False
                 rec = reconcile_job(store, job, cache, targets)[3]
-                if progress:
+                if progress and (bar is not None or rec.needed):  # a finished job shows no empty bar
                     if bar is None:
                         bar = tqdm(total=rec.needed, desc=f"job {job}", unit="task", dynamic_ncols=True, leave=False)
                     bar.total = bar.n + rec.needed
