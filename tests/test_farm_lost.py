@@ -270,3 +270,37 @@ def test_worker_command_needs_a_store(redis_server):
     res = CliRunner().invoke(main, ["worker", "--broker", redis_server.url], env={"TLQ_STORE_URL": "",
                                                                                  "TLQ_ALLOWED_STORES": ""})
     assert res.exit_code == 2 and "this worker has no store: pass --store" in res.output
+
+
+def test_a_slow_round_of_advances_does_not_hold_up_the_heartbeat(redis_server, monkeypatch):
+    """A round of advances longer than two heartbeats (a full reconcile of a large job over S3) runs beside the
+    beats: the worker's record stays fresh meanwhile, so the others do not take it for dead and send its
+    running task again; and a second round waits for the first."""
+    import threading
+
+    monkeypatch.setattr(worker_app, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(worker_app, "ADVANCE_EVERY_S", 0.0)
+    state = worker_app.WorkerState()
+    monkeypatch.setattr(worker_app, "STATE", state)
+    state.current = "store:job.task"
+    started, release, rounds = threading.Event(), threading.Event(), []
+
+    def slow_round():
+        rounds.append(time.time())
+        started.set()
+        release.wait(10)
+
+    loop = threading.Thread(target=worker_app._heartbeat_loop, args=(slow_round,), daemon=True)
+    loop.start()
+    try:
+        assert started.wait(5)
+        time.sleep(1.0)  # ten beats' time with the round still running
+        (record,) = [w for w in dispatch.workers() if w["id"] == state.id]
+        assert record["last_seen"] > rounds[0] + 0.5
+        assert len(rounds) == 1
+        release.set()
+        wait_for(lambda: len(rounds) >= 2, 5, "the next round, once the first ended")
+    finally:
+        release.set()
+        state.stop.set()
+        loop.join(5)

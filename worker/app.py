@@ -173,11 +173,16 @@ class WorkerState:
 STATE = WorkerState()
 
 
-def _heartbeat_loop() -> None:
+def _heartbeat_loop(advance=None) -> None:
+    """Beat every HEARTBEAT_S; now and then (and when a worker went silent) start a round of advances.
+
+    advance: what a round runs (default dispatch.advance_active_jobs)."""
     from worker import dispatch
 
+    advance = advance or dispatch.advance_active_jobs
     last_advance = 0.0
     live_before: set[str] = set()
+    advancing = threading.Event()  # set while a round runs: one at a time
     while not STATE.stop.wait(HEARTBEAT_S):
         try:
             STATE.beat()
@@ -185,11 +190,25 @@ def _heartbeat_loop() -> None:
             live_now = {w["id"] for w in dispatch.workers() if dispatch.is_live(w)}
             lost_worker = bool(live_before - live_now)
             live_before = live_now
-            if lost_worker or time.time() - last_advance >= ADVANCE_EVERY_S:
+            if (lost_worker or time.time() - last_advance >= ADVANCE_EVERY_S) and not advancing.is_set():
                 last_advance = time.time()
-                dispatch.advance_active_jobs()
+                advancing.set()
+                threading.Thread(target=_advance_round, args=(advance, advancing), name="tlq-advance",
+                                 daemon=True).start()
         except Exception as error:  # a heartbeat must never kill the worker; the next beat tries again
             print(f"tlq worker {STATE.id}: heartbeat failed: {error}", flush=True)
+
+
+def _advance_round(advance, advancing: threading.Event) -> None:
+    """One round of advances, beside the heartbeat rather than in it: a full reconcile of a large job lists
+    the whole job in the store (seconds over S3 at 7B), and a worker whose beats waited for it would look
+    dead to the others after two missed beats (dispatch.is_live), which then send its running task again."""
+    try:
+        advance()
+    except Exception as error:
+        print(f"tlq worker {STATE.id}: advance failed: {error}", flush=True)
+    finally:
+        advancing.clear()
 
 
 @celeryd_after_setup.connect
