@@ -391,3 +391,56 @@ def test_each_gpu_process_of_a_machine_has_its_own_cache_folder(tmp_path):
     assert folders == [tmp_path / "cuda0", tmp_path / "cuda1"]
     assert cache_dir({**base, "TLQ_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "0"}) == tmp_path / "cpu"
     assert cache_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg" / "tlq-farm" / "cpu"
+
+
+@pytest.fixture()
+def farm_redis():
+    from test_farm_support import RedisServer
+
+    from worker import app as worker_app
+
+    server = RedisServer()
+    previous = worker_app.app.conf.broker_url
+    worker_app.use_broker(server.url)
+    yield server
+    worker_app.use_broker(previous)
+    server.stop()
+
+
+def test_with_the_farms_notes_a_hit_on_a_tasks_output_sends_no_request(s3_store_factory, tmp_path, farm_redis):
+    """Workers note the commits of task outputs in Redis (dispatch.KnownCommits): a hit on an output then needs
+    no marker read, and a worker without a copy downloads the object alone. A note the store no longer matches
+    (the output written again with other bytes and noted by no one) costs that reader a marker read and gets
+    the committed bytes; staged objects keep their marker and version checks; without Redis the notes are
+    skipped, not an error."""
+    from worker.dispatch import KnownCommits
+
+    store = s3_store_factory()
+    a = CachedStore(store, tmp_path / "a", 1 << 20, known=KnownCommits(store.url))
+    b = CachedStore(store, tmp_path / "b", 1 << 20, known=KnownCommits(store.url))
+    out = "jobs/j/qweights/block-000/mlp.down_proj.safetensors"
+    a.put_bytes(out, PAYLOAD)
+    ops = _operations(store)
+    assert a.get_bytes(out) == PAYLOAD and ops == []
+    assert b.get_bytes(out) == PAYLOAD and ops == ["GetObject"]  # the object itself: no marker
+    assert b.get_file(out, tmp_path / "x").read_bytes() == PAYLOAD and ops == ["GetObject"]  # now a hit
+    b.prefetch([out])
+    assert ops == ["GetObject"]
+    store.put_bytes("jobs/j/acts/y", PAYLOAD[::-1])  # written by a process without notes
+    del ops[:]
+    assert a.get_bytes("jobs/j/acts/y") == PAYLOAD[::-1] and ops == ["GetObject", "GetObject"]  # marker, object
+    store.put_bytes(out, PAYLOAD[:100])  # written again, other bytes, unnoted: a's note is stale
+    c = CachedStore(store, tmp_path / "c", 1 << 20, known=KnownCommits(store.url))
+    del ops[:]
+    assert c.get_bytes(out) == PAYLOAD[:100]
+    # The object (other bytes than noted), its marker (changed: a rewrite), then the read again: marker, object.
+    assert ops == ["GetObject"] * 4
+    a.put_bytes(STAGED, PAYLOAD)
+    del ops[:]
+    # Never noted: its marker and version, then (a version b never saw) the verifying read.
+    assert b.get_bytes(STAGED) == PAYLOAD and ops == ["GetObject", "HeadObject", "HeadObject", "GetObject", "GetObject"]
+    farm_redis.stop()
+    d = CachedStore(store, tmp_path / "d", 1 << 20, known=KnownCommits(store.url))
+    d.put_bytes("jobs/j/acts/z", PAYLOAD)
+    del ops[:]
+    assert d.get_bytes("jobs/j/acts/z") == PAYLOAD and ops == ["GetObject"]  # the marker, as without notes

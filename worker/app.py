@@ -90,6 +90,11 @@ def committed_key(store_url: str, job: str) -> str:
     return f"tlq:committed:{mark_id(store_url, job)}"
 
 
+def commits_key(store_url: str, job: str) -> str:
+    """Hash of `job`'s task outputs -> "sha256 size" as their writers committed them (dispatch.KnownCommits)."""
+    return f"tlq:commits:{mark_id(store_url, job)}"
+
+
 def committed_full_key(store_url: str, job: str) -> str:
     """Present while committed_key(store_url, job) holds every committed key of the job: set after a listing
     of the job was added to it, lost with it when Redis is flushed."""

@@ -21,7 +21,9 @@ A hit on a task's output needs only its marker: the cached bytes hash to the dig
 they are the committed content whatever the store's copy has become. A damaged copy in the store is found by
 whoever reads it from there (the read deletes it and the task that wrote it runs again), not by this cache.
 On S3 a hit is then one request instead of two: the tasks of a block read what they and the tasks before
-them wrote, again and again, and those HEADs were a third of a worker's requests.
+them wrote, again and again, and those HEADs were a third of a worker's requests. With `known` (the farm's
+notes of what its workers committed, dispatch.KnownCommits) a read of a task's output takes the note for its
+marker: a hit sends no request, a miss only the download.
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ class CachedStore:
     repairs: corrupt store objects committed again from the cache. grow: max_bytes is a floor (size_cache).
     """
 
-    def __init__(self, store: Store, folder: str | os.PathLike, max_bytes: int, grow: bool = False):
+    def __init__(self, store: Store, folder: str | os.PathLike, max_bytes: int, grow: bool = False, known=None):
         self._store = store
+        # known: where the farm's workers note the commits of task outputs (dispatch.KnownCommits, in Redis), so
+        # that a hit on an output needs no marker read; None: every read reads its marker.
+        self.known = known
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -200,15 +205,24 @@ class CachedStore:
 
     def put_file(self, key: str, path) -> str:
         self._ahead.pop(key, None)  # a marker read ahead of this write is no longer the key's
-        return self._store.put_file(key, path)
+        digest = self._store.put_file(key, path)
+        self._note(key, digest, Path(path).stat().st_size)
+        return digest
 
     def delete(self, key: str) -> None:
         self._ahead.pop(key, None)
+        if self.known is not None:
+            self.known.drop(key)
         self._store.delete(key)
+
+    def _note(self, key: str, digest: str, size: int) -> None:
+        if self.known is not None and keys.is_task_output(key):
+            self.known.add(key, digest, size)
 
     def put_bytes(self, key: str, data: bytes) -> str:
         self._ahead.pop(key, None)
         digest = self._store.put_bytes(key, data)
+        self._note(key, digest, len(data))
         self._keep(digest, bytes(data))
         # The token of what this write stored (S3: the PUT's ETag), else looked up after the write: a
         # concurrent rewrite since leaves a token that no longer matches, which costs one verifying read
@@ -230,6 +244,9 @@ class CachedStore:
         from tlq_farm.store import StoreError
 
         todo = [k for k in dict.fromkeys(wanted) if k not in self._ahead]
+        for key, commit in self._known([k for k in todo if not self._checked(k)]).items():
+            self._ahead[key] = (commit, None)
+        todo = [k for k in todo if k not in self._ahead]
 
         def look(key: str):
             try:
@@ -257,7 +274,16 @@ class CachedStore:
         ahead = self._ahead.pop(key, None)
         if ahead is not None and (commit is None or commit is ahead[0]):
             return ahead[0], lambda: ahead[1]
+        if commit is None and not self._checked(key):
+            commit = self._known([key]).get(key)
         return commit or self._store.commit_info(key), lambda: self._version(key)
+
+    def _known(self, wanted: list[str]) -> dict[str, Commit]:
+        """What the farm noted of the commits of the task outputs `wanted` (none without `known`). A note is
+        the marker as its writer wrote it: a read that finds other bytes (the output written again since)
+        reads the marker again (Store._read_verified), and a hit serves bytes that hash to a digest once
+        committed under the key, as a marker-only hit does (module docstring)."""
+        return self.known.get(wanted) if self.known is not None and wanted else {}
 
     def get_bytes(self, key: str, commit: Commit | None = None) -> bytes:
         info, version = self._take_ahead(key, commit)

@@ -25,7 +25,8 @@ from tlq_farm.store import Store, open_store
 from worker.cache import CachedStore, cache_dir
 from worker.probe import parse_size
 from worker.app import (HEARTBEAT_S, JOBS_KEY, REQUEUE_AFTER, affinity_key, app, committed_full_key, committed_key,
-                        job_events_channel, mark_id, personal_queue, queued_key, redis_client, running_key)
+                        commits_key, job_events_channel, mark_id, personal_queue, queued_key, redis_client,
+                        running_key)
 
 RUN_TASK = "tlq.run"
 ADVANCE_TASK = "tlq.advance"
@@ -47,7 +48,7 @@ def store_for(url: str) -> Store:
         size = os.environ.get("TLQ_CACHE_BYTES", "")
         cache_bytes = parse_size(size or DEFAULT_CACHE_BYTES)
         if url.startswith("s3://") and cache_bytes:
-            store = CachedStore(store, cache_dir(os.environ), cache_bytes, grow=not size)
+            store = CachedStore(store, cache_dir(os.environ), cache_bytes, grow=not size, known=KnownCommits(url))
         _stores[url] = store
     return _stores[url]
 
@@ -186,6 +187,56 @@ def note_committed(r, store_url: str, job: str, committed: list[str]) -> None:
         pipe.sadd(set_key, *committed)
         pipe.expire(set_key, COMMITTED_TTL_S)
         pipe.execute()
+
+
+class KnownCommits:
+    """The commits of task outputs as their writers made them (sha256, size), one Redis hash per job: a worker's
+    cache serves an output it holds with no marker read (CachedStore.known), where on S3 each read of a block's
+    earlier outputs (qweights, activations) was a request. A hint like the index above: a note the store no
+    longer matches costs a read of the marker, a flushed Redis costs the marker reads of before, and a
+    Redis that cannot be reached is skipped."""
+
+    def __init__(self, store_url: str):
+        self.store_url = store_url
+
+    def _hash(self, key: str) -> str:
+        return commits_key(self.store_url, key.split("/", 2)[1])
+
+    def add(self, key: str, digest: str, size: int) -> None:
+        try:
+            pipe = redis_client().pipeline(transaction=False)
+            pipe.hset(self._hash(key), key, f"{digest} {size}")
+            pipe.expire(self._hash(key), COMMITTED_TTL_S)
+            pipe.execute()
+        except Exception:  # noqa: BLE001 - a hint: readers read the marker instead
+            pass
+
+    def drop(self, key: str) -> None:
+        try:
+            redis_client().hdel(self._hash(key), key)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def get(self, wanted: list[str]) -> dict:
+        from tlq_farm.store.base import Commit
+
+        by_hash: dict[str, list[str]] = {}
+        for key in wanted:
+            by_hash.setdefault(self._hash(key), []).append(key)
+        try:
+            pipe = redis_client().pipeline(transaction=False)
+            for name, names in by_hash.items():
+                pipe.hmget(name, names)
+            answers = pipe.execute()
+        except Exception:  # noqa: BLE001
+            return {}
+        found = {}
+        for names, values in zip(by_hash.values(), answers):
+            for key, value in zip(names, values):
+                if value:
+                    digest, size = value.decode().split()
+                    found[key] = Commit(digest, int(size), 0.0)
+        return found
 
 
 def index_listing(r, store: Store, store_url: str, job: str, committed: set[str]) -> None:
