@@ -395,16 +395,9 @@ def test_each_gpu_process_of_a_machine_has_its_own_cache_folder(tmp_path):
 
 @pytest.fixture()
 def farm_redis():
-    from test_farm_support import RedisServer
+    from test_farm_support import RedisServer, as_broker
 
-    from worker import app as worker_app
-
-    server = RedisServer()
-    previous = worker_app.app.conf.broker_url
-    worker_app.use_broker(server.url)
-    yield server
-    worker_app.use_broker(previous)
-    server.stop()
+    yield from as_broker(RedisServer())
 
 
 def test_with_the_farms_notes_a_hit_on_a_tasks_output_sends_no_request(s3_store_factory, tmp_path, farm_redis):

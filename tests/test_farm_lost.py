@@ -19,19 +19,14 @@ from worker import app as worker_app
 from worker import dispatch
 
 from s3_server import moto_s3  # noqa: F401  (fixture)
-from test_farm_support import RedisServer, export_bytes, farm_env, make_job_files, start_worker, wait_for
+from test_farm_support import RedisServer, as_broker, export_bytes, farm_env, make_job_files, start_worker, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def redis_server():
-    server = RedisServer()
-    previous = worker_app.app.conf.broker_url
-    worker_app.use_broker(server.url)
-    yield server
-    worker_app.use_broker(previous)
-    server.stop()
+    yield from as_broker(RedisServer())
 
 
 @pytest.fixture(autouse=True)

@@ -116,6 +116,20 @@ def redis_server():
     server.stop()
 
 
+def as_broker(server: "RedisServer"):
+    """Point this process's worker app (dispatch, heartbeats, notes) at `server` while the generator runs:
+    the body of a fixture, `yield from as_broker(server)`."""
+    from worker import app as worker_app
+
+    previous = worker_app.app.conf.broker_url
+    worker_app.use_broker(server.url)
+    try:
+        yield server
+    finally:
+        worker_app.use_broker(previous)
+        server.stop()
+
+
 def farm_env(redis_url: str, s3_endpoint: str | None, stores: str = "s3://tlq-farm-test", **extra) -> dict:
     """Worker environment; `stores`: the stores the workers serve (every test prefix lies below it)."""
     env = dict(os.environ, TLQ_BROKER_URL=redis_url, TLQ_TORCH_THREADS="1", TLQ_HEARTBEAT_S="0.5",
