@@ -211,7 +211,7 @@ class CachedStore:
 
     def delete(self, key: str) -> None:
         self._ahead.pop(key, None)
-        if self.known is not None:
+        if self.known is not None and keys.is_task_output(key):
             self.known.drop(key)
         self._store.delete(key)
 
