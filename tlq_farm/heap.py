@@ -1,6 +1,6 @@
 """The cyclic garbage collector and the objects a process keeps for its whole life.
 
-Importing torch and transformers' model code makes about a million objects (functions, classes, their
+Importing torch and transformers' model code makes some 670,000 objects (functions, classes, their
 dicts) that live until the process exits. CPython's collector walks all older objects again each time
 their number has grown by a quarter, so imports pay for repeated walks of what they have just made
 (about 1 CPU s of the demo's 9), and every later full collection walks them once more. `long_lived`
