@@ -481,6 +481,8 @@ def test_key_layout():
                      "token_weights": (1, 1), "stats": (1, 1, 1), "qweights": (1, "m"), "block_done": (1,),
                      "export_file": ("f",), "task_log": ("t",)}.get(name, ())
         assert function(JOB, *arguments).startswith(keys.job_prefix(JOB))
+        assert keys.job_of(function(JOB, *arguments)) == (None if name == "job_prefix" else JOB)
+    assert [keys.job_of(k) for k in ("jobs/x", "jobs/Bad/a", "other/job-1/a", "jobs/job-1/")] == [None] * 4
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tlq_farm import plan, steps
-from tlq_farm.store import Store, open_store
+from tlq_farm.store import Store, keys, open_store
 
 from worker.cache import CachedStore, cache_dir
 from worker.probe import parse_size
@@ -200,7 +200,7 @@ class KnownCommits:
         self.store_url = store_url
 
     def _hash(self, key: str) -> str:
-        return commits_key(self.store_url, key.split("/", 2)[1])
+        return commits_key(self.store_url, keys.job_of(key))  # only task outputs are noted: always a job's
 
     def add(self, key: str, digest: str, size: int) -> None:
         try:

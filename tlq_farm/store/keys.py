@@ -202,14 +202,21 @@ def cancel_flag(job: str) -> str:
     return job_prefix(job) + "cancel"
 
 
+def job_of(key: str) -> str | None:
+    """The job whose prefix holds object `key` (a key strictly below `jobs/<job>/`), else None."""
+    parts = key.split("/", 2)
+    if len(parts) < 3 or parts[0] != JOBS or not is_job_id(parts[1]) or not parts[2]:
+        return None
+    return parts[1]
+
+
 def is_task_output(key: str) -> bool:
     """Whether `key` is an object of a job that a task writes, and so could write again: anything under the
     job's prefix but what staging writes (the spec and manifest, the checkpoint's pieces, the calibration
     samples), which no task can compute."""
-    parts = key.split("/", 2)
-    if len(parts) < 3 or parts[0] != JOBS or not is_job_id(parts[1]) or not parts[2]:
+    job = job_of(key)
+    if job is None:
         return False
-    job = parts[1]
     return key not in (spec(job), manifest(job)) and not key.startswith((staged_prefix(job), calib_prefix(job)))
 
 
